@@ -1,0 +1,304 @@
+//! virtio-blk backed by a raw file, read-only or read-write.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, VirtioDevice,
+    ACTIVATE_TOKEN, TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::GuestMemory;
+
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+const REQ_IN: u32 = 0;
+const REQ_OUT: u32 = 1;
+const REQ_FLUSH: u32 = 4;
+const REQ_GET_ID: u32 = 8;
+
+const STATUS_OK: u8 = 0;
+const STATUS_IOERR: u8 = 1;
+const STATUS_UNSUPP: u8 = 2;
+
+/// Bytes copied per step, so a huge guest buffer never means a huge host
+/// allocation.
+const COPY_CHUNK: usize = 128 * 1024;
+const ID_LEN: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("disk image {0} is not a whole number of 512-byte sectors")]
+    Size(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serializable device state (for snapshots).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub path: String,
+    pub read_only: bool,
+    pub capacity_sectors: u64,
+}
+
+pub struct Block {
+    file: File,
+    path: String,
+    read_only: bool,
+    capacity_sectors: u64,
+    id: [u8; ID_LEN],
+    slot: ActivationSlot,
+    broken: bool,
+}
+
+impl Block {
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
+        let display = path.display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                path: display.clone(),
+                source,
+            })?;
+        let len = file.metadata()?.len();
+        if len % SECTOR_SIZE != 0 {
+            return Err(BlockError::Size(display));
+        }
+        let mut id = [0u8; ID_LEN];
+        let name = path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b"disk");
+        let n = name.len().min(ID_LEN);
+        id[..n].copy_from_slice(&name[..n]);
+        Ok(Block {
+            file,
+            path: display,
+            read_only,
+            capacity_sectors: len / SECTOR_SIZE,
+            id,
+            slot: ActivationSlot::new()?,
+            broken: false,
+        })
+    }
+
+    pub fn state(&self) -> BlockState {
+        BlockState {
+            path: self.path.clone(),
+            read_only: self.read_only,
+            capacity_sectors: self.capacity_sectors,
+        }
+    }
+
+    fn config(&self) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
+        // size_max (unused, 0) then seg_max.
+        c[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes());
+        c
+    }
+
+    fn process_queue(&mut self) {
+        let Some(active) = self.slot.active.as_mut() else {
+            return;
+        };
+        let Activation {
+            mem,
+            queues,
+            interrupt,
+            ..
+        } = active;
+        let (file, read_only, capacity, id) =
+            (&self.file, self.read_only, self.capacity_sectors * SECTOR_SIZE, &self.id);
+        let result = drain_queue(mem, &mut queues[0], interrupt, |chain| {
+            Request::execute(mem, chain, file, read_only, capacity, id)
+        });
+        if let Err(e) = result {
+            log::error!("virtio-blk: queue is malformed, stopping the device: {e:?}");
+            self.broken = true;
+        }
+    }
+}
+
+/// One request, parsed and executed. Returns the bytes written into the
+/// chain (data read plus the status byte), or 0 if the chain had no room
+/// for a status byte at all.
+struct Request;
+
+impl Request {
+    fn execute(
+        mem: &GuestMemory,
+        chain: virtio_queue::DescriptorChain<&GuestMemory>,
+        file: &File,
+        read_only: bool,
+        capacity: u64,
+        id: &[u8; ID_LEN],
+    ) -> u32 {
+        let mut reader = match chain.clone().reader(mem) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("virtio-blk: bad request chain: {e:?}");
+                return 0;
+            }
+        };
+        let mut writer = match chain.writer(mem) {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("virtio-blk: bad request chain: {e:?}");
+                return 0;
+            }
+        };
+        let Some(data_len) = writer.available_bytes().checked_sub(1) else {
+            log::warn!("virtio-blk: request without room for a status byte");
+            return 0;
+        };
+        let mut status_writer = match writer.split_at(data_len) {
+            Ok(w) => w,
+            Err(_) => return 0,
+        };
+        let mut header = [0u8; 16];
+        let status = if reader.read_exact(&mut header).is_err() {
+            STATUS_IOERR
+        } else {
+            let kind = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
+            let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+            match kind {
+                REQ_IN => {
+                    let len = writer.available_bytes();
+                    read_disk(file, sector, capacity, len, &mut writer)
+                }
+                REQ_OUT if read_only => STATUS_IOERR,
+                REQ_OUT => {
+                    let len = reader.available_bytes();
+                    write_disk(file, sector, capacity, len, &mut reader)
+                }
+                REQ_FLUSH if read_only => STATUS_OK,
+                REQ_FLUSH => match file.sync_data() {
+                    Ok(()) => STATUS_OK,
+                    Err(_) => STATUS_IOERR,
+                },
+                REQ_GET_ID => {
+                    let n = writer.available_bytes().min(ID_LEN);
+                    match writer.write_all(&id[..n]) {
+                        Ok(()) => STATUS_OK,
+                        Err(_) => STATUS_IOERR,
+                    }
+                }
+                _ => STATUS_UNSUPP,
+            }
+        };
+        if status_writer.write_all(&[status]).is_err() {
+            return 0;
+        }
+        (writer.bytes_written() + 1) as u32
+    }
+}
+
+/// Checks that `len` bytes at `sector` lie inside the disk.
+fn disk_range(sector: u64, len: usize, capacity: u64) -> Option<u64> {
+    let start = sector.checked_mul(SECTOR_SIZE)?;
+    let end = start.checked_add(len as u64)?;
+    (end <= capacity).then_some(start)
+}
+
+/// Copies `len` bytes at `sector` from the disk into the guest.
+fn read_disk(file: &File, sector: u64, capacity: u64, len: usize, writer: &mut impl Write) -> u8 {
+    let Some(mut offset) = disk_range(sector, len, capacity) else {
+        return STATUS_IOERR;
+    };
+    let mut buf = vec![0u8; len.min(COPY_CHUNK)];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        if file.read_exact_at(&mut buf[..n], offset).is_err() || writer.write_all(&buf[..n]).is_err()
+        {
+            return STATUS_IOERR;
+        }
+        offset += n as u64;
+        left -= n;
+    }
+    STATUS_OK
+}
+
+/// Copies `len` bytes from the guest to the disk at `sector`.
+fn write_disk(file: &File, sector: u64, capacity: u64, len: usize, reader: &mut impl Read) -> u8 {
+    let Some(mut offset) = disk_range(sector, len, capacity) else {
+        return STATUS_IOERR;
+    };
+    let mut buf = vec![0u8; len.min(COPY_CHUNK)];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        if reader.read_exact(&mut buf[..n]).is_err() || file.write_all_at(&buf[..n], offset).is_err()
+        {
+            return STATUS_IOERR;
+        }
+        offset += n as u64;
+        left -= n;
+    }
+    STATUS_OK
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | VIRTIO_RING_F_EVENT_IDX;
+        if self.read_only {
+            f |= VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.slot.activate(activation, 1)
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.slot.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            ACTIVATE_TOKEN => self.slot.on_activated(ops),
+            0 => {
+                if let Some(a) = &self.slot.active {
+                    let _ = a.queue_events[0].read();
+                }
+                if !self.broken {
+                    self.process_queue();
+                }
+                if self.broken {
+                    self.slot.deactivate(ops);
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The virtio-mmio transport (virtio 1.x, "version 2" register layout).
+//!
+//! The transport owns the registers, feature negotiation and queue setup.
+//! Queue notifications do not come through here at all: each queue's
+//! notify address is bound to an ioeventfd in KVM, so a guest kick wakes
+//! the device's event loop without an exit to this process.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::bus::{lock, BusDevice};
+use crate::GuestMemory;
+
+/// Size of one device's MMIO window.
+pub const MMIO_LEN: u64 = 0x1000;
+/// Offset of the queue-notify register, for binding ioeventfds.
+pub const NOTIFY_OFFSET: u64 = 0x50;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x4353_5043; // "CPSC"
+const CONFIG_OFFSET: u64 = 0x100;
+
+// Device status bits.
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 0x40;
+const STATUS_FAILED: u32 = 0x80;
+
+/// Serializable transport state (for snapshots).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    pub device_status: u32,
+    pub features_select: u32,
+    pub acked_features_select: u32,
+    pub acked_features: u64,
+    pub queue_select: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// Serializable state of one virtqueue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+impl QueueSnapshot {
+    pub fn of(q: &Queue) -> Self {
+        let s = q.state();
+        QueueSnapshot {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx: s.event_idx_enabled,
+        }
+    }
+}
+
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemory,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    device_status: u32,
+    features_select: u32,
+    acked_features_select: u32,
+    acked_features: u64,
+    queue_select: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    /// Wraps `device`. `irqfd` raises its interrupt; the transport creates
+    /// one ioeventfd per queue, which the VMM binds with
+    /// [`MmioTransport::queue_events`].
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemory,
+        irqfd: EventFd,
+    ) -> std::io::Result<Self> {
+        let max_sizes = lock(&device).queue_max_sizes().to_vec();
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        let mut queue_events = Vec::with_capacity(max_sizes.len());
+        for size in max_sizes {
+            queues.push(Queue::new(size).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e:?}"))
+            })?);
+            queue_events.push(EventFd::new(libc::EFD_NONBLOCK)?);
+        }
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt: Arc::new(Interrupt::new(irqfd)),
+            queues,
+            queue_events,
+            device_status: 0,
+            features_select: 0,
+            acked_features_select: 0,
+            acked_features: 0,
+            queue_select: 0,
+            config_generation: 0,
+            activated: false,
+        })
+    }
+
+    /// The per-queue notification eventfds, in queue order.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    pub fn device_type(&self) -> u32 {
+        lock(&self.device).device_type()
+    }
+
+    pub fn state(&self) -> MmioState {
+        MmioState {
+            device_status: self.device_status,
+            features_select: self.features_select,
+            acked_features_select: self.acked_features_select,
+            acked_features: self.acked_features,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    /// Queue registers may only change before DRIVER_OK.
+    fn queue_configurable(&self) -> bool {
+        self.device_status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED)
+            == STATUS_FEATURES_OK
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if !self.queue_configurable() {
+            log::warn!("virtio-mmio: queue register written in status {:#x}", self.device_status);
+            return;
+        }
+        if let Some(q) = self.selected_queue() {
+            f(q);
+        }
+    }
+
+    fn set_status(&mut self, status: u32) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        // The driver may only add bits, except through a reset.
+        if status & self.device_status != self.device_status {
+            log::warn!(
+                "virtio-mmio: status {:#x} clears bits of {:#x}",
+                status,
+                self.device_status
+            );
+            return;
+        }
+        let added = status & !self.device_status;
+        if added & STATUS_FEATURES_OK != 0 && self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            // Legacy drivers are not supported; leaving FEATURES_OK unset
+            // tells the driver so.
+            self.device_status = status & !STATUS_FEATURES_OK;
+            return;
+        }
+        self.device_status = status;
+        if added & STATUS_DRIVER_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let valid = self
+            .queues
+            .iter()
+            .all(|q| !q.ready() || q.is_valid(&self.mem));
+        if !valid {
+            log::error!("virtio-mmio: a ready queue lies outside guest memory");
+            self.fail();
+            return;
+        }
+        let queue_events: Result<Vec<_>, _> =
+            self.queue_events.iter().map(EventFd::try_clone).collect();
+        let queue_events = match queue_events {
+            Ok(e) => e,
+            Err(e) => {
+                log::error!("virtio-mmio: {e}");
+                self.fail();
+                return;
+            }
+        };
+        // The device gets its own copies of the queues (Queue is not Clone;
+        // its state round-trips exactly).
+        let queues: Result<Vec<Queue>, _> =
+            self.queues.iter().map(|q| Queue::try_from(q.state())).collect();
+        let Ok(queues) = queues else {
+            self.fail();
+            return;
+        };
+        let activation = Activation {
+            mem: self.mem.clone(),
+            queues,
+            queue_events,
+            interrupt: self.interrupt.clone(),
+            acked_features: self.acked_features,
+        };
+        let result = lock(&self.device).activate(activation);
+        match result {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                log::error!("virtio-mmio: activation failed: {e}");
+                self.fail();
+            }
+        }
+    }
+
+    fn fail(&mut self) {
+        self.device_status |= STATUS_NEEDS_RESET;
+        self.interrupt.signal_config_change();
+    }
+
+    fn reset(&mut self) {
+        if self.activated && !lock(&self.device).reset() {
+            // The device cannot stop its queues; keep it running rather
+            // than hand the driver a half-reset device.
+            log::warn!("virtio-mmio: device does not support reset");
+            self.device_status |= STATUS_NEEDS_RESET;
+            return;
+        }
+        self.activated = false;
+        self.device_status = 0;
+        self.features_select = 0;
+        self.acked_features_select = 0;
+        self.acked_features = 0;
+        self.queue_select = 0;
+        self.interrupt.ack(u32::MAX);
+        for q in &mut self.queues {
+            q.reset();
+        }
+    }
+}
+
+fn read_u32(data: &[u8]) -> Option<u32> {
+    Some(u32::from_le_bytes(data.try_into().ok()?))
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            lock(&self.device).read_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        let value = match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.device_type(),
+            0x00c => VENDOR,
+            0x010 => {
+                let features = lock(&self.device).features() | VIRTIO_F_VERSION_1;
+                match self.features_select {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            0x034 => self
+                .queues
+                .get(self.queue_select as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            0x044 => self
+                .queues
+                .get(self.queue_select as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            0x060 => self.interrupt.status(),
+            0x070 => self.device_status,
+            0x0fc => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            if self.device_status & STATUS_DRIVER != 0 {
+                lock(&self.device).write_config(offset - CONFIG_OFFSET, data);
+            }
+            return;
+        }
+        let Some(v) = read_u32(data) else {
+            return;
+        };
+        match offset {
+            0x014 => self.features_select = v,
+            0x020 => {
+                if self.device_status & (STATUS_DRIVER | STATUS_FEATURES_OK) != STATUS_DRIVER {
+                    return;
+                }
+                // Only features we offered can be accepted.
+                let offered = lock(&self.device).features() | VIRTIO_F_VERSION_1;
+                let v = u64::from(v);
+                match self.acked_features_select {
+                    0 => self.acked_features = (self.acked_features & !0xffff_ffff) | v,
+                    1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (v << 32),
+                    _ => {}
+                }
+                self.acked_features &= offered;
+            }
+            0x024 => self.acked_features_select = v,
+            0x030 => self.queue_select = v,
+            0x038 => self.with_queue(|q| q.set_size(v as u16)),
+            0x044 => self.with_queue(|q| q.set_ready(v == 1)),
+            // Notifications normally arrive as ioeventfds; a write that gets
+            // here (no ioeventfd bound) is forwarded the same way.
+            0x050 => {
+                if let Some(evt) = self.queue_events.get(v as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            0x064 => self.interrupt.ack(v),
+            0x070 => self.set_status(v),
+            0x080 => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            0x084 => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            0x090 => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            0x094 => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            0x0a0 => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            0x0a4 => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            _ => log::debug!("virtio-mmio: write to unknown register {offset:#x}"),
+        }
+    }
+}
+
+/// Status bits a driver sets on the way to DRIVER_OK, for tests.
+pub const DRIVER_INIT_SEQUENCE: [u32; 3] = [
+    STATUS_ACKNOWLEDGE,
+    STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+    STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+];
+/// The DRIVER_OK status value following [`DRIVER_INIT_SEQUENCE`].
+pub const STATUS_ALL_OK: u32 =
+    STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;

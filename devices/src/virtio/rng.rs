@@ -1,0 +1,102 @@
+//! virtio-rng: fills the guest's buffers from the host's /dev/urandom, so
+//! the guest's entropy pool is ready early.
+
+use std::fs::File;
+use std::io::{Read, Write};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+
+use super::{
+    drain_queue, ActivateError, Activation, ActivationSlot, VirtioDevice, ACTIVATE_TOKEN,
+    TYPE_RNG, VIRTIO_RING_F_EVENT_IDX,
+};
+
+const QUEUE_SIZE: u16 = 64;
+/// Most bytes handed out per request.
+const MAX_REQUEST: usize = 64 * 1024;
+
+pub struct Rng {
+    source: File,
+    slot: ActivationSlot,
+    broken: bool,
+}
+
+impl Rng {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Rng {
+            source: File::open("/dev/urandom")?,
+            slot: ActivationSlot::new()?,
+            broken: false,
+        })
+    }
+
+    fn process_queue(&mut self) {
+        let Some(Activation {
+            mem,
+            queues,
+            interrupt,
+            ..
+        }) = self.slot.active.as_mut()
+        else {
+            return;
+        };
+        let source = &mut self.source;
+        let mut buf = vec![0u8; MAX_REQUEST];
+        let result = drain_queue(mem, &mut queues[0], interrupt, |chain| {
+            let Ok(mut writer) = chain.writer(mem) else {
+                return 0;
+            };
+            let n = writer.available_bytes().min(MAX_REQUEST);
+            if source.read_exact(&mut buf[..n]).is_err() || writer.write_all(&buf[..n]).is_err() {
+                return 0;
+            }
+            n as u32
+        });
+        if let Err(e) = result {
+            log::error!("virtio-rng: queue is malformed, stopping the device: {e:?}");
+            self.broken = true;
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_RING_F_EVENT_IDX
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.slot.activate(activation, 1)
+    }
+}
+
+impl MutEventSubscriber for Rng {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.slot.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            ACTIVATE_TOKEN => self.slot.on_activated(ops),
+            0 => {
+                if let Some(a) = &self.slot.active {
+                    let _ = a.queue_events[0].read();
+                }
+                if !self.broken {
+                    self.process_queue();
+                }
+                if self.broken {
+                    self.slot.deactivate(ops);
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Thin safe wrappers over the few system calls PID 1 needs that the
+//! standard library does not offer. All `unsafe` in the agent's init and
+//! process code lives here.
+
+use std::ffi::CString;
+use std::io;
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = cstr(source)?;
+    let target = cstr(target)?;
+    let fstype = fstype.map(cstr).transpose()?;
+    let data = data.map(cstr).transpose()?;
+    // SAFETY: every pointer is a valid NUL-terminated string or null.
+    check(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            flags,
+            data.as_ref()
+                .map_or(std::ptr::null(), |s| s.as_ptr() as *const libc::c_void),
+        )
+    })
+}
+
+pub fn umount(target: &str, flags: libc::c_int) -> io::Result<()> {
+    let target = cstr(target)?;
+    // SAFETY: valid NUL-terminated path.
+    check(unsafe { libc::umount2(target.as_ptr(), flags) })
+}
+
+pub fn chroot(path: &str) -> io::Result<()> {
+    let path = cstr(path)?;
+    // SAFETY: valid NUL-terminated path.
+    check(unsafe { libc::chroot(path.as_ptr()) })
+}
+
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: pointer and length describe `name`'s bytes.
+    check(unsafe { libc::sethostname(name.as_ptr() as *const libc::c_char, name.len()) })
+}
+
+pub fn sync() {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Sends `signal` to `pid` (negative: a process group; -1: everyone but us).
+pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    check(unsafe { libc::kill(pid, signal) })
+}
+
+/// Restarts the machine. The VMM treats a guest reset as the end of the VM
+/// (the kernel is booted with `reboot=k`, which resets through the i8042).
+pub fn reboot() -> io::Error {
+    // SAFETY: plain syscall; only returns on failure.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    io::Error::last_os_error()
+}
+
+/// How a child ended, decoded from a wait status.
+#[derive(Clone, Copy, Debug)]
+pub struct WaitStatus {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+/// Blocks until any child changes state. `Ok(None)` means there are no
+/// children at all.
+pub fn wait_any() -> io::Result<Option<(i32, WaitStatus)>> {
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is a valid out-pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid > 0 {
+            let decoded = if libc::WIFEXITED(status) {
+                WaitStatus {
+                    code: Some(libc::WEXITSTATUS(status)),
+                    signal: None,
+                }
+            } else if libc::WIFSIGNALED(status) {
+                WaitStatus {
+                    code: None,
+                    signal: Some(libc::WTERMSIG(status)),
+                }
+            } else {
+                continue;
+            };
+            return Ok(Some((pid, decoded)));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ECHILD) => return Ok(None),
+            _ => return Err(err),
+        }
+    }
+}
+
+/// Blocks the termination signals PID 1 handles in this thread and every
+/// thread spawned after it, then waits for one of them.
+pub struct SignalWaiter {
+    set: libc::sigset_t,
+}
+
+impl SignalWaiter {
+    pub fn block(signals: &[i32]) -> io::Result<Self> {
+        // SAFETY: sigset_t is plain data initialised by sigemptyset.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t.
+        unsafe { libc::sigemptyset(&mut set) };
+        for &s in signals {
+            // SAFETY: `set` is a valid sigset_t.
+            unsafe { libc::sigaddset(&mut set, s) };
+        }
+        // SAFETY: `set` is valid; the old mask is not needed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(SignalWaiter { set })
+    }
+
+    pub fn wait(&self) -> i32 {
+        let mut sig = 0;
+        // SAFETY: `set` is valid and `sig` is a valid out-pointer.
+        unsafe { libc::sigwait(&self.set, &mut sig) };
+        sig
+    }
+}

@@ -1,0 +1,335 @@
+//! Host side of the agent protocol: a blocking client that multiplexes many
+//! exec streams over one connection.
+//!
+//! A reader thread owns the receiving half and routes each frame to the
+//! stream it belongs to; writers share the sending half behind a mutex and
+//! write whole frames, so streams never interleave mid-frame.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::protocol::{
+    ExecRequest, ExitStatus, Frame, FrameKind, Hello, ProtocolError, Reply, Request, Signal,
+    MAX_PAYLOAD,
+};
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("the agent connection closed")]
+    Disconnected,
+    #[error("the agent refused the request: {0}")]
+    Refused(String),
+    #[error("timed out waiting for the agent")]
+    Timeout,
+    #[error("unexpected reply from the agent: {0:?}")]
+    UnexpectedReply(Reply),
+}
+
+type Routes = Arc<Mutex<HashMap<u32, Sender<Frame>>>>;
+
+/// A connection to a guest agent.
+pub struct AgentClient {
+    writer: Arc<Mutex<UnixStream>>,
+    routes: Routes,
+    next_stream: AtomicU32,
+    reader: Option<JoinHandle<()>>,
+    shutdown_handle: UnixStream,
+    peer: Hello,
+}
+
+impl AgentClient {
+    /// Performs the hello exchange on `stream` and starts routing frames.
+    pub fn handshake(stream: UnixStream) -> Result<Self, ClientError> {
+        let mut reader = stream.try_clone().map_err(ProtocolError::Io)?;
+        let shutdown_handle = stream.try_clone().map_err(ProtocolError::Io)?;
+        let mut writer = stream;
+        Frame::json(FrameKind::Hello, 0, &Hello::ours()).write_to(&mut writer)?;
+        let frame = Frame::read_from(&mut reader)?.ok_or(ClientError::Disconnected)?;
+        if frame.kind != FrameKind::Hello {
+            return Err(ProtocolError::Unexpected(frame.kind).into());
+        }
+        let peer: Hello = frame.parse()?;
+        peer.check()?;
+
+        let routes: Routes = Arc::default();
+        let thread_routes = routes.clone();
+        let reader = std::thread::Builder::new()
+            .name("agent-client".into())
+            .spawn(move || route_frames(reader, thread_routes))
+            .map_err(ProtocolError::Io)?;
+        Ok(AgentClient {
+            writer: Arc::new(Mutex::new(writer)),
+            routes,
+            next_stream: AtomicU32::new(1),
+            reader: Some(reader),
+            shutdown_handle,
+            peer,
+        })
+    }
+
+    /// What the agent said about itself.
+    pub fn peer(&self) -> &Hello {
+        &self.peer
+    }
+
+    fn open_stream(&self, request: &Request) -> Result<(u32, Receiver<Frame>), ClientError> {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        lock(&self.routes).insert(id, tx);
+        send(&self.writer, &Frame::json(FrameKind::Request, id, request))?;
+        Ok((id, rx))
+    }
+
+    fn reply(&self, id: u32, rx: &Receiver<Frame>, timeout: Duration) -> Result<Reply, ClientError> {
+        let result = match rx.recv_timeout(timeout) {
+            Ok(frame) if frame.kind == FrameKind::Reply => Ok(frame.parse()?),
+            Ok(frame) => Err(ProtocolError::Unexpected(frame.kind).into()),
+            Err(RecvTimeoutError::Timeout) => Err(ClientError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected),
+        };
+        if result.is_err() {
+            lock(&self.routes).remove(&id);
+        }
+        result
+    }
+
+    /// Checks the agent answers.
+    pub fn ping(&self, timeout: Duration) -> Result<(), ClientError> {
+        let (id, rx) = self.open_stream(&Request::Ping)?;
+        let reply = self.reply(id, &rx, timeout)?;
+        lock(&self.routes).remove(&id);
+        match reply {
+            Reply::Pong => Ok(()),
+            other => Err(ClientError::UnexpectedReply(other)),
+        }
+    }
+
+    /// Starts a process. Output arrives through the returned handle.
+    pub fn exec(&self, request: ExecRequest) -> Result<ExecHandle, ClientError> {
+        let (id, rx) = self.open_stream(&Request::Exec(request))?;
+        match self.reply(id, &rx, Duration::from_secs(60))? {
+            Reply::Started { pid } => Ok(ExecHandle {
+                id,
+                pid,
+                rx,
+                writer: self.writer.clone(),
+                routes: self.routes.clone(),
+                finished: false,
+            }),
+            Reply::Error { message } => {
+                lock(&self.routes).remove(&id);
+                Err(ClientError::Refused(message))
+            }
+            other => Err(ClientError::UnexpectedReply(other)),
+        }
+    }
+
+    /// Asks the agent to stop every process and power the VM off.
+    pub fn shutdown(&self, reboot: bool) -> Result<(), ClientError> {
+        let (id, rx) = self.open_stream(&Request::Shutdown { reboot })?;
+        let reply = self.reply(id, &rx, Duration::from_secs(10));
+        lock(&self.routes).remove(&id);
+        match reply {
+            Ok(Reply::ShuttingDown) | Err(ClientError::Disconnected) => Ok(()),
+            Ok(other) => Err(ClientError::UnexpectedReply(other)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        let _ = self.shutdown_handle.shutdown(std::net::Shutdown::Both);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn send(writer: &Mutex<UnixStream>, frame: &Frame) -> Result<(), ClientError> {
+    frame.write_to(&mut *lock(writer))?;
+    Ok(())
+}
+
+fn route_frames(mut reader: UnixStream, routes: Routes) {
+    loop {
+        match Frame::read_from(&mut reader) {
+            Ok(Some(frame)) => {
+                // Streams are unregistered by their handles; a frame for an
+                // unknown or dropped stream just means nobody is listening.
+                if let Some(tx) = lock(&routes).get(&frame.stream) {
+                    let _ = tx.send(frame);
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    // Dropping every sender wakes all waiters with `Disconnected`.
+    lock(&routes).clear();
+}
+
+/// One event from a running process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(ExitStatus),
+}
+
+/// Everything a finished process produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+}
+
+/// A running process in the guest.
+pub struct ExecHandle {
+    id: u32,
+    pid: i32,
+    rx: Receiver<Frame>,
+    writer: Arc<Mutex<UnixStream>>,
+    routes: Routes,
+    finished: bool,
+}
+
+impl ExecHandle {
+    /// The process id inside the guest.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends bytes to the process's stdin (the request must have asked for
+    /// stdin). Large writes are split into frames.
+    pub fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(MAX_PAYLOAD) {
+            send(
+                &self.writer,
+                &Frame::new(FrameKind::Stdin, self.id, chunk.to_vec()),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Closes the process's stdin.
+    pub fn close_stdin(&self) -> Result<(), ClientError> {
+        send(&self.writer, &Frame::new(FrameKind::Stdin, self.id, Vec::new()))
+    }
+
+    /// Sends a signal to the process group.
+    pub fn signal(&self, signal: i32) -> Result<(), ClientError> {
+        send(
+            &self.writer,
+            &Frame::json(FrameKind::Signal, self.id, &Signal { signal }),
+        )
+    }
+
+    /// A cloneable handle for writing stdin and sending signals from
+    /// another thread while this one reads output.
+    pub fn input(&self) -> ExecInput {
+        ExecInput {
+            id: self.id,
+            writer: self.writer.clone(),
+        }
+    }
+
+    /// The next event, or `None` once the exit status has been delivered.
+    pub fn next_event(&mut self) -> Result<Option<ExecEvent>, ClientError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let frame = self.rx.recv().map_err(|_| ClientError::Disconnected)?;
+        let event = match frame.kind {
+            FrameKind::Stdout => ExecEvent::Stdout(frame.payload),
+            FrameKind::Stderr => ExecEvent::Stderr(frame.payload),
+            FrameKind::Exit => {
+                self.finished = true;
+                lock(&self.routes).remove(&self.id);
+                ExecEvent::Exit(frame.parse()?)
+            }
+            other => return Err(ProtocolError::Unexpected(other).into()),
+        };
+        Ok(Some(event))
+    }
+
+    /// Waits for the process to finish, collecting its output.
+    pub fn output(mut self) -> Result<Output, ClientError> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        loop {
+            match self.next_event()? {
+                Some(ExecEvent::Stdout(d)) => stdout.extend_from_slice(&d),
+                Some(ExecEvent::Stderr(d)) => stderr.extend_from_slice(&d),
+                Some(ExecEvent::Exit(status)) => {
+                    return Ok(Output {
+                        stdout,
+                        stderr,
+                        status,
+                    })
+                }
+                None => return Err(ClientError::Disconnected),
+            }
+        }
+    }
+}
+
+impl Drop for ExecHandle {
+    fn drop(&mut self) {
+        lock(&self.routes).remove(&self.id);
+    }
+}
+
+/// Writes stdin and sends signals for an [`ExecHandle`] from another thread.
+#[derive(Clone)]
+pub struct ExecInput {
+    id: u32,
+    writer: Arc<Mutex<UnixStream>>,
+}
+
+impl ExecInput {
+    pub fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(MAX_PAYLOAD) {
+            send(
+                &self.writer,
+                &Frame::new(FrameKind::Stdin, self.id, chunk.to_vec()),
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn close_stdin(&self) -> Result<(), ClientError> {
+        send(&self.writer, &Frame::new(FrameKind::Stdin, self.id, Vec::new()))
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<(), ClientError> {
+        send(
+            &self.writer,
+            &Frame::json(FrameKind::Signal, self.id, &Signal { signal }),
+        )
+    }
+}
+
+impl Write for ExecInput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_stdin(buf)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e.to_string()))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,28 @@
+#!/bin/busybox sh
+# PID 1 of the nested test host: load KVM and 9p, mount the host's root
+# read-only, run the command chrooted into it, record its status, power off.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules/order); do
+    insmod "/modules/$m.ko" 2>/dev/null || echo "testhost: cannot load $m" >&2
+done
+scratch=$(sed -n 's/.*capsule.scratch=\([^ ]*\).*/\1/p' /proc/cmdline)
+fail() { echo "testhost: $*" >&2; poweroff -f; }
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || fail "cannot mount the host's root"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 scratch /scratch || fail "cannot mount the scratch directory"
+[ -c /dev/kvm ] || echo "testhost: /dev/kvm is missing inside the test host" >&2
+mount -t tmpfs -o mode=1777 tmpfs /host/tmp
+mount -t proc proc /host/proc
+mount -t sysfs sys /host/sys
+mount --bind /dev /host/dev
+mount -t devpts devpts /host/dev/pts 2>/dev/null
+mount -t tmpfs tmpfs /host/dev/shm 2>/dev/null
+mount -t tmpfs -o mode=0755 tmpfs /host/run
+mount --bind /scratch "/host$scratch" || fail "cannot expose the scratch directory"
+ip link set lo up 2>/dev/null
+chroot /host /bin/sh "$scratch/cmd.sh"
+echo $? > /scratch/rc
+sync
+poweroff -f

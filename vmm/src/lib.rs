@@ -1,0 +1,22 @@
+//! Capsule's virtual machine monitor, as a library.
+//!
+//! Boots a Linux kernel in a KVM microVM with a serial console, virtio-mmio
+//! block, entropy and vsock devices, and talks to the guest agent over
+//! vsock. The whole API is [`Vm`] and its [`VmBuilder`]; see
+//! `examples/boot_and_exec.rs`.
+
+pub mod boot;
+mod console;
+pub mod cpu;
+mod error;
+mod exit;
+pub mod host;
+pub mod layout;
+pub mod memory;
+mod vm;
+
+pub use error::{Error, Result, PVM_HINT};
+pub use exit::VmExit;
+pub use guest_agent::{AgentClient, ExecEvent, ExecHandle, ExecInput, ExecRequest, ExitStatus, Output};
+pub use host::KvmFlavor;
+pub use vm::{DiskConfig, Vm, VmBuilder, VmConfig, GUEST_CID};

@@ -1,0 +1,65 @@
+//! Guest RAM: anonymous mappings split around the 32-bit MMIO hole, and
+//! their registration with KVM.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+
+use crate::error::{Error, Result};
+use crate::layout::{FOUR_GIB, MMIO_HOLE_START};
+
+/// The RAM ranges for `size` bytes of guest memory.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if size > low {
+        ranges.push((GuestAddress(FOUR_GIB), (size - low) as usize));
+    }
+    ranges
+}
+
+pub fn create(size: u64) -> Result<GuestMemoryMmap> {
+    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|e| Error::Memory(e.to_string()))
+}
+
+/// Makes every region of `mem` guest RAM in `vm`.
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping backing this region lives in `mem`, which the
+        // VM keeps alive for as long as the VM fd exists.
+        unsafe { vm.set_user_memory_region(region) }.map_err(Error::kvm("registering guest memory"))?;
+    }
+    Ok(())
+}
+
+/// The highest usable address below the MMIO hole, exclusive.
+pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter()
+        .map(|r| r.start_addr().0 + r.len())
+        .filter(|&end| end <= MMIO_HOLE_START)
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_skip_the_mmio_hole() {
+        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));
+        assert_eq!(r[1], (GuestAddress(FOUR_GIB), ((4u64 << 30) - MMIO_HOLE_START) as usize));
+    }
+}
