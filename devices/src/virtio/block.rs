@@ -295,7 +295,7 @@ impl MutEventSubscriber for Block {
                     self.process_queue();
                 }
                 if self.broken {
-                    self.slot.deactivate(ops);
+                    self.slot.fail(ops);
                 }
             }
             _ => {}

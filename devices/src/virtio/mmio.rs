@@ -260,6 +260,7 @@ impl MmioTransport {
         self.acked_features = 0;
         self.queue_select = 0;
         self.interrupt.ack(u32::MAX);
+        self.interrupt.clear_failure();
         for q in &mut self.queues {
             q.reset();
         }
@@ -302,7 +303,13 @@ impl BusDevice for MmioTransport {
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             0x060 => self.interrupt.status(),
-            0x070 => self.device_status,
+            0x070 => {
+                if self.interrupt.device_failed() {
+                    self.device_status | STATUS_NEEDS_RESET
+                } else {
+                    self.device_status
+                }
+            }
             0x0fc => self.config_generation,
             _ => 0,
         };

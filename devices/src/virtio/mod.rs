@@ -34,6 +34,8 @@ const INT_CONFIG: u32 = 2;
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
+    /// Set by a device that found its queues corrupt and stopped.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Interrupt {
@@ -41,6 +43,7 @@ impl Interrupt {
         Interrupt {
             status: AtomicU32::new(0),
             irqfd,
+            failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -57,6 +60,21 @@ impl Interrupt {
         if let Err(e) = self.irqfd.write(1) {
             log::error!("virtio: cannot raise interrupt: {e}");
         }
+    }
+
+    /// The device stopped: the transport reports DEVICE_NEEDS_RESET and
+    /// the driver hears about it through a configuration interrupt.
+    pub fn signal_device_failure(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.signal_config_change();
+    }
+
+    pub fn device_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    pub fn clear_failure(&self) {
+        self.failed.store(false, Ordering::SeqCst);
     }
 
     pub fn status(&self) -> u32 {
@@ -177,6 +195,15 @@ impl ActivationSlot {
                 }
             }
         }
+    }
+
+    /// Stops a device whose queues are corrupt: reports the failure to the
+    /// driver and stops listening to the queues.
+    pub(crate) fn fail(&mut self, ops: &mut event_manager::EventOps) {
+        if let Some(active) = &self.active {
+            active.interrupt.signal_device_failure();
+        }
+        self.deactivate(ops);
     }
 
     /// Unsubscribes the queue eventfds and forgets the activation.

@@ -93,7 +93,7 @@ impl MutEventSubscriber for Rng {
                     self.process_queue();
                 }
                 if self.broken {
-                    self.slot.deactivate(ops);
+                    self.slot.fail(ops);
                 }
             }
             _ => {}

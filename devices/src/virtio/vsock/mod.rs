@@ -176,7 +176,7 @@ impl MutEventSubscriber for Vsock {
         self.process_rx(ops);
         if self.broken {
             self.muxer.reset_all(ops);
-            self.slot.deactivate(ops);
+            self.slot.fail(ops);
         }
     }
 }

@@ -1,0 +1,64 @@
+# Capsule: `make demo` and `make test` do all their own set-up.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+
+TARGET    := x86_64-unknown-linux-gnu
+ARTIFACTS := target/capsule
+AGENT     := target/$(TARGET)/agent/capsule-agent
+
+export CAPSULE_KERNEL    := $(abspath $(ARTIFACTS)/vmlinux)
+export CAPSULE_INITRAMFS := $(abspath $(ARTIFACTS)/initramfs.cpio)
+export CAPSULE_ROOTFS    := $(abspath $(ARTIFACTS)/rootfs.ext4)
+
+.PHONY: deps kernel agent artifacts build demo test test-host test-guest lint bench fmt clean
+
+deps:
+	@images/install-deps.sh
+
+# The guest kernel is cached per machine; this only copies it into place.
+kernel: deps
+	@mkdir -p $(ARTIFACTS)
+	@vmlinux=$$(images/build-kernel.sh) && cp -u "$$vmlinux" $(ARTIFACTS)/vmlinux && \
+	  cp -u "$$(dirname $$vmlinux)/bzImage" $(ARTIFACTS)/bzImage
+
+# The agent is PID 1 in the guest: a static binary (no musl target here).
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --profile agent \
+	  -p guest-agent --bin capsule-agent --target $(TARGET)
+
+artifacts: kernel agent
+	images/build-initramfs.sh $(AGENT) $(ARTIFACTS)/initramfs.cpio
+	@[ -f $(ARTIFACTS)/rootfs.ext4 ] && [ $(ARTIFACTS)/rootfs.ext4 -nt images/populate-root.sh ] || \
+	  images/build-rootfs.sh $(ARTIFACTS)/rootfs.ext4
+
+build: deps
+	cargo build --release --bins --examples
+
+demo: artifacts build
+	@scripts/demo.sh
+
+test: artifacts test-host test-guest
+
+# Host tier: everything that needs no Linux guest.
+test-host: deps
+	cargo nextest run --workspace --no-fail-fast -E 'not binary(guest)'
+
+# Guest tier: real Linux guests, directly on hardware KVM or inside the
+# nested test host. Never skipped: it fails if it cannot run.
+test-guest: artifacts
+	@scripts/test-guest.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+bench: artifacts build
+	cargo bench --bench boot
+	scripts/compare-qemu.sh
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean

@@ -1,0 +1,234 @@
+//! virtio-blk against real guest memory, well-formed and hostile.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+
+use common::*;
+use devices::virtio::block::Block;
+
+const HDR: u64 = 0x80_0000;
+const DATA: u64 = 0x81_0000;
+const STATUS: u64 = 0x90_0000;
+const DISK_SIZE: u64 = 1 << 20;
+
+const IN: u32 = 0;
+const OUT: u32 = 1;
+const FLUSH: u32 = 4;
+const GET_ID: u32 = 8;
+const OK: u8 = 0;
+const IOERR: u8 = 1;
+const UNSUPP: u8 = 2;
+
+fn disk() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let data: Vec<u8> = (0..DISK_SIZE).map(|i| (i / 512) as u8 ^ (i as u8)).collect();
+    std::fs::write(&path, data).unwrap();
+    (dir, path)
+}
+
+fn setup(read_only: bool) -> (tempfile::TempDir, std::path::PathBuf, Driver) {
+    let (dir, path) = disk();
+    let driver = Driver::new(Block::open(&path, read_only).unwrap(), 16);
+    (dir, path, driver)
+}
+
+fn header(d: &Driver, kind: u32, sector: u64) {
+    let mut h = Vec::new();
+    h.extend_from_slice(&kind.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&sector.to_le_bytes());
+    d.write(HDR, &h);
+}
+
+/// Submits header + data + status and returns (status, used length).
+fn request(d: &mut Driver, kind: u32, sector: u64, data_len: u32, data_writable: bool) -> (u8, u32) {
+    header(d, kind, sector);
+    d.write(STATUS, &[0xff]);
+    let mut bufs = vec![(HDR, 16, false)];
+    if data_len > 0 {
+        bufs.push((DATA, data_len, data_writable));
+    }
+    bufs.push((STATUS, 1, true));
+    d.write_chain(0, 0, &bufs);
+    let before = d.used_idx(0);
+    d.submit(0, 0);
+    assert_eq!(d.used_idx(0), before.wrapping_add(1), "request completed");
+    let (_, len) = d.used_entry(0, before);
+    (d.read(STATUS, 1)[0], len)
+}
+
+fn assert_still_works(d: &mut Driver, path: &std::path::Path) {
+    assert_eq!(d.status() & STATUS_NEEDS_RESET, 0, "device still healthy");
+    let (status, len) = request(d, IN, 1, 512, true);
+    assert_eq!(status, OK);
+    assert_eq!(len, 513);
+    let expected = &std::fs::read(path).unwrap()[512..1024];
+    assert_eq!(d.read(DATA, 512), expected);
+}
+
+#[test]
+fn reads_writes_flushes_and_identifies() {
+    let (_dir, path, mut d) = setup(false);
+    // Config space: capacity in sectors.
+    let mut cap = [0u8; 8];
+    devices::BusDevice::read(&mut d.transport, 0x100, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), DISK_SIZE / 512);
+
+    assert_still_works(&mut d, &path);
+
+    d.write(DATA, &[0xab; 1024]);
+    assert_eq!(request(&mut d, OUT, 10, 1024, false), (OK, 1));
+    let mut f = std::fs::File::open(&path).unwrap();
+    f.seek(SeekFrom::Start(10 * 512)).unwrap();
+    let mut buf = vec![0u8; 1024];
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, vec![0xab; 1024]);
+
+    assert_eq!(request(&mut d, FLUSH, 0, 0, false).0, OK);
+    let (status, len) = request(&mut d, GET_ID, 0, 20, true);
+    assert_eq!(status, OK);
+    assert_eq!(len, 21);
+    assert_eq!(&d.read(DATA, 8), b"disk.img");
+    assert_eq!(request(&mut d, 99, 0, 0, false).0, UNSUPP);
+    assert!(d.irq.read().is_ok(), "completions raised the interrupt");
+}
+
+#[test]
+fn out_of_range_requests_fail_with_ioerr() {
+    let (_dir, path, mut d) = setup(false);
+    let last = DISK_SIZE / 512;
+    assert_eq!(request(&mut d, IN, last, 512, true).0, IOERR);
+    assert_eq!(request(&mut d, IN, last - 1, 1024, true).0, IOERR);
+    assert_eq!(request(&mut d, OUT, last, 512, false).0, IOERR);
+    // Sector numbers that overflow when turned into byte offsets.
+    assert_eq!(request(&mut d, IN, u64::MAX, 512, true).0, IOERR);
+    assert_eq!(request(&mut d, IN, u64::MAX / 512 + 1, 512, true).0, IOERR);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), DISK_SIZE, "file never grew");
+    assert_still_works(&mut d, &path);
+}
+
+#[test]
+fn read_only_disks_refuse_writes() {
+    let (_dir, path, mut d) = setup(true);
+    let before = std::fs::read(&path).unwrap();
+    d.write(DATA, &[0xcd; 512]);
+    assert_eq!(request(&mut d, OUT, 0, 512, false).0, IOERR);
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert_still_works(&mut d, &path);
+}
+
+#[test]
+fn descriptor_loop_is_bounded() {
+    let (_dir, path, mut d) = setup(false);
+    header(&d, IN, 0);
+    // 0 -> 1 -> 2 -> 0 -> ...: the chain never ends.
+    d.write_desc(0, 0, HDR, 16, VRING_DESC_F_NEXT, 1);
+    d.write_desc(0, 1, DATA, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
+    d.write_desc(0, 2, STATUS, 1, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 0);
+    let before = d.used_idx(0);
+    d.submit(0, 0);
+    assert_eq!(d.used_idx(0), before.wrapping_add(1));
+    assert_still_works(&mut d, &path);
+}
+
+#[test]
+fn out_of_memory_addresses_are_refused() {
+    let (_dir, path, mut d) = setup(false);
+    for addr in [MEM_SIZE as u64, u64::MAX - 8, 0xffff_ffff_0000] {
+        header(&d, IN, 0);
+        d.write_chain(0, 0, &[(HDR, 16, false), (addr, 512, true), (STATUS, 1, true)]);
+        let before = d.used_idx(0);
+        d.submit(0, 0);
+        assert_eq!(d.used_idx(0), before.wrapping_add(1), "refused, not dropped");
+        assert_eq!(d.used_entry(0, before).1, 0, "nothing written");
+        // The header itself outside memory.
+        d.write_chain(0, 0, &[(addr, 16, false), (STATUS, 1, true)]);
+        d.submit(0, 0);
+    }
+    assert_still_works(&mut d, &path);
+}
+
+#[test]
+fn zero_length_and_oversized_buffers_are_refused() {
+    let (_dir, path, mut d) = setup(false);
+    // Zero-length header: cannot be parsed, so the request fails.
+    d.write(STATUS, &[0xff]);
+    d.write_chain(0, 0, &[(HDR, 0, false), (DATA, 512, true), (STATUS, 1, true)]);
+    let before = d.used_idx(0);
+    d.submit(0, 0);
+    assert_eq!(d.used_idx(0), before.wrapping_add(1));
+    assert_eq!(d.read(STATUS, 1)[0], IOERR);
+    // Zero-length status: nowhere to report, completed with length 0.
+    header(&d, IN, 0);
+    d.write_chain(0, 0, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 0, true)]);
+    d.submit(0, 0);
+    // A buffer claiming 4 GiB.
+    d.write_chain(0, 0, &[(HDR, 16, false), (DATA, u32::MAX, true), (STATUS, 1, true)]);
+    let before = d.used_idx(0);
+    d.submit(0, 0);
+    assert_eq!(d.used_entry(0, before).1, 0);
+    // A read far bigger than the disk, inside guest memory.
+    assert_eq!(request(&mut d, IN, 0, 4 << 20, true).0, IOERR);
+    // Only readable descriptors: no room for a status byte.
+    header(&d, IN, 0);
+    d.write_chain(0, 0, &[(HDR, 16, false), (DATA, 512, false)]);
+    let before = d.used_idx(0);
+    d.submit(0, 0);
+    assert_eq!(d.used_entry(0, before).1, 0);
+    assert_still_works(&mut d, &path);
+}
+
+#[test]
+fn hostile_indirect_tables_are_refused() {
+    let (_dir, path, mut d) = setup(false);
+    // An indirect table whose length is not a multiple of 16, one outside
+    // memory, and one that points at itself.
+    for (addr, len) in [(DATA, 17u32), (MEM_SIZE as u64, 64), (DATA, 0)] {
+        d.write_desc(0, 0, addr, len, VRING_DESC_F_INDIRECT, 0);
+        d.submit(0, 0);
+    }
+    d.write(DATA, &{
+        let mut t = Vec::new();
+        t.extend_from_slice(&DATA.to_le_bytes());
+        t.extend_from_slice(&16u32.to_le_bytes());
+        t.extend_from_slice(&(VRING_DESC_F_INDIRECT).to_le_bytes());
+        t.extend_from_slice(&0u16.to_le_bytes());
+        t
+    });
+    d.write_desc(0, 0, DATA, 16, VRING_DESC_F_INDIRECT, 0);
+    d.submit(0, 0);
+    assert_still_works(&mut d, &path);
+}
+
+#[test]
+fn a_broken_ring_stops_only_this_device() {
+    let (_dir, _path, mut d) = setup(false);
+    // A head index beyond the queue: the ring itself is corrupt.
+    let size = d.queues[0].size;
+    d.submit(0, size + 5);
+    // The avail index jumping far past the ring size.
+    let idx = d.queues[0].next_avail.wrapping_add(1000);
+    d.set_avail_idx(0, idx);
+    d.kick(0);
+    assert_ne!(
+        d.status() & STATUS_NEEDS_RESET,
+        0,
+        "the device reports it needs a reset"
+    );
+    // Further kicks are ignored, without panics.
+    d.kick(0);
+}
+
+#[test]
+fn disk_size_must_be_whole_sectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odd.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(&[0; 1000])
+        .unwrap();
+    assert!(Block::open(&path, false).is_err());
+    assert!(Block::open(&dir.path().join("missing.img"), false).is_err());
+}
