@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=$(scripts/kvm-mode.sh)
-bin=$(cargo test --release --test guest --no-run --message-format=json 2>/dev/null \
+bin=$(cargo test --release --test guest --no-run --message-format=json \
     | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)

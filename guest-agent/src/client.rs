@@ -59,6 +59,9 @@ impl AgentClient {
         }
         let peer: Hello = frame.parse()?;
         peer.check()?;
+        // A read timeout the caller set for the handshake must not apply
+        // to the long-lived routing thread.
+        reader.set_read_timeout(None).map_err(ProtocolError::Io)?;
 
         let routes: Routes = Arc::default();
         let thread_routes = routes.clone();

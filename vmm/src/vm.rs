@@ -50,6 +50,9 @@ use crate::host::KvmFlavor;
 use crate::layout::*;
 use crate::memory;
 
+/// How long connecting to the agent may take once it said it is ready.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The guest's vsock context id.
 pub const GUEST_CID: u64 = 3;
 
@@ -583,8 +586,10 @@ impl Vm {
     /// The connection to the guest agent (opened on first use).
     pub fn agent(&mut self) -> Result<&AgentClient> {
         if self.agent.is_none() {
-            let stream = connect_to_guest(&self.vsock_path, AGENT_PORT)?;
-            self.agent = Some(AgentClient::handshake(stream)?);
+            let stream = connect_to_guest(&self.vsock_path, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
+            stream.set_read_timeout(Some(AGENT_CONNECT_TIMEOUT))?;
+            let client = AgentClient::handshake(stream)?;
+            self.agent = Some(client);
         }
         Ok(self.agent.as_ref().expect("just connected"))
     }

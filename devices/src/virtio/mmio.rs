@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::bus::{lock, BusDevice};
 use crate::GuestMemory;
 
@@ -219,10 +219,17 @@ impl MmioTransport {
         // its state round-trips exactly).
         let queues: Result<Vec<Queue>, _> =
             self.queues.iter().map(|q| Queue::try_from(q.state())).collect();
-        let Ok(queues) = queues else {
+        let Ok(mut queues) = queues else {
             self.fail();
             return;
         };
+        // With EVENT_IDX the driver suppresses kicks and interrupts through
+        // the ring's event fields; the queues must use them too, or the
+        // driver stops kicking after its first request.
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for q in &mut queues {
+            q.set_event_idx(event_idx);
+        }
         let activation = Activation {
             mem: self.mem.clone(),
             queues,

@@ -491,17 +491,25 @@ fn parse_connect(buf: &[u8]) -> Option<(u32, Vec<u8>)> {
 }
 
 /// Helper for host programs: connects to the device's socket and opens a
-/// stream to `port` in the guest. Blocks until the guest accepts or
-/// refuses.
-pub fn connect_to_guest(path: &Path, port: u32) -> io::Result<UnixStream> {
+/// stream to `port` in the guest. Waits up to `timeout` for the guest to
+/// accept or refuse.
+pub fn connect_to_guest(path: &Path, port: u32, timeout: std::time::Duration) -> io::Result<UnixStream> {
     let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
     // Read the reply a byte at a time: anything after the newline belongs
     // to the caller's protocol.
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < MAX_HANDSHAKE {
-        match stream.read(&mut byte)? {
+        let n = stream.read(&mut byte).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("guest vsock port {port} did not answer within {timeout:?}"),
+            ),
+            _ => e,
+        })?;
+        match n {
             0 => {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
@@ -513,6 +521,7 @@ pub fn connect_to_guest(path: &Path, port: u32) -> io::Result<UnixStream> {
         }
     }
     if line.starts_with(b"OK ") {
+        stream.set_read_timeout(None)?;
         Ok(stream)
     } else {
         Err(io::Error::new(
