@@ -10,6 +10,7 @@ if ! file -L "$busybox" 2>/dev/null | grep -q "statically linked"; then
     ldd "$busybox" >/dev/null 2>&1 && { echo "$busybox is not static (install busybox-static)" >&2; exit 1; }
 fi
 stage=$(mktemp -d)
+chmod 0755 "$stage"
 trap 'rm -rf "$stage"' EXIT
 "$here/populate-root.sh" "$stage"
 install -m 0755 "$agent" "$stage/init"

@@ -6,6 +6,7 @@ set -euo pipefail
 out="$1"; size="${2:-64}"
 here="$(cd "$(dirname "$0")" && pwd)"
 stage=$(mktemp -d)
+chmod 0755 "$stage"
 trap 'rm -rf "$stage"' EXIT
 "$here/populate-root.sh" "$stage"
 sed -i 's/^NAME=.*/NAME="Capsule ext4 test root"/' "$stage/etc/os-release"

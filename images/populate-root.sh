@@ -5,6 +5,7 @@
 set -euo pipefail
 root="$1"
 busybox=$(command -v busybox)
+chmod 0755 "$root"
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,home/user,var/tmp,mnt}
 chmod 1777 "$root/tmp" "$root/var/tmp"
 install -m 0755 "$busybox" "$root/bin/busybox"

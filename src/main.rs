@@ -8,7 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "capsule", version, about = "Isolated, on-demand KVM microVMs for code execution")]
+#[command(
+    name = "capsule",
+    version,
+    about = "Isolated, on-demand KVM microVMs for code execution"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -72,7 +72,11 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
         None => (s, "M"),
     };
     let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    let mib = match mult.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let mib = match mult
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "M" => n,
         "G" => n * 1024,
         _ => return Err(format!("unknown unit in {s:?} (use M or G)")),
@@ -91,7 +95,11 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 pub fn run(args: RunArgs) -> Result<u8> {
-    let kernel = artifacts::find(args.kernel.as_deref(), "CAPSULE_KERNEL", artifacts::KERNEL_FILE)?;
+    let kernel = artifacts::find(
+        args.kernel.as_deref(),
+        "CAPSULE_KERNEL",
+        artifacts::KERNEL_FILE,
+    )?;
     let initramfs = artifacts::find(
         args.initramfs.as_deref(),
         "CAPSULE_INITRAMFS",

@@ -72,7 +72,11 @@ fn sh_ok(vm: &mut Vm, script: &str) -> String {
 
 fn stop(mut vm: Vm) {
     let exit = vm.shutdown(STOP_TIMEOUT).expect("shutdown");
-    assert_eq!(exit, VmExit::GuestReset, "clean power-off ends in a guest reset");
+    assert_eq!(
+        exit,
+        VmExit::GuestReset,
+        "clean power-off ends in a guest reset"
+    );
 }
 
 #[test]
@@ -146,7 +150,10 @@ fn stdout_and_stderr_are_separate_and_ordered_at_10mb() {
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(*l, format!("err {}", i + 1));
     }
-    assert!(stdout_chunks > 10, "output was streamed, not delivered at once");
+    assert!(
+        stdout_chunks > 10,
+        "output was streamed, not delivered at once"
+    );
     stop(vm);
 }
 
@@ -183,7 +190,11 @@ fn env_cwd_and_user() {
     req.cwd = Some("/tmp".into());
     req.user = Some("user".into());
     let out = vm.agent().unwrap().exec(req).unwrap().output().unwrap();
-    assert!(out.status.success(), "{:?}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         "hello world\n/tmp\n1000\n1000\n/home/user\n"
@@ -211,7 +222,10 @@ fn timeout_and_kill() {
     assert!(out.status.timed_out);
     assert_eq!(out.status.signal, Some(9));
     assert!(out.stdout.is_empty());
-    assert!(t.elapsed() < Duration::from_secs(25), "the whole group died at the timeout");
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "the whole group died at the timeout"
+    );
     // No sleeper survived the timeout.
     assert_eq!(sh_ok(&mut vm, "pgrep sleep | wc -l").trim(), "0");
 
@@ -250,7 +264,10 @@ fn block_device_reads_and_writes_reach_the_host() {
         "printf 'written-by-the-guest' | dd of=/dev/vda bs=512 seek=4096 conv=fsync 2>/dev/null",
     );
     // Writes past the end fail cleanly in the guest.
-    let out = sh(&mut vm, "dd if=/dev/zero of=/dev/vda bs=512 seek=16384 count=1 2>&1");
+    let out = sh(
+        &mut vm,
+        "dd if=/dev/zero of=/dev/vda bs=512 seek=16384 count=1 2>&1",
+    );
     assert!(!out.status.success());
     stop(vm);
     let mut f = std::fs::File::open(&disk).unwrap();
@@ -293,7 +310,10 @@ fn entropy_is_available() {
     let mut vm = boot(builder());
     let rng = sh_ok(&mut vm, "cat /sys/class/misc/hw_random/rng_current");
     assert!(rng.starts_with("virtio_rng"), "{rng}");
-    assert_eq!(sh_ok(&mut vm, "head -c 4096 /dev/hwrng | wc -c").trim(), "4096");
+    assert_eq!(
+        sh_ok(&mut vm, "head -c 4096 /dev/hwrng | wc -c").trim(),
+        "4096"
+    );
     // The kernel's CRNG is seeded, so /dev/random (which blocks until it
     // is) answers at once.
     assert!(sh_ok(&mut vm, "dmesg").contains("crng init done"));

@@ -112,11 +112,17 @@ mod tests {
         bus.insert(0x1000, 0x100, dev.clone()).unwrap();
         assert_eq!(
             bus.insert(0x10ff, 1, dev.clone()),
-            Err(BusError::Overlap { base: 0x10ff, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10ff,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(0xf00, 0x101, dev.clone()),
-            Err(BusError::Overlap { base: 0xf00, len: 0x101 })
+            Err(BusError::Overlap {
+                base: 0xf00,
+                len: 0x101
+            })
         );
         bus.insert(0x1100, 0x10, dev.clone()).unwrap();
         assert!(bus.insert(u64::MAX, 2, dev.clone()).is_err());

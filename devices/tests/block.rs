@@ -23,7 +23,9 @@ const UNSUPP: u8 = 2;
 fn disk() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
-    let data: Vec<u8> = (0..DISK_SIZE).map(|i| (i / 512) as u8 ^ (i as u8)).collect();
+    let data: Vec<u8> = (0..DISK_SIZE)
+        .map(|i| (i / 512) as u8 ^ (i as u8))
+        .collect();
     std::fs::write(&path, data).unwrap();
     (dir, path)
 }
@@ -43,7 +45,13 @@ fn header(d: &Driver, kind: u32, sector: u64) {
 }
 
 /// Submits header + data + status and returns (status, used length).
-fn request(d: &mut Driver, kind: u32, sector: u64, data_len: u32, data_writable: bool) -> (u8, u32) {
+fn request(
+    d: &mut Driver,
+    kind: u32,
+    sector: u64,
+    data_len: u32,
+    data_writable: bool,
+) -> (u8, u32) {
     header(d, kind, sector);
     d.write(STATUS, &[0xff]);
     let mut bufs = vec![(HDR, 16, false)];
@@ -105,7 +113,11 @@ fn out_of_range_requests_fail_with_ioerr() {
     // Sector numbers that overflow when turned into byte offsets.
     assert_eq!(request(&mut d, IN, u64::MAX, 512, true).0, IOERR);
     assert_eq!(request(&mut d, IN, u64::MAX / 512 + 1, 512, true).0, IOERR);
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), DISK_SIZE, "file never grew");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        DISK_SIZE,
+        "file never grew"
+    );
     assert_still_works(&mut d, &path);
 }
 
@@ -138,10 +150,18 @@ fn out_of_memory_addresses_are_refused() {
     let (_dir, path, mut d) = setup(false);
     for addr in [MEM_SIZE as u64, u64::MAX - 8, 0xffff_ffff_0000] {
         header(&d, IN, 0);
-        d.write_chain(0, 0, &[(HDR, 16, false), (addr, 512, true), (STATUS, 1, true)]);
+        d.write_chain(
+            0,
+            0,
+            &[(HDR, 16, false), (addr, 512, true), (STATUS, 1, true)],
+        );
         let before = d.used_idx(0);
         d.submit(0, 0);
-        assert_eq!(d.used_idx(0), before.wrapping_add(1), "refused, not dropped");
+        assert_eq!(
+            d.used_idx(0),
+            before.wrapping_add(1),
+            "refused, not dropped"
+        );
         assert_eq!(d.used_entry(0, before).1, 0, "nothing written");
         // The header itself outside memory.
         d.write_chain(0, 0, &[(addr, 16, false), (STATUS, 1, true)]);
@@ -155,17 +175,29 @@ fn zero_length_and_oversized_buffers_are_refused() {
     let (_dir, path, mut d) = setup(false);
     // Zero-length header: cannot be parsed, so the request fails.
     d.write(STATUS, &[0xff]);
-    d.write_chain(0, 0, &[(HDR, 0, false), (DATA, 512, true), (STATUS, 1, true)]);
+    d.write_chain(
+        0,
+        0,
+        &[(HDR, 0, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
     let before = d.used_idx(0);
     d.submit(0, 0);
     assert_eq!(d.used_idx(0), before.wrapping_add(1));
     assert_eq!(d.read(STATUS, 1)[0], IOERR);
     // Zero-length status: nowhere to report, completed with length 0.
     header(&d, IN, 0);
-    d.write_chain(0, 0, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 0, true)]);
+    d.write_chain(
+        0,
+        0,
+        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 0, true)],
+    );
     d.submit(0, 0);
     // A buffer claiming 4 GiB.
-    d.write_chain(0, 0, &[(HDR, 16, false), (DATA, u32::MAX, true), (STATUS, 1, true)]);
+    d.write_chain(
+        0,
+        0,
+        &[(HDR, 16, false), (DATA, u32::MAX, true), (STATUS, 1, true)],
+    );
     let before = d.used_idx(0);
     d.submit(0, 0);
     assert_eq!(d.used_entry(0, before).1, 0);
@@ -243,13 +275,23 @@ fn event_idx_is_honoured() {
     let avail_event_addr = d.queues[0].used + 4 + 8 * u64::from(d.queues[0].size);
     for n in 1..=3u16 {
         assert_still_works(&mut d, &path);
-        let avail_event: u16 = d.read(avail_event_addr, 2).iter().rev().fold(0, |a, &b| (a << 8) | u16::from(b));
-        assert_eq!(avail_event, n, "device asks to be kicked at the next request");
+        let avail_event: u16 = d
+            .read(avail_event_addr, 2)
+            .iter()
+            .rev()
+            .fold(0, |a, &b| (a << 8) | u16::from(b));
+        assert_eq!(
+            avail_event, n,
+            "device asks to be kicked at the next request"
+        );
     }
     // used_event (after the avail ring) far ahead: no interrupt for this one.
     let used_event_addr = d.queues[0].avail + 4 + 2 * u64::from(d.queues[0].size);
     d.write(used_event_addr, &100u16.to_le_bytes());
     let _ = d.irq.read();
     assert_still_works(&mut d, &path);
-    assert!(d.irq.read().is_err(), "interrupt suppressed as the driver asked");
+    assert!(
+        d.irq.read().is_err(),
+        "interrupt suppressed as the driver asked"
+    );
 }

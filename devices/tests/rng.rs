@@ -15,7 +15,10 @@ fn fills_buffers_and_survives_hostile_ones() {
     assert_eq!(d.used_entry(0, 0), (0, 128));
     let a = d.read(BUF, 64);
     let b = d.read(BUF + 4096, 64);
-    assert!(a.iter().any(|&x| x != 0) && a != b, "random bytes delivered");
+    assert!(
+        a.iter().any(|&x| x != 0) && a != b,
+        "random bytes delivered"
+    );
 
     // Zero-length, read-only, outside memory and 4 GiB buffers.
     for (addr, len, writable) in [

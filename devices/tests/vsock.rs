@@ -123,9 +123,14 @@ impl Guest {
         let addr = Self::rx_addr(slot);
         let head = slot * 2;
         if self.split_rx {
-            self.d.write_chain(RX, head, &[(addr, HDR as u32, true), (addr + HDR as u64, 4096, true)]);
+            self.d.write_chain(
+                RX,
+                head,
+                &[(addr, HDR as u32, true), (addr + HDR as u64, 4096, true)],
+            );
         } else {
-            self.d.write_chain(RX, head, &[(addr, HDR as u32 + 4096, true)]);
+            self.d
+                .write_chain(RX, head, &[(addr, HDR as u32 + 4096, true)]);
         }
         self.d.submit(RX, head);
     }
@@ -154,10 +159,14 @@ impl Guest {
             self.d.write_chain(
                 TX,
                 0,
-                &[(TX_BUF, HDR as u32, false), (TX_BUF + HDR as u64, (bytes.len() - HDR) as u32, false)],
+                &[
+                    (TX_BUF, HDR as u32, false),
+                    (TX_BUF + HDR as u64, (bytes.len() - HDR) as u32, false),
+                ],
             );
         } else {
-            self.d.write_chain(TX, 0, &[(TX_BUF, bytes.len() as u32, false)]);
+            self.d
+                .write_chain(TX, 0, &[(TX_BUF, bytes.len() as u32, false)]);
         }
         self.d.submit(TX, 0);
     }
@@ -169,7 +178,7 @@ impl Guest {
 
 fn host_connect(path: &std::path::Path, port: u32) -> UnixStream {
     let mut s = UnixStream::connect(path).unwrap();
-    write!(s, "CONNECT {port}\n").unwrap();
+    writeln!(s, "CONNECT {port}").unwrap();
     s
 }
 
@@ -184,7 +193,10 @@ fn establish(g: &mut Guest) -> (UnixStream, u32) {
     let pkts = g.recv();
     assert_eq!(pkts.len(), 1, "{pkts:?}");
     let req = &pkts[0];
-    assert_eq!((req.op, req.dst_port, req.dst_cid, req.src_cid), (OP_REQUEST, 1024, GUEST_CID, HOST_CID));
+    assert_eq!(
+        (req.op, req.dst_port, req.dst_cid, req.src_cid),
+        (OP_REQUEST, 1024, GUEST_CID, HOST_CID)
+    );
     let local = req.src_port;
     g.send(&Pkt::from_guest(1024, local, OP_RESPONSE, &[]));
     assert_eq!(read_line(&host), format!("OK {local}\n"));
@@ -200,7 +212,10 @@ fn host_initiated_stream_in_both_buffer_layouts() {
         host.write_all(b"ping from host").unwrap();
         let pkts = g.recv();
         assert_eq!(pkts.len(), 1);
-        assert_eq!((pkts[0].op, pkts[0].data.as_slice()), (OP_RW, &b"ping from host"[..]));
+        assert_eq!(
+            (pkts[0].op, pkts[0].data.as_slice()),
+            (OP_RW, &b"ping from host"[..])
+        );
 
         for layout_split in [false, true] {
             let p = Pkt::from_guest(1024, local, OP_RW, b"pong from guest");
@@ -240,7 +255,10 @@ fn guest_initiated_stream_reaches_a_host_listener() {
     g.send(&Pkt::from_guest(40000, 5000, OP_REQUEST, &[]));
     let pkts = g.recv();
     assert_eq!(pkts.len(), 1);
-    assert_eq!((pkts[0].op, pkts[0].src_port, pkts[0].dst_port), (OP_RESPONSE, 5000, 40000));
+    assert_eq!(
+        (pkts[0].op, pkts[0].src_port, pkts[0].dst_port),
+        (OP_RESPONSE, 5000, 40000)
+    );
     let (mut conn, _) = listener.accept().unwrap();
     g.send(&Pkt::from_guest(40000, 5000, OP_RW, b"hello host"));
     let mut buf = [0u8; 10];

@@ -92,7 +92,12 @@ impl AgentClient {
         Ok((id, rx))
     }
 
-    fn reply(&self, id: u32, rx: &Receiver<Frame>, timeout: Duration) -> Result<Reply, ClientError> {
+    fn reply(
+        &self,
+        id: u32,
+        rx: &Receiver<Frame>,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
         let result = match rx.recv_timeout(timeout) {
             Ok(frame) if frame.kind == FrameKind::Reply => Ok(frame.parse()?),
             Ok(frame) => Err(ProtocolError::Unexpected(frame.kind).into()),
@@ -168,16 +173,11 @@ fn send(writer: &Mutex<UnixStream>, frame: &Frame) -> Result<(), ClientError> {
 }
 
 fn route_frames(mut reader: UnixStream, routes: Routes) {
-    loop {
-        match Frame::read_from(&mut reader) {
-            Ok(Some(frame)) => {
-                // Streams are unregistered by their handles; a frame for an
-                // unknown or dropped stream just means nobody is listening.
-                if let Some(tx) = lock(&routes).get(&frame.stream) {
-                    let _ = tx.send(frame);
-                }
-            }
-            Ok(None) | Err(_) => break,
+    // Streams are unregistered by their handles; a frame for an unknown or
+    // dropped stream just means nobody is listening.
+    while let Ok(Some(frame)) = Frame::read_from(&mut reader) {
+        if let Some(tx) = lock(&routes).get(&frame.stream) {
+            let _ = tx.send(frame);
         }
     }
     // Dropping every sender wakes all waiters with `Disconnected`.
@@ -230,7 +230,10 @@ impl ExecHandle {
 
     /// Closes the process's stdin.
     pub fn close_stdin(&self) -> Result<(), ClientError> {
-        send(&self.writer, &Frame::new(FrameKind::Stdin, self.id, Vec::new()))
+        send(
+            &self.writer,
+            &Frame::new(FrameKind::Stdin, self.id, Vec::new()),
+        )
     }
 
     /// Sends a signal to the process group.
@@ -315,7 +318,10 @@ impl ExecInput {
     }
 
     pub fn close_stdin(&self) -> Result<(), ClientError> {
-        send(&self.writer, &Frame::new(FrameKind::Stdin, self.id, Vec::new()))
+        send(
+            &self.writer,
+            &Frame::new(FrameKind::Stdin, self.id, Vec::new()),
+        )
     }
 
     pub fn signal(&self, signal: i32) -> Result<(), ClientError> {

@@ -277,12 +277,16 @@ impl ExecRequest {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     /// The process is running with this guest pid.
-    Started { pid: i32 },
+    Started {
+        pid: i32,
+    },
     Pong,
     /// The shutdown is under way; the VM will stop shortly.
     ShuttingDown,
     /// The request failed; nothing is running.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// How a process ended.

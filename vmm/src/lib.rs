@@ -17,6 +17,8 @@ mod vm;
 
 pub use error::{Error, Result, PVM_HINT};
 pub use exit::VmExit;
-pub use guest_agent::{AgentClient, ExecEvent, ExecHandle, ExecInput, ExecRequest, ExitStatus, Output};
+pub use guest_agent::{
+    AgentClient, ExecEvent, ExecHandle, ExecInput, ExecRequest, ExitStatus, Output,
+};
 pub use host::KvmFlavor;
 pub use vm::{DiskConfig, Vm, VmBuilder, VmConfig, GUEST_CID};

@@ -3,7 +3,7 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::{Error, Result};
 use crate::layout::{FOUR_GIB, MMIO_HOLE_START};
@@ -37,7 +37,8 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
         };
         // SAFETY: the mapping backing this region lives in `mem`, which the
         // VM keeps alive for as long as the VM fd exists.
-        unsafe { vm.set_user_memory_region(region) }.map_err(Error::kvm("registering guest memory"))?;
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(Error::kvm("registering guest memory"))?;
     }
     Ok(())
 }
@@ -60,6 +61,12 @@ mod tests {
         assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
         let r = ram_ranges(4 << 30);
         assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));
-        assert_eq!(r[1], (GuestAddress(FOUR_GIB), ((4u64 << 30) - MMIO_HOLE_START) as usize));
+        assert_eq!(
+            r[1],
+            (
+                GuestAddress(FOUR_GIB),
+                ((4u64 << 30) - MMIO_HOLE_START) as usize
+            )
+        );
     }
 }

@@ -334,14 +334,22 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(Error::kvm("wiring the serial interrupt"))?;
-        let sink = ConsoleSink::new(Some(console_file), config.console_to_stderr, console.clone());
+        let sink = ConsoleSink::new(
+            Some(console_file),
+            config.console_to_stderr,
+            console.clone(),
+        );
         let serial = Serial::new(serial_irq, Box::new(sink));
         pio.insert(COM1_PORT, 8, Arc::new(Mutex::new(serial)))
             .map_err(|e| Error::Device(e.to_string()))?;
 
         let reset = EventFd::new(libc::EFD_NONBLOCK)?;
-        pio.insert(I8042_PORT, 5, Arc::new(Mutex::new(I8042::new(reset.try_clone()?))))
-            .map_err(|e| Error::Device(e.to_string()))?;
+        pio.insert(
+            I8042_PORT,
+            5,
+            Arc::new(Mutex::new(I8042::new(reset.try_clone()?))),
+        )
+        .map_err(|e| Error::Device(e.to_string()))?;
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         subscribers.push(Arc::new(Mutex::new(Control {
             reset,

@@ -82,7 +82,10 @@ impl Block {
             return Err(BlockError::Size(display));
         }
         let mut id = [0u8; ID_LEN];
-        let name = path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b"disk");
+        let name = path
+            .file_name()
+            .map(|n| n.as_encoded_bytes())
+            .unwrap_or(b"disk");
         let n = name.len().min(ID_LEN);
         id[..n].copy_from_slice(&name[..n]);
         Ok(Block {
@@ -122,8 +125,12 @@ impl Block {
             interrupt,
             ..
         } = active;
-        let (file, read_only, capacity, id) =
-            (&self.file, self.read_only, self.capacity_sectors * SECTOR_SIZE, &self.id);
+        let (file, read_only, capacity, id) = (
+            &self.file,
+            self.read_only,
+            self.capacity_sectors * SECTOR_SIZE,
+            &self.id,
+        );
         let result = drain_queue(mem, &mut queues[0], interrupt, |chain| {
             Request::execute(mem, chain, file, read_only, capacity, id)
         });
@@ -224,7 +231,8 @@ fn read_disk(file: &File, sector: u64, capacity: u64, len: usize, writer: &mut i
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len());
-        if file.read_exact_at(&mut buf[..n], offset).is_err() || writer.write_all(&buf[..n]).is_err()
+        if file.read_exact_at(&mut buf[..n], offset).is_err()
+            || writer.write_all(&buf[..n]).is_err()
         {
             return STATUS_IOERR;
         }
@@ -243,7 +251,8 @@ fn write_disk(file: &File, sector: u64, capacity: u64, len: usize, reader: &mut 
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len());
-        if reader.read_exact(&mut buf[..n]).is_err() || file.write_all_at(&buf[..n], offset).is_err()
+        if reader.read_exact(&mut buf[..n]).is_err()
+            || file.write_all_at(&buf[..n], offset).is_err()
         {
             return STATUS_IOERR;
         }

@@ -160,7 +160,10 @@ impl MmioTransport {
 
     fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
         if !self.queue_configurable() {
-            log::warn!("virtio-mmio: queue register written in status {:#x}", self.device_status);
+            log::warn!(
+                "virtio-mmio: queue register written in status {:#x}",
+                self.device_status
+            );
             return;
         }
         if let Some(q) = self.selected_queue() {
@@ -217,8 +220,11 @@ impl MmioTransport {
         };
         // The device gets its own copies of the queues (Queue is not Clone;
         // its state round-trips exactly).
-        let queues: Result<Vec<Queue>, _> =
-            self.queues.iter().map(|q| Queue::try_from(q.state())).collect();
+        let queues: Result<Vec<Queue>, _> = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect();
         let Ok(mut queues) = queues else {
             self.fail();
             return;

@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::{
-    drain_queue, ActivateError, Activation, ActivationSlot, VirtioDevice, ACTIVATE_TOKEN,
-    TYPE_RNG, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, ActivateError, Activation, ActivationSlot, VirtioDevice, ACTIVATE_TOKEN, TYPE_RNG,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 
 const QUEUE_SIZE: u16 = 64;

@@ -69,7 +69,11 @@ impl Driver {
             w(&mut transport, 0x20, offered);
         }
         w(&mut transport, 0x70, DRIVER_INIT_SEQUENCE[2]);
-        assert_eq!(r(&mut transport, 0x70), DRIVER_INIT_SEQUENCE[2], "FEATURES_OK accepted");
+        assert_eq!(
+            r(&mut transport, 0x70),
+            DRIVER_INIT_SEQUENCE[2],
+            "FEATURES_OK accepted"
+        );
 
         let mut queues = Vec::new();
         let mut next = 0x10_0000u64;
@@ -103,7 +107,11 @@ impl Driver {
             em,
         };
         driver.run();
-        assert_eq!(driver.status() & STATUS_NEEDS_RESET, 0, "activation succeeded");
+        assert_eq!(
+            driver.status() & STATUS_NEEDS_RESET,
+            0,
+            "activation succeeded"
+        );
         driver
     }
 

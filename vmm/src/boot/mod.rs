@@ -17,7 +17,9 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
 use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use crate::error::{Error, Result};
 use crate::layout::*;
@@ -79,10 +81,16 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
             })
         }
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
-            let result = BzImage::load(mem, None, &mut open()?, high)
-                .map_err(|e| Error::KernelLoad(format!("{} is neither ELF nor bzImage: {e}", path.display())))?;
+            let result = BzImage::load(mem, None, &mut open()?, high).map_err(|e| {
+                Error::KernelLoad(format!(
+                    "{} is neither ELF nor bzImage: {e}",
+                    path.display()
+                ))
+            })?;
             Ok(LoadedKernel {
-                entry: EntryPoint::Linux64(result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET),
+                entry: EntryPoint::Linux64(
+                    result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
+                ),
                 setup_header: result.setup_header,
             })
         }
@@ -105,7 +113,11 @@ pub fn load_initramfs(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64)> 
         .checked_sub(size)
         .map(|a| a & !0xfff)
         .filter(|&a| a >= HIGH_MEM_START + (16 << 20))
-        .ok_or_else(|| Error::Config(format!("initramfs of {size} bytes does not fit in guest memory")))?;
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "initramfs of {size} bytes does not fit in guest memory"
+            ))
+        })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| Error::Memory(format!("loading the initramfs: {e}")))?;
     Ok((addr, size))
@@ -148,7 +160,11 @@ pub fn write_boot_info(
     }
 }
 
-fn write_pvh_info(mem: &GuestMemoryMmap, map: &[(u64, u64, u32)], initramfs: Option<(u64, u64)>) -> Result<()> {
+fn write_pvh_info(
+    mem: &GuestMemoryMmap,
+    map: &[(u64, u64, u32)],
+    initramfs: Option<(u64, u64)>,
+) -> Result<()> {
     use linux_loader::loader::elf::start_info::hvm_modlist_entry;
     let mut start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -172,7 +188,8 @@ fn write_pvh_info(mem: &GuestMemoryMmap, map: &[(u64, u64, u32)], initramfs: Opt
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO));
     params.set_sections(&entries, GuestAddress(memmap_addr));
     if let Some((addr, size)) = initramfs {
-        let modlist_addr = memmap_addr + (entries.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+        let modlist_addr =
+            memmap_addr + (entries.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
         start_info.nr_modules = 1;
         start_info.modlist_paddr = modlist_addr;
         params = BootParams::new(&start_info, GuestAddress(PVH_INFO));
@@ -233,14 +250,17 @@ fn write_zero_page(
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<()> {
     let err = |e: vm_memory::GuestMemoryError| Error::Memory(format!("writing boot tables: {e}"));
     for (i, entry) in crate::cpu::regs::BOOT_GDT_ENTRIES.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(BOOT_GDT + 8 * i as u64)).map_err(err)?;
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT + 8 * i as u64))
+            .map_err(err)?;
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT)).map_err(err)?;
     // Identity-map the first GiB with 2 MiB pages.
-    mem.write_obj(PDPT | 0x03, GuestAddress(PML4)).map_err(err)?;
+    mem.write_obj(PDPT | 0x03, GuestAddress(PML4))
+        .map_err(err)?;
     mem.write_obj(PD | 0x03, GuestAddress(PDPT)).map_err(err)?;
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(PD + i * 8)).map_err(err)?;
+        mem.write_obj((i << 21) | 0x83, GuestAddress(PD + i * 8))
+            .map_err(err)?;
     }
     Ok(())
 }
@@ -255,7 +275,10 @@ mod tests {
         let map = e820_map(&mem);
         assert_eq!(map[0], (0, MPTABLE, E820_RAM));
         assert_eq!(map[1].2, E820_RESERVED);
-        assert_eq!(map[2], (HIGH_MEM_START, MMIO_HOLE_START - HIGH_MEM_START, E820_RAM));
+        assert_eq!(
+            map[2],
+            (HIGH_MEM_START, MMIO_HOLE_START - HIGH_MEM_START, E820_RAM)
+        );
         assert_eq!(map[3].0, FOUR_GIB);
         let total: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         assert_eq!(total + (HIGH_MEM_START - BASE_MEM_END), 4 << 30);
@@ -267,7 +290,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("junk");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
-        assert!(matches!(load_kernel(&mem, &path), Err(Error::KernelLoad(_))));
+        assert!(matches!(
+            load_kernel(&mem, &path),
+            Err(Error::KernelLoad(_))
+        ));
         assert!(matches!(
             load_kernel(&mem, &dir.path().join("missing")),
             Err(Error::KernelMissing { .. })

@@ -102,7 +102,10 @@ mod tests {
             let (fp, table) = build(cpus).unwrap();
             assert_eq!(fp.iter().fold(0u8, |a, &b| a.wrapping_add(b)), 0);
             assert_eq!(table.iter().fold(0u8, |a, &b| a.wrapping_add(b)), 0);
-            assert_eq!(u16::from_le_bytes([table[4], table[5]]) as usize, table.len());
+            assert_eq!(
+                u16::from_le_bytes([table[4], table[5]]) as usize,
+                table.len()
+            );
             assert!(MPTABLE + table.len() as u64 <= MP_FLOATING_POINTER);
         }
         assert!(build(0).is_err());

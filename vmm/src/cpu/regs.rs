@@ -109,7 +109,8 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: EntryPoint) -> Result<()> {
             ..Default::default()
         },
     };
-    vcpu.set_regs(&regs).map_err(Error::kvm("setting registers"))
+    vcpu.set_regs(&regs)
+        .map_err(Error::kvm("setting registers"))
 }
 
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<()> {
@@ -162,8 +163,8 @@ pub fn setup_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<()> {
             ..Default::default()
         })
         .collect();
-    let msrs = Msrs::from_entries(&entries)
-        .map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
+    let msrs =
+        Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
     let written = vcpu.set_msrs(&msrs).map_err(Error::kvm("setting MSRs"))?;
     if written != entries.len() {
         return Err(Error::KvmCapability(format!(
@@ -190,7 +191,8 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<()> {
             lapic.regs[reg + i] = *b as _;
         }
     }
-    vcpu.set_lapic(&lapic).map_err(Error::kvm("setting the LAPIC"))
+    vcpu.set_lapic(&lapic)
+        .map_err(Error::kvm("setting the LAPIC"))
 }
 
 #[cfg(test)]
@@ -200,7 +202,10 @@ mod tests {
     #[test]
     fn gdt_segments_decode_as_expected() {
         let code64 = segment(1, BOOT_GDT_ENTRIES[1]);
-        assert_eq!((code64.l, code64.db, code64.type_, code64.present), (1, 0, 0xb, 1));
+        assert_eq!(
+            (code64.l, code64.db, code64.type_, code64.present),
+            (1, 0, 0xb, 1)
+        );
         assert_eq!(code64.limit, 0xffff_ffff);
         let code32 = segment(2, BOOT_GDT_ENTRIES[2]);
         assert_eq!((code32.l, code32.db, code32.selector), (0, 1, 0x10));

@@ -37,7 +37,11 @@ fn install_kick_handler() {
     });
 }
 
-pub fn spawn(mut vcpu: VcpuFd, index: u8, ctx: Arc<VcpuContext>) -> std::io::Result<JoinHandle<()>> {
+pub fn spawn(
+    mut vcpu: VcpuFd,
+    index: u8,
+    ctx: Arc<VcpuContext>,
+) -> std::io::Result<JoinHandle<()>> {
     install_kick_handler();
     std::thread::Builder::new()
         .name(format!("vcpu{index}"))
@@ -55,7 +59,8 @@ fn run(vcpu: &mut VcpuFd, index: u8, ctx: &VcpuContext) {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => {
-                ctx.exit.set(VmExit::Error(format!("vCPU {index}: KVM_RUN failed: {e}")));
+                ctx.exit
+                    .set(VmExit::Error(format!("vCPU {index}: KVM_RUN failed: {e}")));
                 return;
             }
         };
@@ -107,7 +112,9 @@ fn run(vcpu: &mut VcpuFd, index: u8, ctx: &VcpuContext) {
             }
             VcpuExit::Intr => {}
             other => {
-                ctx.exit.set(VmExit::Error(format!("vCPU {index}: unexpected exit {other:?}")));
+                ctx.exit.set(VmExit::Error(format!(
+                    "vCPU {index}: unexpected exit {other:?}"
+                )));
                 return;
             }
         }

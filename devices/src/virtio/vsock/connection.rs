@@ -135,7 +135,11 @@ mod tests {
         c.rx_cnt += Wrapping(100); // wraps past zero
         assert_eq!(c.peer_credit(), 900);
         c.rx_cnt += Wrapping(5000);
-        assert_eq!(c.peer_credit(), 0, "overcommitted peer never yields negative credit");
+        assert_eq!(
+            c.peer_credit(),
+            0,
+            "overcommitted peer never yields negative credit"
+        );
     }
 
     #[test]
@@ -146,11 +150,8 @@ mod tests {
         // Fill the socket until it pushes back, then the buffer.
         let chunk = vec![0u8; 64 * 1024];
         let mut total = 0usize;
-        loop {
-            match c.send_to_host(&chunk) {
-                Ok(()) => total += chunk.len(),
-                Err(_) => break,
-            }
+        while c.send_to_host(&chunk).is_ok() {
+            total += chunk.len();
             assert!(total < 64 * 1024 * 1024, "never pushed back");
         }
         assert!(c.tx_buf.len() <= TX_BUF_SIZE as usize);

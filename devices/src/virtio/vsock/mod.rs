@@ -66,13 +66,18 @@ impl Vsock {
             return;
         };
         let muxer = &mut self.muxer;
-        let result = drain_queue(mem, &mut queues[TX_QUEUE as usize], interrupt, |mut chain| {
-            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => muxer.handle_guest_packet(&pkt, ops),
-                Err(e) => log::warn!("vsock: dropping malformed TX packet: {e}"),
-            }
-            0
-        });
+        let result = drain_queue(
+            mem,
+            &mut queues[TX_QUEUE as usize],
+            interrupt,
+            |mut chain| {
+                match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                    Ok(pkt) => muxer.handle_guest_packet(&pkt, ops),
+                    Err(e) => log::warn!("vsock: dropping malformed TX packet: {e}"),
+                }
+                0
+            },
+        );
         if let Err(e) = result {
             log::error!("vsock: TX queue is malformed, stopping the device: {e:?}");
             self.broken = true;

@@ -143,8 +143,9 @@ impl Muxer {
             let Some(conn) = self.conns.get_mut(&key) else {
                 return;
             };
-            if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
-            {
+            if set.intersects(
+                EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
+            ) {
                 conn.readable = true;
             }
             if set.contains(EventSet::OUT) {
@@ -232,7 +233,10 @@ impl Muxer {
     fn allocate_local_port(&mut self) -> u32 {
         loop {
             let port = self.next_local_port;
-            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
             if !self.conns.keys().any(|k| k.local_port == port) {
                 return port;
             }
@@ -244,7 +248,10 @@ impl Muxer {
     }
 
     fn maybe_credit_update(&mut self, key: ConnKey) {
-        if self.conns.get(&key).is_some_and(Connection::credit_update_due)
+        if self
+            .conns
+            .get(&key)
+            .is_some_and(Connection::credit_update_due)
             && !self
                 .control
                 .iter()
@@ -269,7 +276,11 @@ impl Muxer {
     }
 
     /// Handles one packet the guest sent.
-    pub fn handle_guest_packet<B: BitmapSlice>(&mut self, pkt: &VsockPacket<B>, ops: &mut EventOps) {
+    pub fn handle_guest_packet<B: BitmapSlice>(
+        &mut self,
+        pkt: &VsockPacket<B>,
+        ops: &mut EventOps,
+    ) {
         let key = ConnKey {
             local_port: pkt.dst_port(),
             peer_port: pkt.src_port(),
@@ -338,7 +349,12 @@ impl Muxer {
         }
     }
 
-    fn guest_connect<B: BitmapSlice>(&mut self, key: ConnKey, pkt: &VsockPacket<B>, ops: &mut EventOps) {
+    fn guest_connect<B: BitmapSlice>(
+        &mut self,
+        key: ConnKey,
+        pkt: &VsockPacket<B>,
+        ops: &mut EventOps,
+    ) {
         if self.conns.contains_key(&key) {
             self.reset(key, ops);
             return;
@@ -374,7 +390,14 @@ impl Muxer {
             })
     }
 
-    fn write_header<B: BitmapSlice>(&mut self, pkt: &mut VsockPacket<B>, key: ConnKey, op: u16, flags: u32, len: u32) {
+    fn write_header<B: BitmapSlice>(
+        &mut self,
+        pkt: &mut VsockPacket<B>,
+        key: ConnKey,
+        op: u16,
+        flags: u32,
+        len: u32,
+    ) {
         let fwd_cnt = match self.conns.get_mut(&key) {
             Some(conn) => {
                 conn.last_fwd_cnt_sent = conn.fwd_cnt;
@@ -396,7 +419,11 @@ impl Muxer {
 
     /// Fills one RX buffer. Returns false if there was nothing to send
     /// after all (the buffer is then unused).
-    pub fn fill_rx<B: BitmapSlice>(&mut self, pkt: &mut VsockPacket<B>, ops: &mut EventOps) -> bool {
+    pub fn fill_rx<B: BitmapSlice>(
+        &mut self,
+        pkt: &mut VsockPacket<B>,
+        ops: &mut EventOps,
+    ) -> bool {
         if let Some(c) = self.control.pop_front() {
             self.write_header(pkt, c.key, c.op, c.flags, 0);
             return true;
@@ -493,7 +520,11 @@ fn parse_connect(buf: &[u8]) -> Option<(u32, Vec<u8>)> {
 /// Helper for host programs: connects to the device's socket and opens a
 /// stream to `port` in the guest. Waits up to `timeout` for the guest to
 /// accept or refuse.
-pub fn connect_to_guest(path: &Path, port: u32, timeout: std::time::Duration) -> io::Result<UnixStream> {
+pub fn connect_to_guest(
+    path: &Path,
+    port: u32,
+    timeout: std::time::Duration,
+) -> io::Result<UnixStream> {
     let mut stream = UnixStream::connect(path)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
@@ -538,7 +569,10 @@ mod tests {
     #[test]
     fn connect_lines() {
         assert_eq!(parse_connect(b"CONNECT 1024\n"), Some((1024, vec![])));
-        assert_eq!(parse_connect(b"CONNECT 52\nabc"), Some((52, b"abc".to_vec())));
+        assert_eq!(
+            parse_connect(b"CONNECT 52\nabc"),
+            Some((52, b"abc".to_vec()))
+        );
         assert_eq!(parse_connect(b"CONNECT x\n"), None);
         assert_eq!(parse_connect(b"HELLO 1\n"), None);
         assert_eq!(parse_connect(b"CONNECT 1"), None);

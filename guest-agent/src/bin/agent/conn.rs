@@ -6,9 +6,7 @@ use std::fs::File;
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
-use guest_agent::protocol::{
-    Frame, FrameKind, Hello, ProtocolError, Reply, Request, Signal,
-};
+use guest_agent::protocol::{Frame, FrameKind, Hello, ProtocolError, Reply, Request, Signal};
 
 use crate::exec::{self, send, Writer};
 use crate::sys;
@@ -72,7 +70,11 @@ fn handle_request(frame: &Frame, writer: &Writer, streams: &Streams) {
     let reply = |r: Reply| send(writer, &Frame::json(FrameKind::Reply, id, &r));
     let request: Request = match frame.parse() {
         Ok(r) => r,
-        Err(e) => return reply(Reply::Error { message: e.to_string() }),
+        Err(e) => {
+            return reply(Reply::Error {
+                message: e.to_string(),
+            })
+        }
     };
     match request {
         Request::Ping => reply(Reply::Pong),

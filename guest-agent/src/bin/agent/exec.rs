@@ -46,9 +46,9 @@ fn resolve_user(spec: &str) -> Result<User, String> {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let entry = entries.iter().find(|f| {
-        f[0] == user_part || (user_part.parse::<u32>().is_ok() && f[2] == user_part)
-    });
+    let entry = entries
+        .iter()
+        .find(|f| f[0] == user_part || (user_part.parse::<u32>().is_ok() && f[2] == user_part));
     let (uid, mut gid, home, name) = match (entry, user_part.parse::<u32>()) {
         (Some(f), _) => (
             f[2].parse().map_err(|_| format!("bad uid for {}", f[0]))?,
@@ -60,7 +60,9 @@ fn resolve_user(spec: &str) -> Result<User, String> {
         (None, Err(_)) => return Err(format!("no such user: {user_part}")),
     };
     if let Some(g) = group_part {
-        gid = g.parse().map_err(|_| format!("group must be numeric: {g}"))?;
+        gid = g
+            .parse()
+            .map_err(|_| format!("group must be numeric: {g}"))?;
     }
     Ok(User {
         uid,
@@ -92,7 +94,9 @@ pub fn start(
     cmd.args(&req.argv[1..]);
     cmd.env_clear();
     cmd.env("PATH", DEFAULT_PATH);
-    let home = user.as_ref().map_or("/root".to_string(), |u| u.home.clone());
+    let home = user
+        .as_ref()
+        .map_or("/root".to_string(), |u| u.home.clone());
     cmd.env("HOME", &home);
     cmd.env("USER", user.as_ref().map_or("root", |u| u.name.as_str()));
     for (k, v) in &req.env {
@@ -111,6 +115,7 @@ pub fn start(
     }
     // Own process group, so timeout and signals reach the whole tree.
     cmd.process_group(0);
+    sys::unblock_signals_on_exec(&mut cmd);
     cmd.stdin(if req.stdin {
         Stdio::piped()
     } else {
@@ -118,12 +123,11 @@ pub fn start(
     });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
 
-    let (child, exited) = Reaper::global()
-        .spawn(|| {
-            cmd.spawn()
-                .map(|c| (c.id() as i32, c))
-                .map_err(|e| format!("cannot run {program:?} in {cwd:?}: {e}"))
-        })?;
+    let (child, exited) = Reaper::global().spawn(|| {
+        cmd.spawn()
+            .map(|c| (c.id() as i32, c))
+            .map_err(|e| format!("cannot run {program:?} in {cwd:?}: {e}"))
+    })?;
     let pid = child.id() as i32;
     let mut child = child;
     // The reply must precede any output frame of this stream.

@@ -39,7 +39,13 @@ fn mkdir(path: &str) {
     let _ = std::fs::create_dir_all(path);
 }
 
-fn mount_or_warn(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: Option<&str>) {
+fn mount_or_warn(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) {
     mkdir(target);
     if let Err(e) = sys::mount(source, target, Some(fstype), flags, data) {
         if e.raw_os_error() != Some(libc::EBUSY) {
@@ -51,20 +57,50 @@ fn mount_or_warn(source: &str, target: &str, fstype: &str, flags: libc::c_ulong,
 /// Sets the machine up; returns the boot options it found.
 pub fn setup() -> BootOptions {
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
-    mount_or_warn("proc", "/proc", "proc", nosuid_nodev | libc::MS_NOEXEC, None);
+    mount_or_warn(
+        "proc",
+        "/proc",
+        "proc",
+        nosuid_nodev | libc::MS_NOEXEC,
+        None,
+    );
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let opts = BootOptions::parse(&cmdline);
 
     if let Some(root) = &opts.root {
-        mount_or_warn("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, Some("mode=0755"));
+        mount_or_warn(
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            libc::MS_NOSUID,
+            Some("mode=0755"),
+        );
         if let Err(e) = switch_root(root, &opts) {
             eprintln!("capsule-agent: cannot switch to root {root}: {e}; staying in the initramfs");
         }
     }
 
-    mount_or_warn("proc", "/proc", "proc", nosuid_nodev | libc::MS_NOEXEC, None);
-    mount_or_warn("sysfs", "/sys", "sysfs", nosuid_nodev | libc::MS_NOEXEC, None);
-    mount_or_warn("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, Some("mode=0755"));
+    mount_or_warn(
+        "proc",
+        "/proc",
+        "proc",
+        nosuid_nodev | libc::MS_NOEXEC,
+        None,
+    );
+    mount_or_warn(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        nosuid_nodev | libc::MS_NOEXEC,
+        None,
+    );
+    mount_or_warn(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        libc::MS_NOSUID,
+        Some("mode=0755"),
+    );
     mount_or_warn(
         "devpts",
         "/dev/pts",
@@ -72,7 +108,13 @@ pub fn setup() -> BootOptions {
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some("mode=0620,ptmxmode=0666"),
     );
-    mount_or_warn("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, Some("mode=1777"));
+    mount_or_warn(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        nosuid_nodev,
+        Some("mode=1777"),
+    );
     mount_or_warn("tmpfs", "/tmp", "tmpfs", nosuid_nodev, Some("mode=1777"));
     mount_or_warn("tmpfs", "/run", "tmpfs", nosuid_nodev, Some("mode=0755"));
     for (link, target) in [

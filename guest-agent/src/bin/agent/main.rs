@@ -21,8 +21,7 @@ fn main() {
     // inherits the mask and only the signal thread receives them.
     // busybox's reboot/halt/poweroff send SIGTERM/SIGUSR1/SIGUSR2 to PID 1.
     let signals = if pid1 {
-        sys::SignalWaiter::block(&[libc::SIGTERM, libc::SIGUSR1, libc::SIGUSR2, libc::SIGINT])
-            .ok()
+        sys::SignalWaiter::block(&[libc::SIGTERM, libc::SIGUSR1, libc::SIGUSR2, libc::SIGINT]).ok()
     } else {
         None
     };
@@ -33,7 +32,7 @@ fn main() {
     reaper::Reaper::global();
 
     if let Some(signals) = signals {
-        std::thread::spawn(move || loop {
+        std::thread::spawn(move || {
             let why = match signals.wait() {
                 libc::SIGTERM | libc::SIGINT => "reboot requested",
                 _ => "poweroff requested",
@@ -44,7 +43,10 @@ fn main() {
 
     let listener = match vsock::Listener::bind(AGENT_PORT) {
         Ok(l) => l,
-        Err(e) => fatal(pid1, &format!("cannot listen on vsock port {AGENT_PORT}: {e}")),
+        Err(e) => fatal(
+            pid1,
+            &format!("cannot listen on vsock port {AGENT_PORT}: {e}"),
+        ),
     };
     std::thread::spawn(announce_ready);
     loop {

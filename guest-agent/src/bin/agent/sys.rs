@@ -147,3 +147,21 @@ impl SignalWaiter {
         sig
     }
 }
+
+/// Makes `cmd`'s child start with no signals blocked. PID 1 blocks the
+/// init signals in every thread (to receive them with `sigwait`), and a
+/// blocked mask survives exec: without this, user processes could not be
+/// stopped with SIGTERM.
+pub fn unblock_signals_on_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls
+    // sigemptyset and pthread_sigmask, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+}
