@@ -54,7 +54,7 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 bench: artifacts build
-	cargo bench --bench boot
+	scripts/bench.sh
 	scripts/compare-qemu.sh
 
 fmt:

@@ -1,1 +1,62 @@
-fn main() {}
+//! Criterion benchmarks of the two numbers users feel: boot to agent-ready
+//! and the round trip of running `true` in a ready guest.
+//!
+//! Needs hardware KVM and the guest artifacts (`CAPSULE_KERNEL`,
+//! `CAPSULE_INITRAMFS`); `make bench` provides both, inside the nested
+//! test host where the machine's KVM is not hardware-backed.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use vmm::{KvmFlavor, Vm, VmBuilder};
+
+fn builder() -> VmBuilder {
+    let flavor = KvmFlavor::detect();
+    assert!(
+        flavor.is_hardware(),
+        "benchmarks need hardware KVM, this host has {flavor:?}: run them with `make bench`"
+    );
+    let var = |name: &str| {
+        std::env::var_os(name).unwrap_or_else(|| panic!("{name} is not set: run with `make bench`"))
+    };
+    Vm::builder()
+        .kernel(var("CAPSULE_KERNEL"))
+        .initramfs(var("CAPSULE_INITRAMFS"))
+        .memory_mib(256)
+}
+
+fn boot_to_ready(c: &mut Criterion) {
+    c.bench_function("boot_to_ready", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let mut vm = builder().boot().expect("boot");
+                total += vm.wait_ready(Duration::from_secs(120)).expect("ready");
+                vm.kill();
+            }
+            total
+        })
+    });
+}
+
+fn exec_round_trip(c: &mut Criterion) {
+    let mut vm = builder().boot().expect("boot");
+    vm.wait_ready(Duration::from_secs(120)).expect("ready");
+    c.bench_function("exec_true_round_trip", |b| {
+        b.iter(|| {
+            let out = vm.exec(["true"]).expect("exec");
+            assert!(out.status.success());
+        })
+    });
+    vm.kill();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(20));
+    targets = boot_to_ready, exec_round_trip
+}
+criterion_main!(benches);

@@ -52,7 +52,7 @@ kver=$(ls "$kdir/root/lib/modules" | head -n 1)
 vmlinuz="$kdir/root/boot/vmlinuz-$kver"
 
 # 2. The test host's initramfs: busybox, the KVM and 9p modules, our init.
-modules="irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p"
+modules="irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p vsock vmw_vsock_virtio_transport_common vhost_iotlb vhost vhost_vsock"
 initrd_key=$(cat "$here/init.sh" <(echo "$modules") <(busybox | head -n 1) | sha256sum | cut -c1-16)
 initrd="$kdir/initrd-$initrd_key.cpio.gz"
 if [ ! -f "$initrd" ]; then
