@@ -159,7 +159,19 @@ pub fn run(args: RunArgs) -> Result<u8> {
     let mut stdout = std::io::stdout().lock();
     let mut stderr = std::io::stderr();
     let status = loop {
-        match handle.next_event()? {
+        let event = match handle.next_event() {
+            Ok(event) => event,
+            Err(e) => {
+                let exit = vm
+                    .wait(Some(Duration::from_secs(5)))
+                    .map_or("is unresponsive".to_string(), |x| format!("stopped: {x}"));
+                bail!(
+                    "lost the command's stream ({e}); the microVM {exit}. Last console lines:\n{}",
+                    vm.console_tail(20)
+                );
+            }
+        };
+        match event {
             Some(ExecEvent::Stdout(d)) => {
                 stdout.write_all(&d).context("writing to stdout")?;
                 stdout.flush()?;

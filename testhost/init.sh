@@ -13,13 +13,15 @@ fail() { echo "testhost: $*" >&2; poweroff -f; }
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || fail "cannot mount the host's root"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 scratch /scratch || fail "cannot mount the scratch directory"
 [ -c /dev/kvm ] || echo "testhost: /dev/kvm is missing inside the test host" >&2
-mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
 mount --bind /dev /host/dev
 mount -t devpts devpts /host/dev/pts 2>/dev/null
 mount -t tmpfs tmpfs /host/dev/shm 2>/dev/null
+# Writable temporary space lives under /run (TMPDIR points there): /tmp
+# stays the host's, read-only, because the checkout may live under it.
 mount -t tmpfs -o mode=0755 tmpfs /host/run
+mkdir -m 1777 /host/run/tmp
 mount --bind /scratch "/host$scratch" || fail "cannot expose the scratch directory"
 ip link set lo up 2>/dev/null
 # KVM inside logs harmless notices (unhandled MSRs) that would interleave

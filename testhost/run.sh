@@ -6,8 +6,9 @@
 #
 # The host's / is shared read-only over virtio-9p and the command runs
 # chrooted into it, in the current directory, so the same binaries and
-# tools work unchanged. /tmp inside is a fresh tmpfs. $CAPSULE_SCRATCH is a
-# writable directory shared with the host.
+# tools work unchanged. $TMPDIR inside is a fresh tmpfs (under /run; /tmp
+# is the host's, read-only). $CAPSULE_SCRATCH is a writable directory
+# shared with the host.
 #
 # usage: testhost/run.sh [--timeout SECONDS] [--env NAME]... -- command [args...]
 # Exits with the command's status; 124 if the test host timed out.
@@ -85,6 +86,7 @@ trap 'rm -rf "$scratch"' EXIT
     echo "export PATH='$PATH'"
     echo "export HOME='$HOME'"
     echo "export CAPSULE_SCRATCH='$scratch'"
+    echo "export TMPDIR=/run/tmp"
     echo "export CAPSULE_IN_TESTHOST=1"
     for name in "${pass_env[@]}"; do
         if [ -n "${!name+x}" ]; then

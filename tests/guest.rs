@@ -328,6 +328,12 @@ fn entropy_is_available() {
 fn guest_reboot_and_poweroff_end_the_vm() {
     for command in ["reboot", "poweroff", "reboot -f"] {
         let mut vm = boot(builder());
+        // A command still running when the guest goes away.
+        let bystander = vm
+            .agent()
+            .unwrap()
+            .exec(ExecRequest::new(["sleep", "300"]))
+            .unwrap();
         // The command may or may not get to report back before the VM dies.
         let _ = vm
             .agent()
@@ -335,6 +341,8 @@ fn guest_reboot_and_poweroff_end_the_vm() {
             .exec(ExecRequest::new(["sh", "-c", command]));
         let exit = vm.wait(Some(STOP_TIMEOUT));
         assert_eq!(exit, Some(VmExit::GuestReset), "{command}");
+        // Its stream ends with an error instead of hanging.
+        assert!(bystander.output().is_err(), "{command}");
     }
 }
 

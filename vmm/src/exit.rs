@@ -3,6 +3,8 @@
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use vmm_sys_util::eventfd::EventFd;
+
 /// The end of a VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
@@ -30,19 +32,29 @@ impl std::fmt::Display for VmExit {
     }
 }
 
-#[derive(Default)]
 pub struct ExitState {
     exit: Mutex<Option<VmExit>>,
     changed: Condvar,
+    /// Wakes the device event loop, which then stops.
+    wake: EventFd,
 }
 
 impl ExitState {
+    pub fn new(wake: EventFd) -> Self {
+        ExitState {
+            exit: Mutex::new(None),
+            changed: Condvar::new(),
+            wake,
+        }
+    }
+
     /// Records `exit` unless an earlier one is already recorded.
     pub fn set(&self, exit: VmExit) {
         let mut slot = self.exit.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(exit);
             self.changed.notify_all();
+            let _ = self.wake.write(1);
         }
     }
 

@@ -317,7 +317,8 @@ impl Vm {
         let initrd = boot::load_initramfs(&mem, &initramfs)?;
 
         let runtime = RuntimeDir::new(config.runtime_dir.as_deref())?;
-        let exit = Arc::new(ExitState::default());
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let exit = Arc::new(ExitState::new(wake.try_clone()?));
         let console = ConsoleTail::default();
         let console_file = File::create(
             config
@@ -350,7 +351,6 @@ impl Vm {
             Arc::new(Mutex::new(I8042::new(reset.try_clone()?))),
         )
         .map_err(|e| Error::Device(e.to_string()))?;
-        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         subscribers.push(Arc::new(Mutex::new(Control {
             reset,
             wake: wake.try_clone()?,
@@ -389,7 +389,7 @@ impl Vm {
         virtio.push((rng.clone(), rng));
         let vsock_path = runtime.path.join("vsock.sock");
         let vsock = Arc::new(Mutex::new(Vsock::new(GUEST_CID, &vsock_path)?));
-        virtio.push((vsock.clone(), vsock));
+        virtio.push((vsock.clone(), vsock.clone()));
         // The agent announces readiness on this port.
         let ready_listener = UnixListener::bind(format!("{}_{READY_PORT}", vsock_path.display()))?;
         ready_listener.set_nonblocking(true)?;
@@ -435,15 +435,18 @@ impl Vm {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let loop_stop = stop.clone();
+        let loop_exit = exit.clone();
         let event_loop = std::thread::Builder::new()
             .name("devices".into())
             .spawn(move || {
-                while !loop_stop.load(Ordering::Acquire) {
+                while !loop_stop.load(Ordering::Acquire) && loop_exit.get().is_none() {
                     if let Err(e) = event_manager.run() {
-                        log::error!("device event loop: {e:?}");
-                        break;
+                        loop_exit.set(VmExit::Error(format!("device event loop: {e:?}")));
                     }
                 }
+                // The VM is over: host programs talking to the guest must
+                // see the connection close, not wait forever.
+                devices::bus::lock(&vsock).disconnect_host();
             })?;
 
         let mut vm = Vm {

@@ -69,32 +69,28 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
         })
     };
     let high = Some(GuestAddress(HIGH_MEM_START));
-    match Elf::load(mem, None, &mut open()?, high) {
+    let elf_error = match Elf::load(mem, None, &mut open()?, high) {
         Ok(result) => {
             let entry = match result.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => EntryPoint::Pvh(addr.raw_value()),
                 _ => EntryPoint::Linux64(result.kernel_load.raw_value()),
             };
-            Ok(LoadedKernel {
+            return Ok(LoadedKernel {
                 entry,
                 setup_header: None,
-            })
+            });
         }
-        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
-            let result = BzImage::load(mem, None, &mut open()?, high).map_err(|e| {
-                Error::KernelLoad(format!(
-                    "{} is neither ELF nor bzImage: {e}",
-                    path.display()
-                ))
-            })?;
-            Ok(LoadedKernel {
-                entry: EntryPoint::Linux64(
-                    result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
-                ),
-                setup_header: result.setup_header,
-            })
-        }
-        Err(e) => Err(Error::KernelLoad(format!("{}: {e}", path.display()))),
+        Err(e) => e,
+    };
+    match BzImage::load(mem, None, &mut open()?, high) {
+        Ok(result) => Ok(LoadedKernel {
+            entry: EntryPoint::Linux64(result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET),
+            setup_header: result.setup_header,
+        }),
+        Err(bz_error) => Err(Error::KernelLoad(format!(
+            "{} is neither an ELF vmlinux ({elf_error}) nor a bzImage ({bz_error})",
+            path.display()
+        ))),
     }
 }
 

@@ -55,6 +55,12 @@ impl Vsock {
         }
     }
 
+    /// Closes the host side once the VM has stopped (see
+    /// [`Muxer::disconnect_host`]).
+    pub fn disconnect_host(&mut self) {
+        self.muxer.disconnect_host();
+    }
+
     fn process_tx(&mut self, ops: &mut EventOps) {
         let Some(Activation {
             mem,

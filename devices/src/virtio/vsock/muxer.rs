@@ -495,6 +495,17 @@ impl Muxer {
         false
     }
 
+    /// Closes every host socket and stops accepting new ones: the VM is
+    /// gone, so host programs must see end-of-file rather than wait.
+    /// Used once the event loop has stopped, so no epoll bookkeeping.
+    pub fn disconnect_host(&mut self) {
+        self.conns.clear();
+        self.by_fd.clear();
+        self.handshakes.clear();
+        self.control.clear();
+        let _ = std::fs::remove_file(&self.path);
+    }
+
     /// Closes every connection; used on device reset.
     pub fn reset_all(&mut self, ops: &mut EventOps) {
         let keys: Vec<_> = self.conns.keys().copied().collect();

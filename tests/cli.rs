@@ -1,0 +1,122 @@
+//! Host tier: `capsule run` fails with errors a user can act on, before
+//! any guest is involved.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn capsule() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_capsule"))
+}
+
+fn run(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().expect("run capsule");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A file that exists, standing in for a kernel or initramfs the checks
+/// should get past.
+fn some_file(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, b"not a kernel").unwrap();
+    p
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = run(capsule()
+        .args(["run", "--kernel", "/nonexistent/vmlinux", "--", "true"])
+        .env_remove("CAPSULE_KERNEL"));
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+
+    let (code, err) = run(capsule()
+        .args(["run", "--", "true"])
+        .env("CAPSULE_KERNEL", dir.path().join("gone")));
+    assert_eq!(code, 125);
+    assert!(err.contains("CAPSULE_KERNEL"), "{err}");
+}
+
+#[test]
+fn missing_rootfs_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = some_file(&dir, "vmlinux");
+    let initramfs = some_file(&dir, "initramfs.cpio");
+    let (code, err) = run(capsule().args([
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initramfs",
+        initramfs.to_str().unwrap(),
+        "--rootfs",
+        "/nonexistent/root.ext4",
+        "--",
+        "true",
+    ]));
+    assert_eq!(code, 125);
+    assert!(err.contains("/nonexistent/root.ext4"), "{err}");
+}
+
+#[test]
+fn bad_arguments_are_usage_errors() {
+    for args in [
+        &["run", "--memory", "lots", "--", "true"][..],
+        &["run", "--memory", "8M", "--", "true"],
+        &["run", "--env", "NOEQUALS", "--", "true"],
+        &["run"],
+    ] {
+        let (code, err) = run(capsule().args(args));
+        assert_eq!(code, 2, "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_garbage_kernel_is_reported_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = some_file(&dir, "vmlinux");
+    let initramfs = some_file(&dir, "initramfs.cpio");
+    let (code, err) = run(capsule().args([
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initramfs",
+        initramfs.to_str().unwrap(),
+        "--",
+        "true",
+    ]));
+    assert_eq!(code, 125);
+    // Either KVM is missing here, or the kernel is refused: both say so.
+    assert!(
+        err.contains("neither an ELF vmlinux") || err.contains("/dev/kvm"),
+        "{err}"
+    );
+}
+
+/// Without /dev/kvm (hidden in a private mount namespace) the error says
+/// there is no KVM and what to do.
+#[test]
+fn no_kvm_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = some_file(&dir, "vmlinux");
+    let initramfs = some_file(&dir, "initramfs.cpio");
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} run --kernel {} --initramfs {} -- true",
+        env!("CARGO_BIN_EXE_capsule"),
+        kernel.display(),
+        initramfs.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .expect("unshare (util-linux) runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("Operation not permitted"),
+        "this test needs root to make a mount namespace: {err}"
+    );
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("/dev/kvm does not exist"), "{err}");
+}
