@@ -10,6 +10,7 @@ AGENT     := target/$(TARGET)/agent/capsule-agent
 export CAPSULE_KERNEL    := $(abspath $(ARTIFACTS)/vmlinux)
 export CAPSULE_INITRAMFS := $(abspath $(ARTIFACTS)/initramfs.cpio)
 export CAPSULE_ROOTFS    := $(abspath $(ARTIFACTS)/rootfs.ext4)
+export CAPSULE_BZIMAGE   := $(abspath $(ARTIFACTS)/bzImage)
 
 .PHONY: deps kernel agent artifacts build demo test test-host test-guest lint bench fmt clean
 

@@ -17,7 +17,7 @@ set +e
 if [ "$mode" = direct ]; then
     "$bin" --test-threads=1 2>&1 | tee "$log"
 else
-    testhost/run.sh --timeout 2400 --env CAPSULE_KERNEL --env CAPSULE_INITRAMFS --env CAPSULE_ROOTFS \
+    testhost/run.sh --timeout 2400 --env CAPSULE_KERNEL --env CAPSULE_INITRAMFS --env CAPSULE_ROOTFS --env CAPSULE_BZIMAGE \
         -- "$bin" --test-threads=1 2>&1 | tee "$log"
 fi
 rc=${PIPESTATUS[0]}

@@ -93,6 +93,16 @@ fn boots_with_one_and_two_vcpus() {
     }
 }
 
+/// The same kernel as a bzImage boots through the 64-bit Linux boot
+/// protocol instead of PVH.
+#[test]
+fn boots_a_bzimage_through_the_64_bit_protocol() {
+    let mut vm = boot(builder().kernel(artifact("CAPSULE_BZIMAGE")).cpus(2));
+    assert_eq!(sh_ok(&mut vm, "nproc").trim(), "2");
+    assert!(sh_ok(&mut vm, "uname -r").contains("capsule"));
+    stop(vm);
+}
+
 #[test]
 fn exit_codes_and_signals() {
     let mut vm = boot(builder());
