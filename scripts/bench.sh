@@ -4,12 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=$(scripts/kvm-mode.sh)
-bin=$(cargo bench --bench boot --no-run --message-format=json \
-    | python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "boot":
-        print(m["executable"])')
+bin=$(scripts/cargo-exe.sh boot bench --bench boot)
 [ -n "$bin" ] || { echo "bench: could not build the benchmark" >&2; exit 1; }
 if [ "$mode" = direct ]; then
     exec "$bin" --bench

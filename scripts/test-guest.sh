@@ -4,12 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=$(scripts/kvm-mode.sh)
-bin=$(cargo test --release --test guest --no-run --message-format=json \
-    | python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "guest":
-        print(m["executable"])')
+bin=$(scripts/cargo-exe.sh guest test --release --test guest)
 [ -n "$bin" ] || { echo "test-guest: could not build the guest test binary" >&2; exit 1; }
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

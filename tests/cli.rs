@@ -24,6 +24,23 @@ fn some_file(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     p
 }
 
+/// `capsule run` with a stand-in kernel and initramfs plus `extra`
+/// arguments, running `true`.
+fn run_with_stand_ins(extra: &[&str]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = some_file(&dir, "vmlinux");
+    let initramfs = some_file(&dir, "initramfs.cpio");
+    let mut cmd = capsule();
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initramfs")
+        .arg(&initramfs)
+        .args(extra)
+        .args(["--", "true"]);
+    run(&mut cmd)
+}
+
 #[test]
 fn missing_kernel_is_named() {
     let dir = tempfile::tempdir().unwrap();
@@ -42,20 +59,7 @@ fn missing_kernel_is_named() {
 
 #[test]
 fn missing_rootfs_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let kernel = some_file(&dir, "vmlinux");
-    let initramfs = some_file(&dir, "initramfs.cpio");
-    let (code, err) = run(capsule().args([
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initramfs",
-        initramfs.to_str().unwrap(),
-        "--rootfs",
-        "/nonexistent/root.ext4",
-        "--",
-        "true",
-    ]));
+    let (code, err) = run_with_stand_ins(&["--rootfs", "/nonexistent/root.ext4"]);
     assert_eq!(code, 125);
     assert!(err.contains("/nonexistent/root.ext4"), "{err}");
 }
@@ -75,18 +79,7 @@ fn bad_arguments_are_usage_errors() {
 
 #[test]
 fn a_garbage_kernel_is_reported_not_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let kernel = some_file(&dir, "vmlinux");
-    let initramfs = some_file(&dir, "initramfs.cpio");
-    let (code, err) = run(capsule().args([
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initramfs",
-        initramfs.to_str().unwrap(),
-        "--",
-        "true",
-    ]));
+    let (code, err) = run_with_stand_ins(&[]);
     assert_eq!(code, 125);
     // Either KVM is missing here, or the kernel is refused: both say so.
     assert!(

@@ -14,6 +14,9 @@ use vmm::{ExecEvent, ExecRequest, KvmFlavor, Vm, VmBuilder, VmExit};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest any one test may take (20 boots inside the nested test host
+/// take about two minutes).
+const TEST_LIMIT: Duration = Duration::from_secs(600);
 
 fn artifact(var: &str) -> PathBuf {
     let path = std::env::var_os(var).unwrap_or_else(|| {
@@ -22,6 +25,32 @@ fn artifact(var: &str) -> PathBuf {
     let path = PathBuf::from(path);
     assert!(path.is_file(), "{var}={} does not exist", path.display());
     path
+}
+
+/// Fails the whole run if a test hangs: a guest that stops answering must
+/// not stall the suite until CI's time limit. Disarmed when dropped.
+struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
+
+impl Watchdog {
+    fn arm(limit: Duration) -> Watchdog {
+        let name = std::thread::current().name().unwrap_or("?").to_string();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                eprintln!("guest test {name} still running after {limit:?}: aborting the run");
+                std::process::exit(3);
+            }
+        });
+        Watchdog(Some(tx))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 fn builder() -> VmBuilder {
@@ -81,6 +110,7 @@ fn stop(mut vm: Vm) {
 
 #[test]
 fn boots_with_one_and_two_vcpus() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     for cpus in [1u8, 2] {
         let mut vm = boot(builder().cpus(cpus));
         let online = sh_ok(&mut vm, "grep -c ^processor /proc/cpuinfo");
@@ -97,6 +127,7 @@ fn boots_with_one_and_two_vcpus() {
 /// protocol instead of PVH.
 #[test]
 fn boots_a_bzimage_through_the_64_bit_protocol() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     let mut vm = boot(builder().kernel(artifact("CAPSULE_BZIMAGE")).cpus(2));
     assert_eq!(sh_ok(&mut vm, "nproc").trim(), "2");
     assert!(sh_ok(&mut vm, "uname -r").contains("capsule"));
@@ -105,6 +136,7 @@ fn boots_a_bzimage_through_the_64_bit_protocol() {
 
 #[test]
 fn exit_codes_and_signals() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     let mut vm = boot(builder());
     let out = sh(&mut vm, "exit 7");
     assert_eq!((out.status.code, out.status.signal), (Some(7), None));
@@ -125,6 +157,7 @@ fn exit_codes_and_signals() {
 /// arrive complete, separate and each in order.
 #[test]
 fn stdout_and_stderr_are_separate_and_ordered_at_10mb() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     let mut vm = boot(builder().cpus(2));
     const SIZE: usize = 10 * 1024 * 1024;
     let script = format!(
@@ -169,6 +202,7 @@ fn stdout_and_stderr_are_separate_and_ordered_at_10mb() {
 
 #[test]
 fn stdin_is_piped_to_the_command() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     let mut vm = boot(builder());
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
     let mut req = ExecRequest::new(["cat"]);
@@ -194,6 +228,7 @@ fn stdin_is_piped_to_the_command() {
 
 #[test]
 fn env_cwd_and_user() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     let mut vm = boot(builder());
     let mut req = ExecRequest::new(["sh", "-c", "echo $GREETING; pwd; id -u; id -g; echo $HOME"]);
     req.env = vec![("GREETING".into(), "hello world".into())];
@@ -224,6 +259,7 @@ fn env_cwd_and_user() {
 
 #[test]
 fn timeout_and_kill() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     let mut vm = boot(builder());
     let mut req = ExecRequest::new(["sh", "-c", "sleep 30 & sleep 30; echo never"]);
     req.timeout_ms = Some(500);
@@ -261,6 +297,7 @@ fn scratch_file(name: &str, size: u64) -> (tempfile::TempDir, PathBuf) {
 
 #[test]
 fn block_device_reads_and_writes_reach_the_host() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     let (_dir, disk) = scratch_file("data.img", 8 << 20);
     {
         let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
@@ -298,6 +335,7 @@ fn block_device_reads_and_writes_reach_the_host() {
 
 #[test]
 fn boots_from_an_ext4_root_filesystem() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     let dir = tempfile::tempdir().unwrap();
     let rootfs = dir.path().join("root.ext4");
     std::fs::copy(artifact("CAPSULE_ROOTFS"), &rootfs).unwrap();
@@ -317,6 +355,7 @@ fn boots_from_an_ext4_root_filesystem() {
 
 #[test]
 fn entropy_is_available() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     let mut vm = boot(builder());
     let rng = sh_ok(&mut vm, "cat /sys/class/misc/hw_random/rng_current");
     assert!(rng.starts_with("virtio_rng"), "{rng}");
@@ -336,6 +375,7 @@ fn entropy_is_available() {
 
 #[test]
 fn guest_reboot_and_poweroff_end_the_vm() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     for command in ["reboot", "poweroff", "reboot -f"] {
         let mut vm = boot(builder());
         // A command still running when the guest goes away.
@@ -373,6 +413,7 @@ fn runtime_dirs() -> usize {
 
 #[test]
 fn twenty_sequential_boots_leak_nothing() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
     // Warm up once so lazily created process-wide state (signal handler,
     // thread-locals) is not counted as a leak.
     stop(boot(builder()));

@@ -129,7 +129,10 @@ impl AgentClient {
                 id,
                 pid,
                 rx,
-                writer: self.writer.clone(),
+                input: ExecInput {
+                    id,
+                    writer: self.writer.clone(),
+                },
                 routes: self.routes.clone(),
                 finished: false,
             }),
@@ -205,7 +208,7 @@ pub struct ExecHandle {
     id: u32,
     pid: i32,
     rx: Receiver<Frame>,
-    writer: Arc<Mutex<UnixStream>>,
+    input: ExecInput,
     routes: Routes,
     finished: bool,
 }
@@ -219,38 +222,23 @@ impl ExecHandle {
     /// Sends bytes to the process's stdin (the request must have asked for
     /// stdin). Large writes are split into frames.
     pub fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
-        for chunk in data.chunks(MAX_PAYLOAD) {
-            send(
-                &self.writer,
-                &Frame::new(FrameKind::Stdin, self.id, chunk.to_vec()),
-            )?;
-        }
-        Ok(())
+        self.input.write_stdin(data)
     }
 
     /// Closes the process's stdin.
     pub fn close_stdin(&self) -> Result<(), ClientError> {
-        send(
-            &self.writer,
-            &Frame::new(FrameKind::Stdin, self.id, Vec::new()),
-        )
+        self.input.close_stdin()
     }
 
     /// Sends a signal to the process group.
     pub fn signal(&self, signal: i32) -> Result<(), ClientError> {
-        send(
-            &self.writer,
-            &Frame::json(FrameKind::Signal, self.id, &Signal { signal }),
-        )
+        self.input.signal(signal)
     }
 
     /// A cloneable handle for writing stdin and sending signals from
     /// another thread while this one reads output.
     pub fn input(&self) -> ExecInput {
-        ExecInput {
-            id: self.id,
-            writer: self.writer.clone(),
-        }
+        self.input.clone()
     }
 
     /// The next event, or `None` once the exit status has been delivered.

@@ -1,1 +1,13 @@
+//! Capsule's snapshot format (coming with snapshots and forks): a
+//! versioned, checksummed container for vCPU, VM and device state plus
+//! full and diff guest-memory files, and the restore backends (private
+//! file mapping, userfaultfd).
+//!
+//! Until then this crate only fixes the identity every snapshot file will
+//! start with, so that tools can recognise one.
 
+/// First bytes of every Capsule snapshot state file.
+pub const MAGIC: [u8; 8] = *b"CAPSNAP\0";
+
+/// Format version written by this build.
+pub const FORMAT_VERSION: u32 = 1;

@@ -626,7 +626,9 @@ impl Vm {
     /// Asks the agent to power off cleanly (flushing disks), waits up to
     /// `timeout`, then stops the VM regardless.
     pub fn shutdown(&mut self, timeout: Duration) -> Result<VmExit> {
-        if self.exit.get().is_none() {
+        // Only a guest whose agent announced itself can be asked; asking
+        // one that never did would just wait for the connect timeout.
+        if self.exit.get().is_none() && self.ready_after.is_some() {
             let asked = self.agent().and_then(|a| Ok(a.shutdown(false)?));
             if let Err(e) = asked {
                 log::warn!("clean shutdown request failed: {e}");
