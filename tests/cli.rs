@@ -113,3 +113,35 @@ fn no_kvm_is_explained() {
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains("/dev/kvm does not exist"), "{err}");
 }
+
+/// On this machine's own KVM: a PVM host (software virtualization) cannot
+/// run the ordinary guest kernel, and `capsule run` must say so and stop,
+/// never hang; on hardware KVM the same command simply works.
+#[test]
+fn this_hosts_kvm_runs_the_guest_or_explains_why_not() {
+    let kernel = std::env::var("CAPSULE_KERNEL")
+        .expect("CAPSULE_KERNEL is not set: run the host tier with `make test`");
+    let initramfs = std::env::var("CAPSULE_INITRAMFS")
+        .expect("CAPSULE_INITRAMFS is not set: run the host tier with `make test`");
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let (code, err) = run(capsule().args([
+        "run",
+        "--kernel",
+        &kernel,
+        "--initramfs",
+        &initramfs,
+        "--boot-timeout",
+        "120",
+        "--",
+        "true",
+    ]));
+    if pvm {
+        assert_eq!(code, 125, "{err}");
+        assert!(err.contains("PVM"), "{err}");
+        assert!(err.contains("PVM-enabled guest kernel"), "{err}");
+    } else if std::path::Path::new("/dev/kvm").exists() {
+        assert_eq!(code, 0, "{err}");
+    } else {
+        assert!(err.contains("/dev/kvm does not exist"), "{err}");
+    }
+}
