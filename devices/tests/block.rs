@@ -295,3 +295,33 @@ fn event_idx_is_honoured() {
         "interrupt suppressed as the driver asked"
     );
 }
+
+#[test]
+fn an_avail_index_running_ahead_of_the_ring_stops_the_device() {
+    let (_dir, _path, mut d) = setup(false);
+    // Nothing valid was ever submitted: the very first kick already lies.
+    d.set_avail_idx(0, 1000);
+    d.kick(0);
+    assert_ne!(d.status() & STATUS_NEEDS_RESET, 0);
+    d.kick(0);
+}
+
+#[test]
+fn driver_ok_without_features_ok_is_refused() {
+    use devices::virtio::mmio::MmioTransport;
+    use devices::BusDevice;
+    let (_dir, path) = disk();
+    let mem =
+        vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+    let device = std::sync::Arc::new(std::sync::Mutex::new(Block::open(&path, false).unwrap()));
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(device, mem, irq).unwrap();
+    t.write(0x70, &1u32.to_le_bytes());
+    t.write(0x70, &3u32.to_le_bytes());
+    t.write(0x70, &7u32.to_le_bytes()); // DRIVER_OK, skipping FEATURES_OK
+    let mut b = [0u8; 4];
+    t.read(0x70, &mut b);
+    let status = u32::from_le_bytes(b);
+    assert_eq!(status & 4, 0, "not running");
+    assert_ne!(status & STATUS_NEEDS_RESET, 0);
+}

@@ -365,3 +365,55 @@ fn malformed_connect_lines_are_dropped() {
     assert!(buf.is_empty());
     assert!(g.recv().is_empty(), "no request reached the guest");
 }
+
+/// A host listener that never accepts fills its backlog; further guest
+/// connections are refused at once instead of blocking the device's
+/// event loop (which would stall every device of the VM).
+#[test]
+fn a_full_host_backlog_refuses_instead_of_blocking() {
+    use std::os::fd::AsRawFd;
+    let mut g = Guest::new(false);
+    let listener = UnixListener::bind(format!("{}_7000", g.path.display())).unwrap();
+    // SAFETY: re-listening on a socket we own, only to shrink its backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 1) }, 0);
+    let (mut responses, mut resets) = (0, 0);
+    for i in 0..20u32 {
+        g.send(&Pkt::from_guest(50000 + i, 7000, OP_REQUEST, &[]));
+        for p in g.recv() {
+            match p.op {
+                OP_RESPONSE => responses += 1,
+                OP_RST => resets += 1,
+                other => panic!("unexpected op {other}"),
+            }
+        }
+    }
+    assert!(responses > 0, "the backlog took some connections");
+    assert!(resets >= 15, "the rest were refused ({resets})");
+    assert_eq!(responses + resets, 20);
+}
+
+/// However many connections the guest opens, the host keeps at most a
+/// bounded number of descriptors for them.
+#[test]
+fn guest_connections_are_capped() {
+    let mut g = Guest::new(false);
+    let listener = UnixListener::bind(format!("{}_7001", g.path.display())).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut accepted = Vec::new();
+    let (mut responses, mut resets) = (0, 0);
+    for i in 0..1100u32 {
+        g.send(&Pkt::from_guest(10000 + i, 7001, OP_REQUEST, &[]));
+        for p in g.recv() {
+            match p.op {
+                OP_RESPONSE => responses += 1,
+                OP_RST => resets += 1,
+                other => panic!("unexpected op {other}"),
+            }
+        }
+        while let Ok((s, _)) = listener.accept() {
+            accepted.push(s);
+        }
+    }
+    assert_eq!(responses, 1024, "the cap");
+    assert_eq!(resets, 1100 - 1024);
+}

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -34,7 +34,12 @@ pub enum ClientError {
     UnexpectedReply(Reply),
 }
 
-type Routes = Arc<Mutex<HashMap<u32, Sender<Frame>>>>;
+type Routes = Arc<Mutex<HashMap<u32, SyncSender<Frame>>>>;
+
+/// Frames buffered per stream before the reader stops reading the socket:
+/// a consumer that falls behind pushes back on the guest (through vsock
+/// credit) instead of growing host memory without bound.
+const STREAM_BACKLOG: usize = 256;
 
 /// A connection to a guest agent.
 pub struct AgentClient {
@@ -86,7 +91,7 @@ impl AgentClient {
 
     fn open_stream(&self, request: &Request) -> Result<(u32, Receiver<Frame>), ClientError> {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(STREAM_BACKLOG);
         lock(&self.routes).insert(id, tx);
         send(&self.writer, &Frame::json(FrameKind::Request, id, request))?;
         Ok((id, rx))
@@ -179,7 +184,10 @@ fn route_frames(mut reader: UnixStream, routes: Routes) {
     // Streams are unregistered by their handles; a frame for an unknown or
     // dropped stream just means nobody is listening.
     while let Ok(Some(frame)) = Frame::read_from(&mut reader) {
-        if let Some(tx) = lock(&routes).get(&frame.stream) {
+        // Clone the sender so a full stream blocks only this thread, not
+        // the handles that need the table to unregister themselves.
+        let tx = lock(&routes).get(&frame.stream).cloned();
+        if let Some(tx) = tx {
             let _ = tx.send(frame);
         }
     }

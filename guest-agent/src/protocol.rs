@@ -306,7 +306,7 @@ impl ExitStatus {
     pub fn shell_code(&self) -> i32 {
         match (self.code, self.signal) {
             (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
+            (None, Some(s)) => s.saturating_add(128),
             (None, None) => 255,
         }
     }

@@ -269,7 +269,9 @@ pub struct Vm {
     exit: Arc<ExitState>,
     console: ConsoleTail,
     vsock_path: PathBuf,
-    ready_listener: UnixListener,
+    /// Open until the agent announced itself, then closed so the guest
+    /// cannot pile connections onto a socket nobody accepts from.
+    ready_listener: Option<UnixListener>,
     started: Instant,
     ready_after: Option<Duration>,
     agent: Option<AgentClient>,
@@ -462,7 +464,7 @@ impl Vm {
             exit,
             console,
             vsock_path,
-            ready_listener,
+            ready_listener: Some(ready_listener),
             started,
             ready_after: None,
             agent: None,
@@ -556,9 +558,22 @@ impl Vm {
         if let Some(d) = self.ready_after {
             return Ok(d);
         }
+        let after = self.accept_ready(timeout)?;
+        self.ready_after = Some(after);
+        self.ready_listener = None;
+        let _ = std::fs::remove_file(format!("{}_{READY_PORT}", self.vsock_path.display()));
+        Ok(after)
+    }
+
+    fn accept_ready(&self, timeout: Duration) -> Result<Duration> {
         let deadline = Instant::now() + timeout;
+        let Some(listener) = self.ready_listener.as_ref() else {
+            return Err(Error::Config(
+                "the ready signal was already consumed".into(),
+            ));
+        };
         loop {
-            match self.ready_listener.accept() {
+            match listener.accept() {
                 Ok((mut conn, _)) => {
                     conn.set_nonblocking(false)?;
                     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -566,9 +581,7 @@ impl Vm {
                         Ok(Some(f)) if f.kind == FrameKind::Hello => {
                             let hello: Hello = f.parse().map_err(guest_agent::ClientError::from)?;
                             hello.check().map_err(guest_agent::ClientError::from)?;
-                            let after = self.started.elapsed();
-                            self.ready_after = Some(after);
-                            return Ok(after);
+                            return Ok(self.started.elapsed());
                         }
                         other => log::warn!("unexpected ready message: {other:?}"),
                     }

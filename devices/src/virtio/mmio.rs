@@ -192,6 +192,12 @@ impl MmioTransport {
             self.device_status = status & !STATUS_FEATURES_OK;
             return;
         }
+        if added & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK == 0 {
+            // Queues can only have been set up after FEATURES_OK.
+            log::warn!("virtio-mmio: DRIVER_OK without FEATURES_OK");
+            self.fail();
+            return;
+        }
         self.device_status = status;
         if added & STATUS_DRIVER_OK != 0 && !self.activated {
             self.activate();

@@ -217,10 +217,12 @@ impl ActivationSlot {
     }
 }
 
-/// Pops every available chain of `queue`, hands it to `handle` (which
+/// Takes every available chain of `queue`, hands it to `handle` (which
 /// returns the number of bytes written into the chain), and puts it on the
 /// used ring; raises the interrupt if the driver wants one. Notifications
 /// are re-enabled only once the ring is empty, the standard race-free loop.
+/// A corrupt ring (an avail index running ahead of the ring size, a queue
+/// that was never made ready) is an error, never an endless loop.
 pub(crate) fn drain_queue<F>(
     mem: &GuestMemory,
     queue: &mut Queue,
@@ -230,11 +232,30 @@ pub(crate) fn drain_queue<F>(
 where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
 {
-    use virtio_queue::QueueT;
+    use virtio_queue::{QueueOwnedT, QueueT};
+    if !queue.ready() {
+        return Err(virtio_queue::Error::QueueNotReady);
+    }
     let mut used = 0;
+    let mut empty_rounds = 0;
     loop {
         queue.disable_notification(mem)?;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        // Collecting first lets `add_used` borrow the queue; `iter` checks
+        // the avail index against the ring size.
+        let chains: Vec<_> = queue.iter(mem)?.collect();
+        if chains.is_empty() {
+            // The ring keeps claiming work that cannot be read (an avail
+            // ring outside memory): give up instead of spinning. A few
+            // empty rounds are normal when the driver adds buffers while
+            // notifications are being re-enabled.
+            empty_rounds += 1;
+            if empty_rounds > 16 {
+                return Err(virtio_queue::Error::InvalidAvailRingIndex);
+            }
+        } else {
+            empty_rounds = 0;
+        }
+        for chain in chains {
             let head = chain.head_index();
             let len = handle(chain);
             queue.add_used(mem, head, len)?;

@@ -123,7 +123,7 @@ impl Driver {
 
     /// Runs the device's event loop until nothing is pending.
     pub fn run(&mut self) {
-        while self.em.run_with_timeout(20).unwrap() > 0 {}
+        while self.em.run_with_timeout(1).unwrap() > 0 {}
     }
 
     pub fn write_desc(&self, q: usize, index: u16, addr: u64, len: u32, flags: u16, next: u16) {

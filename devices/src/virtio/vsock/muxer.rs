@@ -43,6 +43,12 @@ pub const FD_TOKEN_BASE: u32 = 1 << 16;
 
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_HANDSHAKE: usize = 32;
+/// Open connections (and pending host handshakes) allowed at once; beyond
+/// that new ones are refused, so a guest cannot exhaust host descriptors.
+const MAX_CONNECTIONS: usize = 1024;
+/// Data-less packets waiting for RX buffers. A guest that floods the TX
+/// queue without posting RX buffers loses the surplus, not host memory.
+const MAX_CONTROL: usize = 4096;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -143,9 +149,14 @@ impl Muxer {
             let Some(conn) = self.conns.get_mut(&key) else {
                 return;
             };
-            if set.intersects(
-                EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
-            ) {
+            let hung_up =
+                set.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR);
+            if hung_up && conn.state == State::HostConnecting {
+                // The host gave up before the guest answered.
+                self.reset(key, ops);
+                return;
+            }
+            if hung_up || set.contains(EventSet::IN) {
                 conn.readable = true;
             }
             if set.contains(EventSet::OUT) {
@@ -162,6 +173,10 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+                        log::warn!("vsock: too many connections; refusing a host connection");
+                        continue;
+                    }
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
@@ -244,6 +259,10 @@ impl Muxer {
     }
 
     fn push_control(&mut self, key: ConnKey, op: u16, flags: u32) {
+        if self.control.len() >= MAX_CONTROL {
+            log::warn!("vsock: guest is not taking packets; dropping a control packet");
+            return;
+        }
         self.control.push_back(Control { key, op, flags });
     }
 
@@ -252,10 +271,17 @@ impl Muxer {
             .conns
             .get(&key)
             .is_some_and(Connection::credit_update_due)
-            && !self
-                .control
-                .iter()
-                .any(|c| c.key == key && c.op == OP_CREDIT_UPDATE)
+        {
+            self.queue_credit_update(key);
+        }
+    }
+
+    /// Queues a credit update unless one is already waiting.
+    fn queue_credit_update(&mut self, key: ConnKey) {
+        if !self
+            .control
+            .iter()
+            .any(|c| c.key == key && c.op == OP_CREDIT_UPDATE)
         {
             self.push_control(key, OP_CREDIT_UPDATE, 0);
         }
@@ -330,7 +356,7 @@ impl Muxer {
                 }
             }
             (OP_CREDIT_UPDATE, _) => {}
-            (OP_CREDIT_REQUEST, _) => self.push_control(key, OP_CREDIT_UPDATE, 0),
+            (OP_CREDIT_REQUEST, _) => self.queue_credit_update(key),
             (OP_SHUTDOWN, _) => {
                 let flags = pkt.flags();
                 if flags & SHUTDOWN_SEND != 0 {
@@ -359,8 +385,13 @@ impl Muxer {
             self.reset(key, ops);
             return;
         }
+        if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+            log::warn!("vsock: too many connections; refusing a guest connection");
+            self.push_control(key, OP_RST, 0);
+            return;
+        }
         let target = format!("{}_{}", self.path.display(), key.local_port);
-        let stream = match UnixStream::connect(&target) {
+        let stream = match connect_nonblocking(&target) {
             Ok(s) => s,
             Err(e) => {
                 log::debug!("vsock: guest connect to port {}: {e}", key.local_port);
@@ -368,10 +399,6 @@ impl Muxer {
                 return;
             }
         };
-        if stream.set_nonblocking(true).is_err() {
-            self.push_control(key, OP_RST, 0);
-            return;
-        }
         watch(ops, &stream);
         let mut conn = Connection::new(stream, State::Established);
         conn.update_peer_credit(pkt.buf_alloc(), pkt.fwd_cnt());
@@ -517,6 +544,52 @@ impl Muxer {
         }
         self.control.clear();
     }
+}
+
+/// Connects to a host Unix socket without blocking: for Unix sockets a
+/// non-blocking connect either completes at once or fails with EAGAIN
+/// (the listener's backlog is full), so a slow host listener is refused
+/// instead of stalling every device on the event loop.
+fn connect_nonblocking(path: &str) -> io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: sockaddr_un is plain data, for which all-zero is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let bytes = path.as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor owned by nothing else.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: `addr` is a valid sockaddr_un and the length matches it.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// Parses `CONNECT <port>\n`, returning the port and any bytes after the
