@@ -108,7 +108,7 @@ timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 \
     -kernel "$vmlinuz" -initrd "$initrd" -append "$append" \
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
     -virtfs "local,path=$scratch,mount_tag=scratch,security_model=none,multidevs=remap" \
-    < /dev/null | sed -u -e 's/\r//g; s/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g' -e '/^SeaBIOS (version/d; /^Booting from ROM/d; /^$/d'
+    < /dev/null | sed -u -e 's/\r//g; s/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g; s/\x1b(B//g; s/\x0f//g' -e '/^SeaBIOS (version/d; /^Booting from ROM/d; /^$/d'
 qemu_rc=${PIPESTATUS[0]}
 set -e
 if [ "$qemu_rc" = 124 ]; then

@@ -211,7 +211,7 @@ impl Request {
         if status_writer.write_all(&[status]).is_err() {
             return 0;
         }
-        (writer.bytes_written() + 1) as u32
+        u32::try_from(writer.bytes_written() + 1).unwrap_or(u32::MAX)
     }
 }
 
