@@ -33,7 +33,7 @@ passed=0; failed=0; retried=()
 for t in $tests; do
     for attempt in 1 2; do
         set +e
-        out=$(testhost/run.sh --timeout 600 \
+        out=$(testhost/run.sh --timeout 300 \
             --env CAPSULE_KERNEL --env CAPSULE_INITRAMFS --env CAPSULE_ROOTFS --env CAPSULE_BZIMAGE \
             -- "$bin" --exact "$t" --test-threads=1 --color never 2>&1)
         rc=$?

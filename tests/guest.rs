@@ -16,7 +16,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest any one test may take (20 boots inside the nested test host
 /// take about two minutes).
-const TEST_LIMIT: Duration = Duration::from_secs(600);
+const TEST_LIMIT: Duration = Duration::from_secs(280);
 
 fn artifact(var: &str) -> PathBuf {
     let path = std::env::var_os(var).unwrap_or_else(|| {
