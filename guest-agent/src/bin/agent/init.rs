@@ -54,46 +54,14 @@ fn mount_or_warn(
     }
 }
 
-/// Sets the machine up; returns the boot options it found.
-pub fn setup() -> BootOptions {
-    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
-    mount_or_warn(
-        "proc",
-        "/proc",
-        "proc",
-        nosuid_nodev | libc::MS_NOEXEC,
-        None,
-    );
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let opts = BootOptions::parse(&cmdline);
+/// Mounted twice: once to read the command line, again in the new root.
+fn mount_proc() {
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount_or_warn("proc", "/proc", "proc", flags, None);
+}
 
-    if let Some(root) = &opts.root {
-        mount_or_warn(
-            "devtmpfs",
-            "/dev",
-            "devtmpfs",
-            libc::MS_NOSUID,
-            Some("mode=0755"),
-        );
-        if let Err(e) = switch_root(root, &opts) {
-            eprintln!("capsule-agent: cannot switch to root {root}: {e}; staying in the initramfs");
-        }
-    }
-
-    mount_or_warn(
-        "proc",
-        "/proc",
-        "proc",
-        nosuid_nodev | libc::MS_NOEXEC,
-        None,
-    );
-    mount_or_warn(
-        "sysfs",
-        "/sys",
-        "sysfs",
-        nosuid_nodev | libc::MS_NOEXEC,
-        None,
-    );
+/// Mounted twice: once to find the root disk, again in the new root.
+fn mount_dev() {
     mount_or_warn(
         "devtmpfs",
         "/dev",
@@ -101,6 +69,31 @@ pub fn setup() -> BootOptions {
         libc::MS_NOSUID,
         Some("mode=0755"),
     );
+}
+
+/// Sets the machine up; returns the boot options it found.
+pub fn setup() -> BootOptions {
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    mount_proc();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let opts = BootOptions::parse(&cmdline);
+
+    if let Some(root) = &opts.root {
+        mount_dev();
+        if let Err(e) = switch_root(root, &opts) {
+            eprintln!("capsule-agent: cannot switch to root {root}: {e}; staying in the initramfs");
+        }
+    }
+
+    mount_proc();
+    mount_or_warn(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        nosuid_nodev | libc::MS_NOEXEC,
+        None,
+    );
+    mount_dev();
     mount_or_warn(
         "devpts",
         "/dev/pts",
