@@ -4,7 +4,8 @@
 #
 # In the nested test host each test gets its own test host, bounded in
 # time. QEMU's emulated SVM occasionally freezes the whole test host (seen
-# as soft lockups); a test whose test host stops responding is run once
+# as soft lockups), and the 10 MB streaming test has been seen to stall
+# without a known cause (an open issue); a test that hangs is run once
 # more, and the retry is reported. A test that fails is never retried.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +39,11 @@ for t in $tests; do
             -- "$bin" --exact "$t" --test-threads=1 --color never 2>&1)
         rc=$?
         set -e
-        [ "$rc" = 124 ] && [ "$attempt" = 1 ] || break
-        echo "test-guest: the test host stopped responding during $t; running it again" >&2
+        # 124: the test host stopped responding; 3: the test's own watchdog
+        # saw the guest stop answering. Both are hangs, retried once and
+        # reported; a test that fails an assertion is never retried.
+        { [ "$rc" = 124 ] || [ "$rc" = 3 ]; } && [ "$attempt" = 1 ] || break
+        echo "test-guest: $t hung (exit $rc); running it again" >&2
         retried+=("$t")
     done
     printf '%s\n' "$out" | grep -vE '^running 1 test$|^$' || true
@@ -50,7 +54,7 @@ for t in $tests; do
         echo "test-guest: $t FAILED (exit $rc)" >&2
     fi
 done
-[ ${#retried[@]} -eq 0 ] || echo "guest tier: retried after a test host hang: ${retried[*]}"
+[ ${#retried[@]} -eq 0 ] || echo "guest tier: retried after a hang: ${retried[*]}"
 echo "guest tier: $passed real-guest tests passed, $failed failed, each inside its own nested test host"
 echo "guest: $passed passed, $failed failed"
 [ "$failed" = 0 ] && [ "$passed" -gt 0 ] || { echo "guest tier: FAILED" >&2; exit 1; }
