@@ -23,6 +23,8 @@ const OP_RESPONSE: u16 = 2;
 const OP_RST: u16 = 3;
 const OP_SHUTDOWN: u16 = 4;
 const OP_RW: u16 = 5;
+const SHUTDOWN_RCV: u32 = 1;
+const SHUTDOWN_SEND: u32 = 2;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Pkt {
@@ -239,10 +241,15 @@ fn host_initiated_stream_in_both_buffer_layouts() {
         }
         assert_eq!(got, big);
 
-        // The host hangs up: the guest is told, acknowledges with RST.
+        // The host hangs up: the guest is told both directions are gone,
+        // and acknowledges with RST.
         drop(host);
         let pkts = g.recv();
-        assert!(pkts.iter().any(|p| p.op == OP_SHUTDOWN), "{pkts:?}");
+        assert!(
+            pkts.iter()
+                .any(|p| p.op == OP_SHUTDOWN && p.flags == SHUTDOWN_RCV | SHUTDOWN_SEND),
+            "{pkts:?}"
+        );
         g.send(&Pkt::from_guest(1024, local, OP_RST, &[]));
         assert_eq!(g.recv(), vec![]);
     }
@@ -416,4 +423,104 @@ fn guest_connections_are_capped() {
     }
     assert_eq!(responses, 1024, "the cap");
     assert_eq!(resets, 1100 - 1024);
+}
+
+/// Reads what the device forwards to `conn` until end-of-file, running the
+/// device's event loop in between (it runs on this thread).
+fn read_host_until_eof(g: &mut Guest, conn: &mut UnixStream) -> Vec<u8> {
+    conn.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut idle = 0;
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                idle = 0;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                idle += 1;
+                assert!(idle < 1000, "no end-of-file after {} bytes", got.len());
+                g.d.run();
+            }
+            Err(e) => panic!("host read failed after {} bytes: {e}", got.len()),
+        }
+    }
+}
+
+/// Guest data the host has not read yet when the guest stops sending, or
+/// closes altogether, still reaches the host before its end-of-file.
+#[test]
+fn data_for_a_slow_host_survives_the_guests_close() {
+    for (i, flags) in [SHUTDOWN_SEND, SHUTDOWN_RCV | SHUTDOWN_SEND]
+        .into_iter()
+        .enumerate()
+    {
+        let mut g = Guest::new(false);
+        let port = 6100 + i as u32;
+        let listener = UnixListener::bind(format!("{}_{port}", g.path.display())).unwrap();
+        g.send(&Pkt::from_guest(41000, port, OP_REQUEST, &[]));
+        assert_eq!(g.recv()[0].op, OP_RESPONSE);
+        let (mut conn, _) = listener.accept().unwrap();
+        // More than a Unix socket holds (about 200 KiB), within the
+        // 256 KiB the device buffers: the rest waits in the device.
+        let data: Vec<u8> = (0..384_000u32).map(|n| (n % 251) as u8).collect();
+        for chunk in data.chunks(64_000) {
+            g.send(&Pkt::from_guest(41000, port, OP_RW, chunk));
+        }
+        g.send(&Pkt {
+            flags,
+            ..Pkt::from_guest(41000, port, OP_SHUTDOWN, &[])
+        });
+        let pkts = g.recv();
+        if flags == SHUTDOWN_RCV | SHUTDOWN_SEND {
+            assert!(
+                pkts.iter().any(|p| p.op == OP_RST && p.dst_port == 41000),
+                "a full close completes at once: {pkts:?}"
+            );
+        }
+        let got = read_host_until_eof(&mut g, &mut conn);
+        assert_eq!(got.len(), data.len(), "flags {flags}");
+        assert!(got == data, "flags {flags}: content differs");
+        if flags == SHUTDOWN_SEND {
+            // Only the guest's sending ended: the host still talks to it.
+            conn.set_nonblocking(false).unwrap();
+            conn.write_all(b"late reply").unwrap();
+            let pkts = g.recv();
+            assert!(
+                pkts.iter()
+                    .any(|p| p.op == OP_RW && p.data == b"late reply"),
+                "{pkts:?}"
+            );
+        }
+    }
+}
+
+/// A host that stops sending but still reads (a half-close) is reported
+/// as such: the guest keeps sending until it closes too.
+#[test]
+fn a_host_half_close_leaves_the_guest_sending() {
+    let mut g = Guest::new(false);
+    let (mut host, local) = establish(&mut g);
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let pkts = g.recv();
+    assert!(
+        pkts.iter()
+            .any(|p| p.op == OP_SHUTDOWN && p.flags == SHUTDOWN_SEND),
+        "{pkts:?}"
+    );
+    g.send(&Pkt::from_guest(1024, local, OP_RW, b"still talking"));
+    let mut buf = [0u8; 13];
+    host.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"still talking");
+    // The guest finishes as well: it hears RST, the host end-of-file.
+    g.send(&Pkt {
+        flags: SHUTDOWN_RCV | SHUTDOWN_SEND,
+        ..Pkt::from_guest(1024, local, OP_SHUTDOWN, &[])
+    });
+    assert!(g.recv().iter().any(|p| p.op == OP_RST));
+    let mut rest = Vec::new();
+    host.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
 }

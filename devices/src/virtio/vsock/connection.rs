@@ -17,7 +17,8 @@ pub enum State {
     /// The host asked to connect; waiting for the guest's RESPONSE.
     HostConnecting,
     Established,
-    /// The host side closed; waiting for the guest to acknowledge.
+    /// The host sends nothing more (a half-close or a full close); guest
+    /// data still flows to it until the guest finishes too.
     HostClosed,
 }
 
@@ -43,6 +44,10 @@ pub struct Connection {
     pub readable: bool,
     /// The guest said it will send nothing more.
     pub peer_done_sending: bool,
+    /// The host closed both directions (not just a half-close).
+    pub host_gone: bool,
+    /// The host has been sent end-of-file.
+    host_write_ended: bool,
 }
 
 impl Connection {
@@ -59,6 +64,8 @@ impl Connection {
             rx_pending: Vec::new(),
             readable: true,
             peer_done_sending: false,
+            host_gone: false,
+            host_write_ended: false,
         }
     }
 
@@ -92,6 +99,17 @@ impl Connection {
         }
         self.tx_buf.extend(&data[written..]);
         Ok(())
+    }
+
+    /// Once the guest has finished sending and the host has taken all of
+    /// it, the host reads end-of-file.
+    pub fn end_host_write_once_flushed(&mut self) {
+        // Once only: every shutdown wakes the socket's watchers, which
+        // would bring us straight back here.
+        if self.peer_done_sending && self.tx_buf.is_empty() && !self.host_write_ended {
+            self.host_write_ended = true;
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        }
     }
 
     /// Writes buffered guest data to the host socket.

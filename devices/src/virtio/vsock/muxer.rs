@@ -79,6 +79,9 @@ pub struct Muxer {
     handshakes: HashMap<RawFd, Handshake>,
     conns: HashMap<ConnKey, Connection>,
     by_fd: HashMap<RawFd, ConnKey>,
+    /// Connections the guest has closed whose data the host has not read
+    /// yet; each is closed once its buffer is flushed.
+    lingering: HashMap<RawFd, Connection>,
     control: VecDeque<Control>,
     next_local_port: u32,
 }
@@ -115,6 +118,7 @@ impl Muxer {
             handshakes: HashMap::new(),
             conns: HashMap::new(),
             by_fd: HashMap::new(),
+            lingering: HashMap::new(),
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
         })
@@ -145,25 +149,32 @@ impl Muxer {
         let fd = token.wrapping_sub(FD_TOKEN_BASE) as RawFd;
         if self.handshakes.contains_key(&fd) {
             self.read_handshake(fd, ops);
+        } else if self.lingering.contains_key(&fd) {
+            self.flush_lingering(fd, ops);
         } else if let Some(&key) = self.by_fd.get(&fd) {
             let Some(conn) = self.conns.get_mut(&key) else {
                 return;
             };
+            if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                // Both directions are gone, not just the host's sending.
+                conn.host_gone = true;
+            }
             let hung_up =
                 set.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR);
             if hung_up && conn.state == State::HostConnecting {
                 // The host gave up before the guest answered.
-                self.reset(key, ops);
+                self.reset(key, "host hung up before the guest answered", ops);
                 return;
             }
             if hung_up || set.contains(EventSet::IN) {
                 conn.readable = true;
             }
             if set.contains(EventSet::OUT) {
-                if conn.flush_to_host().is_err() {
-                    self.reset(key, ops);
+                if let Err(e) = conn.flush_to_host() {
+                    self.reset(key, &format!("host socket write failed: {e}"), ops);
                     return;
                 }
+                conn.end_host_write_once_flushed();
                 self.maybe_credit_update(key);
             }
         }
@@ -173,7 +184,7 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+                    if self.open_count() >= MAX_CONNECTIONS {
                         log::warn!("vsock: too many connections; refusing a host connection");
                         continue;
                     }
@@ -245,6 +256,11 @@ impl Muxer {
         }
     }
 
+    /// Host sockets held: connections, pending handshakes, lingering.
+    fn open_count(&self) -> usize {
+        self.conns.len() + self.handshakes.len() + self.lingering.len()
+    }
+
     fn allocate_local_port(&mut self) -> u32 {
         loop {
             let port = self.next_local_port;
@@ -288,9 +304,41 @@ impl Muxer {
     }
 
     /// Drops a connection and tells the guest.
-    fn reset(&mut self, key: ConnKey, ops: &mut EventOps) {
+    fn reset(&mut self, key: ConnKey, why: &str, ops: &mut EventOps) {
+        log::debug!("vsock: resetting connection {key:?}: {why}");
         self.remove(key, ops);
         self.push_control(key, OP_RST, 0);
+    }
+
+    /// Ends a connection both sides are done with: the guest hears RST,
+    /// which completes its close, and guest data the host has not read yet
+    /// is still delivered before the host socket closes.
+    fn finish(&mut self, key: ConnKey, ops: &mut EventOps) {
+        log::debug!("vsock: closing connection {key:?}");
+        let Some(mut conn) = self.conns.remove(&key) else {
+            return;
+        };
+        let fd = conn.stream.as_raw_fd();
+        self.by_fd.remove(&fd);
+        self.control.retain(|c| c.key != key || c.op == OP_RST);
+        self.push_control(key, OP_RST, 0);
+        if conn.flush_to_host().is_ok() && !conn.tx_buf.is_empty() {
+            // Still watched: OUT readiness flushes the rest.
+            self.lingering.insert(fd, conn);
+        } else {
+            unwatch(ops, &conn.stream);
+        }
+    }
+
+    fn flush_lingering(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let Some(conn) = self.lingering.get_mut(&fd) else {
+            return;
+        };
+        if conn.flush_to_host().is_err() || conn.tx_buf.is_empty() {
+            if let Some(conn) = self.lingering.remove(&fd) {
+                unwatch(ops, &conn.stream);
+            }
+        }
     }
 
     fn remove(&mut self, key: ConnKey, ops: &mut EventOps) {
@@ -336,11 +384,12 @@ impl Muxer {
             (OP_RESPONSE, State::HostConnecting) => {
                 conn.state = State::Established;
                 let line = format!("OK {}\n", key.local_port);
-                if conn.stream.write_all(line.as_bytes()).is_err() {
-                    self.reset(key, ops);
+                if let Err(e) = conn.stream.write_all(line.as_bytes()) {
+                    self.reset(key, &format!("cannot answer the host: {e}"), ops);
                 }
             }
-            (OP_RW, State::Established) => {
+            // After the host's half-close the guest may still send.
+            (OP_RW, State::Established | State::HostClosed) => {
                 let result = match pkt.data_slice() {
                     Some(data) => {
                         let mut buf = vec![0u8; data.len()];
@@ -349,8 +398,8 @@ impl Muxer {
                     }
                     None => Ok(()),
                 };
-                if result.is_err() {
-                    self.reset(key, ops);
+                if let Err(e) = result {
+                    self.reset(key, &format!("forwarding guest data failed: {e}"), ops);
                 } else {
                     self.maybe_credit_update(key);
                 }
@@ -359,19 +408,29 @@ impl Muxer {
             (OP_CREDIT_REQUEST, _) => self.queue_credit_update(key),
             (OP_SHUTDOWN, _) => {
                 let flags = pkt.flags();
+                log::debug!("vsock: guest shutdown {flags:#x} on {key:?}");
                 if flags & SHUTDOWN_SEND != 0 {
+                    // The host reads end-of-file once it has everything
+                    // the guest sent before.
                     conn.peer_done_sending = true;
-                    let _ = conn.flush_to_host();
-                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                    if let Err(e) = conn.flush_to_host() {
+                        self.reset(key, &format!("host socket write failed: {e}"), ops);
+                        return;
+                    }
+                    conn.end_host_write_once_flushed();
                 }
-                if flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND
-                    || conn.state == State::HostClosed
-                {
-                    self.reset(key, ops);
+                let guest_done =
+                    flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND;
+                let both_done = conn.state == State::HostClosed && conn.peer_done_sending;
+                if guest_done || both_done {
+                    self.finish(key, ops);
                 }
             }
-            (OP_RST, _) => self.remove(key, ops),
-            _ => self.reset(key, ops),
+            (OP_RST, _) => {
+                log::debug!("vsock: guest reset connection {key:?}");
+                self.remove(key, ops)
+            }
+            (op, state) => self.reset(key, &format!("unexpected op {op} in state {state:?}"), ops),
         }
     }
 
@@ -382,10 +441,10 @@ impl Muxer {
         ops: &mut EventOps,
     ) {
         if self.conns.contains_key(&key) {
-            self.reset(key, ops);
+            self.reset(key, "guest reopened a live connection", ops);
             return;
         }
-        if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+        if self.open_count() >= MAX_CONNECTIONS {
             log::warn!("vsock: too many connections; refusing a guest connection");
             self.push_control(key, OP_RST, 0);
             return;
@@ -494,11 +553,17 @@ impl Muxer {
             };
             match result {
                 Ok(0) => {
-                    // The host closed its end: tell the guest nothing more
-                    // is coming, and wait for it to finish.
+                    // The host will send nothing more: tell the guest, and
+                    // say whether the host still reads (a half-close) or
+                    // is gone altogether.
                     conn.state = State::HostClosed;
                     conn.readable = false;
-                    self.write_header(pkt, key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0);
+                    let flags = if conn.host_gone {
+                        SHUTDOWN_RCV | SHUTDOWN_SEND
+                    } else {
+                        SHUTDOWN_SEND
+                    };
+                    self.write_header(pkt, key, OP_SHUTDOWN, flags, 0);
                     return true;
                 }
                 Ok(n) => {
@@ -528,6 +593,7 @@ impl Muxer {
     pub fn disconnect_host(&mut self) {
         self.conns.clear();
         self.by_fd.clear();
+        self.lingering.clear();
         self.handshakes.clear();
         self.control.clear();
         let _ = std::fs::remove_file(&self.path);
@@ -541,6 +607,9 @@ impl Muxer {
         }
         for (_, hs) in self.handshakes.drain() {
             unwatch(ops, &hs.stream);
+        }
+        for (_, conn) in self.lingering.drain() {
+            unwatch(ops, &conn.stream);
         }
         self.control.clear();
     }
