@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, VirtioDevice,
-    ACTIVATE_TOKEN, TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
+    TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::GuestMemory;
 
@@ -63,7 +63,6 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; ID_LEN],
     slot: ActivationSlot,
-    broken: bool,
 }
 
 impl Block {
@@ -95,7 +94,6 @@ impl Block {
             capacity_sectors: len / SECTOR_SIZE,
             id,
             slot: ActivationSlot::new()?,
-            broken: false,
         })
     }
 
@@ -113,31 +111,6 @@ impl Block {
         // size_max (unused, 0) then seg_max.
         c[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes());
         c
-    }
-
-    fn process_queue(&mut self) {
-        let Some(active) = self.slot.active.as_mut() else {
-            return;
-        };
-        let Activation {
-            mem,
-            queues,
-            interrupt,
-            ..
-        } = active;
-        let (file, read_only, capacity, id) = (
-            &self.file,
-            self.read_only,
-            self.capacity_sectors * SECTOR_SIZE,
-            &self.id,
-        );
-        let result = drain_queue(mem, &mut queues[0], interrupt, |chain| {
-            Request::execute(mem, chain, file, read_only, capacity, id)
-        });
-        if let Err(e) = result {
-            log::error!("virtio-blk: queue is malformed, stopping the device: {e:?}");
-            self.broken = true;
-        }
     }
 }
 
@@ -294,20 +267,19 @@ impl MutEventSubscriber for Block {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            ACTIVATE_TOKEN => self.slot.on_activated(ops),
-            0 => {
-                if let Some(a) = &self.slot.active {
-                    let _ = a.queue_events[0].read();
-                }
-                if !self.broken {
-                    self.process_queue();
-                }
-                if self.broken {
-                    self.slot.fail(ops);
-                }
-            }
-            _ => {}
-        }
+        let (file, read_only, id) = (&self.file, self.read_only, &self.id);
+        let capacity = self.capacity_sectors * SECTOR_SIZE;
+        self.slot
+            .on_single_queue_event(events, ops, "virtio-blk", |active| {
+                let Activation {
+                    mem,
+                    queues,
+                    interrupt,
+                    ..
+                } = active;
+                drain_queue(mem, &mut queues[0], interrupt, |chain| {
+                    Request::execute(mem, chain, file, read_only, capacity, id)
+                })
+            });
     }
 }

@@ -197,6 +197,34 @@ impl ActivationSlot {
         }
     }
 
+    /// Handles an event of a device with a single queue: the activation,
+    /// or a notification, which `serve` answers by draining the queue. A
+    /// queue that `serve` finds malformed stops the device.
+    pub(crate) fn on_single_queue_event<F>(
+        &mut self,
+        events: event_manager::Events,
+        ops: &mut event_manager::EventOps,
+        device: &str,
+        serve: F,
+    ) where
+        F: FnOnce(&mut Activation) -> Result<usize, virtio_queue::Error>,
+    {
+        match events.data() {
+            ACTIVATE_TOKEN => self.on_activated(ops),
+            0 => {
+                let Some(active) = self.active.as_mut() else {
+                    return;
+                };
+                let _ = active.queue_events[0].read();
+                if let Err(e) = serve(active) {
+                    log::error!("{device}: queue is malformed, stopping the device: {e:?}");
+                    self.fail(ops);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Stops a device whose queues are corrupt: reports the failure to the
     /// driver and stops listening to the queues.
     pub(crate) fn fail(&mut self, ops: &mut event_manager::EventOps) {

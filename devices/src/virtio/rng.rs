@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::{
-    drain_queue, ActivateError, Activation, ActivationSlot, VirtioDevice, ACTIVATE_TOKEN, TYPE_RNG,
+    drain_queue, ActivateError, Activation, ActivationSlot, VirtioDevice, TYPE_RNG,
     VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -18,7 +18,6 @@ const MAX_REQUEST: usize = 64 * 1024;
 pub struct Rng {
     source: File,
     slot: ActivationSlot,
-    broken: bool,
 }
 
 impl Rng {
@@ -26,37 +25,29 @@ impl Rng {
         Ok(Rng {
             source: File::open("/dev/urandom")?,
             slot: ActivationSlot::new()?,
-            broken: false,
         })
     }
+}
 
-    fn process_queue(&mut self) {
-        let Some(Activation {
-            mem,
-            queues,
-            interrupt,
-            ..
-        }) = self.slot.active.as_mut()
-        else {
-            return;
+/// Fills each buffer with up to `MAX_REQUEST` random bytes.
+fn serve(source: &mut File, active: &mut Activation) -> Result<usize, virtio_queue::Error> {
+    let Activation {
+        mem,
+        queues,
+        interrupt,
+        ..
+    } = active;
+    let mut buf = vec![0u8; MAX_REQUEST];
+    drain_queue(mem, &mut queues[0], interrupt, |chain| {
+        let Ok(mut writer) = chain.writer(mem) else {
+            return 0;
         };
-        let source = &mut self.source;
-        let mut buf = vec![0u8; MAX_REQUEST];
-        let result = drain_queue(mem, &mut queues[0], interrupt, |chain| {
-            let Ok(mut writer) = chain.writer(mem) else {
-                return 0;
-            };
-            let n = writer.available_bytes().min(MAX_REQUEST);
-            if source.read_exact(&mut buf[..n]).is_err() || writer.write_all(&buf[..n]).is_err() {
-                return 0;
-            }
-            n as u32
-        });
-        if let Err(e) = result {
-            log::error!("virtio-rng: queue is malformed, stopping the device: {e:?}");
-            self.broken = true;
+        let n = writer.available_bytes().min(MAX_REQUEST);
+        if source.read_exact(&mut buf[..n]).is_err() || writer.write_all(&buf[..n]).is_err() {
+            return 0;
         }
-    }
+        n as u32
+    })
 }
 
 impl VirtioDevice for Rng {
@@ -83,20 +74,8 @@ impl MutEventSubscriber for Rng {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            ACTIVATE_TOKEN => self.slot.on_activated(ops),
-            0 => {
-                if let Some(a) = &self.slot.active {
-                    let _ = a.queue_events[0].read();
-                }
-                if !self.broken {
-                    self.process_queue();
-                }
-                if self.broken {
-                    self.slot.fail(ops);
-                }
-            }
-            _ => {}
-        }
+        let source = &mut self.source;
+        self.slot
+            .on_single_queue_event(events, ops, "virtio-rng", |active| serve(source, active));
     }
 }
