@@ -26,6 +26,8 @@ pub enum ClientError {
     Protocol(#[from] ProtocolError),
     #[error("the agent connection closed")]
     Disconnected,
+    #[error("the agent connection broke: {0}")]
+    Lost(String),
     #[error("the agent refused the request: {0}")]
     Refused(String),
     #[error("timed out waiting for the agent")]
@@ -35,6 +37,8 @@ pub enum ClientError {
 }
 
 type Routes = Arc<Mutex<HashMap<u32, SyncSender<Frame>>>>;
+/// Why the reader stopped, if the connection broke rather than closed.
+type LostReason = Arc<Mutex<Option<String>>>;
 
 /// Frames buffered per stream before the reader stops reading the socket:
 /// a consumer that falls behind pushes back on the guest (through vsock
@@ -45,6 +49,7 @@ const STREAM_BACKLOG: usize = 256;
 pub struct AgentClient {
     writer: Arc<Mutex<UnixStream>>,
     routes: Routes,
+    lost: LostReason,
     next_stream: AtomicU32,
     reader: Option<JoinHandle<()>>,
     shutdown_handle: UnixStream,
@@ -69,14 +74,16 @@ impl AgentClient {
         reader.set_read_timeout(None).map_err(ProtocolError::Io)?;
 
         let routes: Routes = Arc::default();
-        let thread_routes = routes.clone();
+        let lost: LostReason = Arc::default();
+        let (thread_routes, thread_lost) = (routes.clone(), lost.clone());
         let reader = std::thread::Builder::new()
             .name("agent-client".into())
-            .spawn(move || route_frames(reader, thread_routes))
+            .spawn(move || route_frames(reader, thread_routes, thread_lost))
             .map_err(ProtocolError::Io)?;
         Ok(AgentClient {
             writer: Arc::new(Mutex::new(writer)),
             routes,
+            lost,
             next_stream: AtomicU32::new(1),
             reader: Some(reader),
             shutdown_handle,
@@ -107,7 +114,7 @@ impl AgentClient {
             Ok(frame) if frame.kind == FrameKind::Reply => Ok(frame.parse()?),
             Ok(frame) => Err(ProtocolError::Unexpected(frame.kind).into()),
             Err(RecvTimeoutError::Timeout) => Err(ClientError::Timeout),
-            Err(RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected),
+            Err(RecvTimeoutError::Disconnected) => Err(disconnected(&self.lost)),
         };
         if result.is_err() {
             lock(&self.routes).remove(&id);
@@ -139,6 +146,7 @@ impl AgentClient {
                     writer: self.writer.clone(),
                 },
                 routes: self.routes.clone(),
+                lost: self.lost.clone(),
                 finished: false,
             }),
             Reply::Error { message } => {
@@ -155,7 +163,9 @@ impl AgentClient {
         let reply = self.reply(id, &rx, Duration::from_secs(10));
         lock(&self.routes).remove(&id);
         match reply {
-            Ok(Reply::ShuttingDown) | Err(ClientError::Disconnected) => Ok(()),
+            Ok(Reply::ShuttingDown) | Err(ClientError::Disconnected | ClientError::Lost(_)) => {
+                Ok(())
+            }
             Ok(other) => Err(ClientError::UnexpectedReply(other)),
             Err(e) => Err(e),
         }
@@ -180,19 +190,35 @@ fn send(writer: &Mutex<UnixStream>, frame: &Frame) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn route_frames(mut reader: UnixStream, routes: Routes) {
+fn route_frames(mut reader: UnixStream, routes: Routes, lost: LostReason) {
     // Streams are unregistered by their handles; a frame for an unknown or
     // dropped stream just means nobody is listening.
-    while let Ok(Some(frame)) = Frame::read_from(&mut reader) {
-        // Clone the sender so a full stream blocks only this thread, not
-        // the handles that need the table to unregister themselves.
-        let tx = lock(&routes).get(&frame.stream).cloned();
-        if let Some(tx) = tx {
-            let _ = tx.send(frame);
+    let broken = loop {
+        match Frame::read_from(&mut reader) {
+            Ok(Some(frame)) => {
+                // Clone the sender so a full stream blocks only this
+                // thread, not the handles that need the table to
+                // unregister themselves.
+                let tx = lock(&routes).get(&frame.stream).cloned();
+                if let Some(tx) = tx {
+                    let _ = tx.send(frame);
+                }
+            }
+            Ok(None) => break None,
+            Err(e) => break Some(e.to_string()),
         }
-    }
-    // Dropping every sender wakes all waiters with `Disconnected`.
+    };
+    // The reason first: dropping every sender then wakes all waiters,
+    // which read it.
+    *lock(&lost) = broken;
     lock(&routes).clear();
+}
+
+fn disconnected(lost: &LostReason) -> ClientError {
+    match lock(lost).clone() {
+        Some(why) => ClientError::Lost(why),
+        None => ClientError::Disconnected,
+    }
 }
 
 /// One event from a running process.
@@ -218,6 +244,7 @@ pub struct ExecHandle {
     rx: Receiver<Frame>,
     input: ExecInput,
     routes: Routes,
+    lost: LostReason,
     finished: bool,
 }
 
@@ -254,7 +281,7 @@ impl ExecHandle {
         if self.finished {
             return Ok(None);
         }
-        let frame = self.rx.recv().map_err(|_| ClientError::Disconnected)?;
+        let frame = self.rx.recv().map_err(|_| disconnected(&self.lost))?;
         let event = match frame.kind {
             FrameKind::Stdout => ExecEvent::Stdout(frame.payload),
             FrameKind::Stderr => ExecEvent::Stderr(frame.payload),
