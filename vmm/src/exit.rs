@@ -52,6 +52,10 @@ impl ExitState {
     pub fn set(&self, exit: VmExit) {
         let mut slot = self.exit.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
+            match &exit {
+                VmExit::Error(m) | VmExit::Unsupported(m) => log::error!("VM ended: {m}"),
+                other => log::debug!("VM ended: {other}"),
+            }
             *slot = Some(exit);
             self.changed.notify_all();
             let _ = self.wake.write(1);

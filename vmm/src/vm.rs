@@ -576,7 +576,13 @@ impl Vm {
             match listener.accept() {
                 Ok((mut conn, _)) => {
                     conn.set_nonblocking(false)?;
-                    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    // The hello follows the connection at once; a guest
+                    // that connects and stalls must not outlast the
+                    // deadline.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    conn.set_read_timeout(Some(
+                        left.clamp(Duration::from_millis(100), Duration::from_secs(5)),
+                    ))?;
                     match Frame::read_from(&mut conn) {
                         Ok(Some(f)) if f.kind == FrameKind::Hello => {
                             let hello: Hello = f.parse().map_err(guest_agent::ClientError::from)?;
@@ -603,7 +609,7 @@ impl Vm {
                     console: format!("{}{hint}", self.console_tail(20)),
                 });
             }
-            std::thread::sleep(Duration::from_micros(250));
+            wait_readable(listener, Duration::from_millis(10));
         }
     }
 
@@ -695,4 +701,20 @@ fn open_kvm() -> Result<Kvm> {
         }
         Err(e) => Err(Error::KvmOpen(e)),
     }
+}
+
+/// Sleeps until `listener` has a connection waiting or `timeout` passes:
+/// the ready signal is seen as soon as it arrives without spinning, and
+/// the caller still rechecks the VM's state every `timeout`.
+fn wait_readable(listener: &UnixListener, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call; an
+    // error or EINTR just means the caller polls again.
+    unsafe { libc::poll(&mut pfd, 1, millis) };
 }

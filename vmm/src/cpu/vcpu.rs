@@ -83,7 +83,9 @@ fn run(vcpu: &mut VcpuFd, index: u8, ctx: &VcpuContext) {
             }
             VcpuExit::Hlt => {}
             VcpuExit::Shutdown => {
-                // A triple fault: how a guest without i8042 resets.
+                // A triple fault: how a guest without i8042 resets, or how
+                // a crashing one ends; the registers tell which.
+                log::debug!("vCPU {index}: triple fault; {}", registers(vcpu));
                 ctx.exit.set(VmExit::GuestReset);
                 return;
             }
@@ -118,5 +120,16 @@ fn run(vcpu: &mut VcpuFd, index: u8, ctx: &VcpuContext) {
                 return;
             }
         }
+    }
+}
+
+/// Where a vCPU stopped, for diagnostics.
+fn registers(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+            r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+        ),
+        (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
     }
 }
