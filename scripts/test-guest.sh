@@ -4,9 +4,11 @@
 #
 # In the nested test host each test gets its own test host, bounded in
 # time. QEMU's emulated SVM occasionally freezes the whole test host (seen
-# as soft lockups), and the 10 MB streaming test has been seen to stall
-# without a known cause (an open issue); a test that hangs is run once
-# more, and the retry is reported. A test that fails is never retried.
+# as soft lockups), and under load it sometimes makes a guest triple-fault
+# or stall without a word: QEMU's own guests there do it as often as ours
+# (scripts/nested-control.py, docs/TESTING.md). A test that hangs or whose
+# guest dies that way is run once more, and the retry is reported. A test
+# that fails otherwise is never retried.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=$(scripts/kvm-mode.sh)
@@ -40,10 +42,12 @@ for t in $tests; do
         rc=$?
         set -e
         # 124: the test host stopped responding; 3: the test's own watchdog
-        # saw the guest stop answering. Both are hangs, retried once and
-        # reported; a test that fails an assertion is never retried.
-        { [ "$rc" = 124 ] || [ "$rc" = 3 ]; } && [ "$attempt" = 1 ] || break
-        echo "test-guest: $t hung (exit $rc); running it again" >&2
+        # saw the guest stop answering; 4: the guest reset mid-command with
+        # nothing on its console. Retried once and reported; a test that
+        # fails an assertion is never retried.
+        case "$rc" in 124|3|4) ;; *) break ;; esac
+        [ "$attempt" = 1 ] || break
+        echo "test-guest: $t: the nested test host failed it (exit $rc); running it again" >&2
         retried+=("$t")
     done
     printf '%s\n' "$out" | grep -vE '^running 1 test$|^$' || true
@@ -54,7 +58,7 @@ for t in $tests; do
         echo "test-guest: $t FAILED (exit $rc)" >&2
     fi
 done
-[ ${#retried[@]} -eq 0 ] || echo "guest tier: retried after a hang: ${retried[*]}"
+[ ${#retried[@]} -eq 0 ] || echo "guest tier: retried after the nested test host hung or crashed the guest: ${retried[*]}"
 echo "guest tier: $passed real-guest tests passed, $failed failed, each inside its own nested test host"
 echo "guest: $passed passed, $failed failed"
 [ "$failed" = 0 ] && [ "$passed" -gt 0 ] || { echo "guest tier: FAILED" >&2; exit 1; }

@@ -33,15 +33,86 @@ struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
 
 impl Watchdog {
     fn arm(limit: Duration) -> Watchdog {
+        // CAPSULE_TEST_LIMIT=<seconds> shortens it when hunting a hang.
+        let limit = std::env::var("CAPSULE_TEST_LIMIT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(limit, Duration::from_secs);
         let name = std::thread::current().name().unwrap_or("?").to_string();
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                eprintln!("guest test {name} still running after {limit:?}: aborting the run");
+                // Straight to the descriptor: eprintln! from a thread the
+                // test spawned is captured, and exit() would discard it.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "guest test {name} still running after {limit:?}: aborting the run\n{}",
+                    thread_report()
+                );
                 std::process::exit(3);
             }
         });
         Watchdog(Some(tx))
+    }
+}
+
+/// What every thread of this process is doing (state, CPU time, kernel
+/// wait channel, current syscall): tells a guest that stopped answering
+/// (vCPU threads idle in KVM_RUN) from a device thread spinning or blocked.
+fn thread_report() -> String {
+    let mut report = String::from("threads (name state utime+stime wchan syscall):\n");
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return report;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        // Fields after the parenthesised name: state is the first,
+        // utime and stime the 12th and 13th.
+        let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let field = |i: usize| fields.get(i).copied().unwrap_or("?");
+        let syscall = read("syscall");
+        let syscall = syscall.split_whitespace().next().unwrap_or("?");
+        report.push_str(&format!(
+            "  {:<16} {} {}+{} {} {}\n",
+            read("comm").trim(),
+            field(0),
+            field(11),
+            field(12),
+            read("wchan"),
+            syscall
+        ));
+    }
+    report
+}
+
+/// Device and VMM warnings go to stderr, so a failing test shows them.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            eprintln!("[{} {}] {}", record.level(), record.target(), record.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    static LOGGER: StderrLogger = StderrLogger;
+    if log::set_logger(&LOGGER).is_ok() {
+        // CAPSULE_TEST_LOG=debug for more.
+        let level = match std::env::var("CAPSULE_TEST_LOG").as_deref() {
+            Ok("debug") => log::LevelFilter::Debug,
+            Ok("trace") => log::LevelFilter::Trace,
+            _ => log::LevelFilter::Warn,
+        };
+        log::set_max_level(level);
     }
 }
 
@@ -54,6 +125,7 @@ impl Drop for Watchdog {
 }
 
 fn builder() -> VmBuilder {
+    init_logging();
     let flavor = KvmFlavor::detect();
     assert!(
         flavor.is_hardware(),
@@ -75,6 +147,49 @@ fn boot(builder: VmBuilder) -> Vm {
         panic!("guest not ready: {e}");
     }
     vm
+}
+
+/// Unwraps the result of talking to the guest; a failure shows the last
+/// console lines, which say whether the guest itself died.
+fn guest_ok<T, E: std::fmt::Display>(vm: &mut Vm, result: Result<T, E>) -> T {
+    result.unwrap_or_else(|e| {
+        let exit = vm.wait(Some(Duration::from_secs(2)));
+        let console = vm.console_tail(40);
+        if exit == Some(VmExit::GuestReset) && died_without_a_word(&console) {
+            // Straight to the descriptor: exit() discards captured output.
+            let _ = writeln!(
+                std::io::stderr(),
+                "{e}\nthe guest reset mid-command without a word on its console (a triple \
+                 fault); the nested test host does this to QEMU's guests as often \
+                 (scripts/nested-control.py)\nconsole:\n{console}"
+            );
+            std::process::exit(GUEST_DIED_IN_TESTHOST);
+        }
+        let state = match exit {
+            Some(exit) => format!("the VM ended: {exit}"),
+            None => "the VM is still running".to_string(),
+        };
+        panic!("{e}\n{state}\nconsole:\n{console}")
+    })
+}
+
+/// Exit status of a test whose guest died silently inside the nested test
+/// host: scripts/test-guest.sh runs it once more and reports it.
+const GUEST_DIED_IN_TESTHOST: i32 = 4;
+
+/// Only inside the nested test host, and only when the guest said nothing:
+/// a kernel panic or oops (ours to fix) is always a plain failure.
+fn died_without_a_word(console: &str) -> bool {
+    std::env::var_os("CAPSULE_IN_TESTHOST").is_some()
+        && ![
+            "Kernel panic",
+            "Oops",
+            "BUG:",
+            "general protection",
+            "capsule-agent",
+        ]
+        .iter()
+        .any(|sign| console.contains(sign))
 }
 
 fn sh(vm: &mut Vm, script: &str) -> vmm::Output {
@@ -172,7 +287,7 @@ fn stdout_and_stderr_are_separate_and_ordered_at_10mb() {
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let mut stdout_chunks = 0;
     let status = loop {
-        match handle.next_event().unwrap() {
+        match guest_ok(&mut vm, handle.next_event()) {
             Some(ExecEvent::Stdout(d)) => {
                 stdout_chunks += 1;
                 stdout.extend_from_slice(&d)
@@ -216,7 +331,7 @@ fn stdin_is_piped_to_the_command() {
         }
         input.close_stdin().unwrap();
     });
-    let out = handle.output().unwrap();
+    let out = guest_ok(&mut vm, handle.output());
     writer.join().unwrap();
     assert!(out.status.success());
     assert_eq!(out.stdout.len(), data.len());
@@ -234,7 +349,8 @@ fn env_cwd_and_user() {
     req.env = vec![("GREETING".into(), "hello world".into())];
     req.cwd = Some("/tmp".into());
     req.user = Some("user".into());
-    let out = vm.agent().unwrap().exec(req).unwrap().output().unwrap();
+    let out = vm.agent().unwrap().exec(req).unwrap().output();
+    let out = guest_ok(&mut vm, out);
     assert!(
         out.status.success(),
         "{:?}",
@@ -246,7 +362,8 @@ fn env_cwd_and_user() {
     );
     let mut req = ExecRequest::new(["id", "-u"]);
     req.user = Some("4321:99".into());
-    let out = vm.agent().unwrap().exec(req).unwrap().output().unwrap();
+    let out = vm.agent().unwrap().exec(req).unwrap().output();
+    let out = guest_ok(&mut vm, out);
     assert_eq!(String::from_utf8(out.stdout).unwrap(), "4321\n");
     let mut req = ExecRequest::new(["true"]);
     req.user = Some("nosuchuser".into());
@@ -264,7 +381,8 @@ fn timeout_and_kill() {
     let mut req = ExecRequest::new(["sh", "-c", "sleep 30 & sleep 30; echo never"]);
     req.timeout_ms = Some(500);
     let t = Instant::now();
-    let out = vm.agent().unwrap().exec(req).unwrap().output().unwrap();
+    let out = vm.agent().unwrap().exec(req).unwrap().output();
+    let out = guest_ok(&mut vm, out);
     assert!(out.status.timed_out);
     assert_eq!(out.status.signal, Some(9));
     assert!(out.stdout.is_empty());
@@ -281,7 +399,7 @@ fn timeout_and_kill() {
         .exec(ExecRequest::new(["sleep", "30"]))
         .unwrap();
     handle.signal(libc::SIGTERM).unwrap();
-    let out = handle.output().unwrap();
+    let out = guest_ok(&mut vm, handle.output());
     assert_eq!(out.status.signal, Some(libc::SIGTERM));
     assert!(!out.status.timed_out);
     stop(vm);
