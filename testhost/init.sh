@@ -27,6 +27,10 @@ ip link set lo up 2>/dev/null
 # KVM inside logs harmless notices (unhandled MSRs) that would interleave
 # with the command's output.
 dmesg -n 1
+# A heartbeat the host watches: a test host whose kernel locks up (QEMU's
+# emulated SVM does that now and then) is stopped at once, not at the
+# time limit.
+sh -c 'n=0; while :; do n=$((n + 1)); echo $n > /scratch/heartbeat; sleep 5; done' testhost-heartbeat &
 chroot /host /bin/sh "$scratch/cmd.sh"
 echo $? > /scratch/rc
 sync

@@ -11,11 +11,15 @@
 # shared with the host.
 #
 # usage: testhost/run.sh [--timeout SECONDS] [--env NAME]... -- command [args...]
-# Exits with the command's status; 124 if the test host timed out.
+# Exits with the command's status; 124 if the test host timed out or its
+# heartbeat (written every 5 s) stopped for CAPSULE_TESTHOST_STALL seconds
+# (60): its kernel locked up, which QEMU's emulated SVM does now and then.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/capsule/testhost"
 timeout_s=3000
+# A test host whose heartbeat stops this long has locked up.
+stall_s="${CAPSULE_TESTHOST_STALL:-60}"
 mem="${CAPSULE_TESTHOST_MEM:-6G}"
 cpus="${CAPSULE_TESTHOST_CPUS:-2}"
 pass_env=()
@@ -101,16 +105,38 @@ trap 'rm -rf "$scratch"' EXIT
 # The guest's console is our stdout; the kernel stays quiet unless asked.
 append="console=ttyS0 panic=-1 quiet capsule.scratch=$scratch"
 [ -n "${CAPSULE_TESTHOST_VERBOSE:-}" ] && append="console=ttyS0 panic=-1 capsule.scratch=$scratch"
+# Watch the heartbeat the test host writes every 5 s; kill QEMU if it
+# stops changing (checked against the host's clock, not the test host's).
+(
+    last="" seen=$(date +%s)
+    while sleep 5; do
+        beat=$(cat "$scratch/heartbeat" 2>/dev/null || true)
+        now=$(date +%s)
+        if [ "$beat" != "$last" ]; then
+            last=$beat seen=$now
+        elif [ -n "$last" ] && [ $((now - seen)) -ge "$stall_s" ]; then
+            touch "$scratch/stalled"
+            kill -KILL "$(cat "$scratch/qemu.pid")" 2>/dev/null
+            break
+        fi
+    done
+) &
+watcher=$!
+trap 'kill "$watcher" 2>/dev/null || true; rm -rf "$scratch"' EXIT
 set +e
 timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 \
     -accel tcg,thread=multi -M q35 -cpu max -smp "$cpus" -m "$mem" \
-    -nographic -no-reboot -nic none \
+    -nographic -no-reboot -nic none -pidfile "$scratch/qemu.pid" \
     -kernel "$vmlinuz" -initrd "$initrd" -append "$append" \
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
     -virtfs "local,path=$scratch,mount_tag=scratch,security_model=none,multidevs=remap" \
     < /dev/null | sed -u -e 's/\r//g; s/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g; s/\x1b(B//g; s/\x0f//g' -e '/^SeaBIOS (version/d; /^Booting from ROM/d; /^$/d'
 qemu_rc=${PIPESTATUS[0]}
 set -e
+if [ -f "$scratch/stalled" ]; then
+    log "the test host stopped responding (no heartbeat for ${stall_s}s); stopped it"
+    exit 124
+fi
 if [ "$qemu_rc" = 124 ]; then
     log "the test host timed out after ${timeout_s}s"
     exit 124
