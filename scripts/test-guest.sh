@@ -47,7 +47,8 @@ for t in $tests; do
         # fails an assertion is never retried.
         case "$rc" in 124|3|4) ;; *) break ;; esac
         [ "$attempt" = 1 ] || break
-        echo "test-guest: $t: the nested test host failed it (exit $rc); running it again" >&2
+        echo "test-guest: $t: the nested test host failed it (exit $rc); running it again; it said:" >&2
+        printf '%s\n' "$out" | grep -vE '^running 1 test$|^$' | tail -n 12 | sed 's/^/  | /' >&2 || true
         retried+=("$t")
     done
     printf '%s\n' "$out" | grep -vE '^running 1 test$|^$' || true
