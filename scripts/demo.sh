@@ -15,7 +15,7 @@ step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 step capsule run -- uname -a
 $capsule run --timings -- uname -a
 
-step capsule run --cpus 2 --memory 512M --env A=1 --workdir /tmp -- sh -c 'echo $A; pwd; nproc; free -m | head -2'
+step "capsule run --cpus 2 --memory 512M --env A=1 --workdir /tmp -- sh -c 'echo \$A; pwd; nproc; free -m | head -2'"
 $capsule run --timings --cpus 2 --memory 512M --env A=1 --workdir /tmp -- sh -c 'echo $A; pwd; nproc; free -m | head -2'
 
 step "echo 'hello from the host' | capsule run -- sh -c 'tr a-z A-Z; exit 3'"
