@@ -3,8 +3,11 @@
 //! full and diff guest-memory files, and the restore backends (private
 //! file mapping, userfaultfd).
 //!
-//! Until then this crate only fixes the identity every snapshot file will
-//! start with, so that tools can recognise one.
+//! So far: the identity every state file starts with, and the container
+//! ([`container`]): tagged, length-checked, checksummed sections that a
+//! corrupt or truncated file cannot get past.
+
+pub mod container;
 
 /// First bytes of every Capsule snapshot state file.
 pub const MAGIC: [u8; 8] = *b"CAPSNAP\0";
