@@ -3,11 +3,13 @@
 //! full and diff guest-memory files, and the restore backends (private
 //! file mapping, userfaultfd).
 //!
-//! So far: the identity every state file starts with, and the container
+//! So far: the identity every state file starts with, the container
 //! ([`container`]): tagged, length-checked, checksummed sections that a
-//! corrupt or truncated file cannot get past.
+//! corrupt or truncated file cannot get past, and full memory files with
+//! zero pages left as holes ([`memory`]).
 
 pub mod container;
+pub mod memory;
 
 /// First bytes of every Capsule snapshot state file.
 pub const MAGIC: [u8; 8] = *b"CAPSNAP\0";
