@@ -193,13 +193,10 @@ fn died_without_a_word(console: &str) -> bool {
 }
 
 fn sh(vm: &mut Vm, script: &str) -> vmm::Output {
-    match vm.exec(["sh", "-c", script]) {
-        Ok(out) => out,
-        Err(e) => panic!(
-            "exec {script:?} failed: {e}\nconsole:\n{}",
-            vm.console_tail(30)
-        ),
-    }
+    let result = vm
+        .exec(["sh", "-c", script])
+        .map_err(|e| format!("exec {script:?} failed: {e}"));
+    guest_ok(vm, result)
 }
 
 fn sh_ok(vm: &mut Vm, script: &str) -> String {
