@@ -32,6 +32,8 @@ fi
 
 tests=$("$bin" --list --format terse | sed -n 's/: test$//p')
 [ -n "$tests" ] || { echo "test-guest: no guest tests found" >&2; exit 1; }
+# A test's output without the harness's filler lines.
+shown() { printf '%s\n' "$1" | grep -vE '^running 1 test$|^$' || true; }
 passed=0; failed=0; retried=()
 for t in $tests; do
     for attempt in 1 2; do
@@ -48,10 +50,10 @@ for t in $tests; do
         case "$rc" in 124|3|4) ;; *) break ;; esac
         [ "$attempt" = 1 ] || break
         echo "test-guest: $t: the nested test host failed it (exit $rc); running it again; it said:" >&2
-        printf '%s\n' "$out" | grep -vE '^running 1 test$|^$' | tail -n 12 | sed 's/^/  | /' >&2 || true
+        shown "$out" | tail -n 12 | sed 's/^/  | /' >&2
         retried+=("$t")
     done
-    printf '%s\n' "$out" | grep -vE '^running 1 test$|^$' || true
+    shown "$out"
     if [ "$rc" = 0 ] && grep -q '^test result: ok. 1 passed' <<< "$out"; then
         passed=$((passed + 1))
     else

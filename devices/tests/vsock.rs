@@ -373,6 +373,18 @@ fn malformed_connect_lines_are_dropped() {
     assert!(g.recv().is_empty(), "no request reached the guest");
 }
 
+/// Counts the device's answers to connection requests: accepted (RESPONSE)
+/// or refused (RST); anything else is a bug.
+fn count_answers(pkts: Vec<Pkt>, responses: &mut u32, resets: &mut u32) {
+    for p in pkts {
+        match p.op {
+            OP_RESPONSE => *responses += 1,
+            OP_RST => *resets += 1,
+            other => panic!("unexpected op {other}"),
+        }
+    }
+}
+
 /// A host listener that never accepts fills its backlog; further guest
 /// connections are refused at once instead of blocking the device's
 /// event loop (which would stall every device of the VM).
@@ -386,13 +398,7 @@ fn a_full_host_backlog_refuses_instead_of_blocking() {
     let (mut responses, mut resets) = (0, 0);
     for i in 0..20u32 {
         g.send(&Pkt::from_guest(50000 + i, 7000, OP_REQUEST, &[]));
-        for p in g.recv() {
-            match p.op {
-                OP_RESPONSE => responses += 1,
-                OP_RST => resets += 1,
-                other => panic!("unexpected op {other}"),
-            }
-        }
+        count_answers(g.recv(), &mut responses, &mut resets);
     }
     assert!(responses > 0, "the backlog took some connections");
     assert!(resets >= 15, "the rest were refused ({resets})");
@@ -410,13 +416,7 @@ fn guest_connections_are_capped() {
     let (mut responses, mut resets) = (0, 0);
     for i in 0..1100u32 {
         g.send(&Pkt::from_guest(10000 + i, 7001, OP_REQUEST, &[]));
-        for p in g.recv() {
-            match p.op {
-                OP_RESPONSE => responses += 1,
-                OP_RST => resets += 1,
-                other => panic!("unexpected op {other}"),
-            }
-        }
+        count_answers(g.recv(), &mut responses, &mut resets);
         while let Ok((s, _)) = listener.accept() {
             accepted.push(s);
         }

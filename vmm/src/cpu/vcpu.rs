@@ -84,7 +84,8 @@ fn run(vcpu: &mut VcpuFd, index: u8, ctx: &VcpuContext) {
             VcpuExit::Hlt => {}
             VcpuExit::Shutdown => {
                 // A triple fault: how a guest without i8042 resets, or how
-                // a crashing one ends; the registers tell which.
+                // a crashing one ends. The registers can tell which on
+                // Intel; on AMD, KVM has already reset them (rip 0xfff0).
                 log::debug!("vCPU {index}: triple fault; {}", registers(vcpu));
                 ctx.exit.set(VmExit::GuestReset);
                 return;

@@ -315,16 +315,13 @@ impl Muxer {
     /// is still delivered before the host socket closes.
     fn finish(&mut self, key: ConnKey, ops: &mut EventOps) {
         log::debug!("vsock: closing connection {key:?}");
-        let Some(mut conn) = self.conns.remove(&key) else {
+        let Some(mut conn) = self.detach(key) else {
             return;
         };
-        let fd = conn.stream.as_raw_fd();
-        self.by_fd.remove(&fd);
-        self.control.retain(|c| c.key != key || c.op == OP_RST);
         self.push_control(key, OP_RST, 0);
         if conn.flush_to_host().is_ok() && !conn.tx_buf.is_empty() {
             // Still watched: OUT readiness flushes the rest.
-            self.lingering.insert(fd, conn);
+            self.lingering.insert(conn.stream.as_raw_fd(), conn);
         } else {
             unwatch(ops, &conn.stream);
         }
@@ -341,12 +338,20 @@ impl Muxer {
         }
     }
 
+    /// Drops a connection without telling the guest.
     fn remove(&mut self, key: ConnKey, ops: &mut EventOps) {
-        if let Some(conn) = self.conns.remove(&key) {
-            self.by_fd.remove(&conn.stream.as_raw_fd());
+        if let Some(conn) = self.detach(key) {
             unwatch(ops, &conn.stream);
         }
+    }
+
+    /// Takes a connection out of the tables, with the control packets
+    /// queued for it (except RST); its socket stays open and watched.
+    fn detach(&mut self, key: ConnKey) -> Option<Connection> {
         self.control.retain(|c| c.key != key || c.op == OP_RST);
+        let conn = self.conns.remove(&key)?;
+        self.by_fd.remove(&conn.stream.as_raw_fd());
+        Some(conn)
     }
 
     /// Handles one packet the guest sent.
