@@ -45,6 +45,18 @@ pub enum Error {
     NotReady { seconds: f64, console: String },
     #[error("the VM stopped before its agent was ready ({exit}). Last console lines:\n{console}")]
     StoppedBeforeReady { exit: String, console: String },
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    #[error("snapshot {path}: {source}")]
+    SnapshotFormat {
+        path: PathBuf,
+        #[source]
+        source: snapshot::container::FormatError,
+    },
+    #[error("this snapshot cannot be restored on this host: {0}")]
+    SnapshotIncompatible(String),
+    #[error("the VM is not running ({0})")]
+    NotRunning(String),
     #[error("agent: {0}")]
     Agent(#[from] guest_agent::ClientError),
 }

@@ -10,9 +10,11 @@ mod console;
 pub mod cpu;
 mod error;
 mod exit;
+mod gate;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod persist;
 mod vm;
 
 pub use error::{Error, Result, PVM_HINT};
@@ -21,4 +23,6 @@ pub use guest_agent::{
     AgentClient, ExecEvent, ExecHandle, ExecInput, ExecRequest, ExitStatus, Output,
 };
 pub use host::KvmFlavor;
-pub use vm::{DiskConfig, Vm, VmBuilder, VmConfig, GUEST_CID};
+pub use vm::{
+    DiskConfig, MemoryBackend, RestoreOptions, SnapshotStats, Vm, VmBuilder, VmConfig, GUEST_CID,
+};

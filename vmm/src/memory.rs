@@ -1,9 +1,16 @@
 //! Guest RAM: anonymous mappings split around the 32-bit MMIO hole, and
 //! their registration with KVM.
 
+use std::fs::File;
+use std::sync::Arc;
+
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::error::{Error, Result};
 use crate::layout::{FOUR_GIB, MMIO_HOLE_START};
@@ -20,6 +27,30 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 
 pub fn create(size: u64) -> Result<GuestMemoryMmap> {
     GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|e| Error::Memory(e.to_string()))
+}
+
+/// Guest RAM backed by a memory file (see `snapshot::memory`), mapped
+/// private and copy-on-write: pages are read from the file (the page
+/// cache, shared by every VM mapping the same file) on first touch, and a
+/// page the guest writes becomes this VM's own. `regions` are
+/// (guest address, size, file offset) and must lie within the file.
+pub fn map_file(file: File, regions: &[(u64, u64, u64)]) -> Result<GuestMemoryMmap> {
+    let file = Arc::new(file);
+    let mut mapped = Vec::with_capacity(regions.len());
+    for &(guest_addr, size, file_offset) in regions {
+        let size = usize::try_from(size).map_err(|e| Error::Memory(e.to_string()))?;
+        let region = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| Error::Memory(format!("mapping the memory file: {e}")))?;
+        mapped.push(
+            GuestRegionMmap::new(region, GuestAddress(guest_addr))
+                .ok_or_else(|| Error::Memory("a memory region wraps around".into()))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| Error::Memory(e.to_string()))
 }
 
 /// Makes every region of `mem` guest RAM in `vm`.

@@ -25,30 +25,39 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::legacy::{Serial, I8042};
-use devices::virtio::block::Block;
-use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
+use devices::legacy::{Serial, SerialSnapshot, I8042};
+use devices::virtio::block::{Block, BlockState};
+use devices::virtio::mmio::{MmioState, MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::rng::Rng;
-use devices::virtio::vsock::{connect_to_guest, Vsock};
-use devices::virtio::VirtioDevice;
+use devices::virtio::vsock::{connect_to_guest, Vsock, VsockState};
+use devices::virtio::{DeviceState, VirtioDevice};
 use devices::Bus;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use guest_agent::protocol::{Frame, FrameKind, Hello, AGENT_PORT, READY_PORT};
 use guest_agent::{AgentClient, ExecRequest, Output};
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use linux_loader::loader::Cmdline;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot;
 use crate::console::{ConsoleSink, ConsoleTail};
-use crate::cpu::{cpuid, regs, vcpu};
+use crate::cpu::state as cpu_state;
+use crate::cpu::vcpu::{self, VcpuHandle};
+use crate::cpu::{cpuid, regs};
 use crate::error::{Error, Result, PVM_HINT};
 use crate::exit::{ExitState, VmExit};
+use crate::gate::PauseGate;
 use crate::host::KvmFlavor;
 use crate::layout::*;
 use crate::memory;
+use crate::persist::{
+    self, DevicesState, SavedDisk, SavedRegion, Snapshot, SnapshotInfo, VirtioSnapshot, VmState,
+};
 
 /// How long connecting to the agent may take once it said it is ready.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -254,20 +263,201 @@ impl MutEventSubscriber for Control {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// How a restored VM's memory is backed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MemoryBackend {
+    /// A private copy-on-write mapping of the memory file: pages come from
+    /// the page cache on first touch, shared by every VM restored from the
+    /// same file.
+    #[default]
+    File,
+}
+
+/// How to restore a snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    pub memory: MemoryBackend,
+    /// Where sockets live (default: a fresh temporary directory).
+    pub runtime_dir: Option<PathBuf>,
+    /// Keep the console in this file (default: in the runtime directory).
+    pub console_log: Option<PathBuf>,
+    /// Copy the console to this process's stderr.
+    pub console_to_stderr: bool,
+}
+
+/// What taking a snapshot did.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotStats {
+    /// Guest memory bytes written (non-zero pages).
+    pub memory_bytes_written: u64,
+    /// Guest memory bytes left as holes because they were zero.
+    pub memory_zero_bytes: u64,
+    /// How long the guest was paused for it.
+    pub paused_for: Duration,
+}
+
+/// The parts of a VM that boot and restore set up the same way: the
+/// runtime directory, the console and the devices on their buses.
+struct Machine {
+    runtime: RuntimeDir,
+    wake: EventFd,
+    exit: Arc<ExitState>,
+    console: ConsoleTail,
+    console_file: Option<File>,
+    console_to_stderr: bool,
+    pio: Bus,
+    mmio: Bus,
+    subscribers: Vec<Subscriber>,
+    serial: Option<Arc<Mutex<Serial>>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    vsock: Option<Arc<Mutex<Vsock>>>,
+    vsock_path: PathBuf,
+}
+
+impl Machine {
+    fn new(
+        runtime_dir: Option<&Path>,
+        console_log: Option<PathBuf>,
+        console_to_stderr: bool,
+    ) -> Result<Machine> {
+        let runtime = RuntimeDir::new(runtime_dir)?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let exit = Arc::new(ExitState::new(wake.try_clone()?));
+        let console_file =
+            File::create(console_log.unwrap_or_else(|| runtime.path.join("console.log")))?;
+        let vsock_path = runtime.path.join("vsock.sock");
+        Ok(Machine {
+            runtime,
+            wake,
+            exit,
+            console: ConsoleTail::default(),
+            console_file: Some(console_file),
+            console_to_stderr,
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            subscribers: Vec::new(),
+            serial: None,
+            transports: Vec::new(),
+            vsock: None,
+            vsock_path,
+        })
+    }
+
+    /// The serial console at COM1 (from a snapshot's state if given) and
+    /// the i8042 reset line.
+    fn add_legacy(&mut self, vm_fd: &VmFd, serial_state: Option<&SerialSnapshot>) -> Result<()> {
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(Error::kvm("wiring the serial interrupt"))?;
+        let sink = Box::new(ConsoleSink::new(
+            self.console_file.take(),
+            self.console_to_stderr,
+            self.console.clone(),
+        ));
+        let serial = match serial_state {
+            None => Serial::new(serial_irq, sink),
+            Some(state) => Serial::restore(state, serial_irq, sink).map_err(Error::Snapshot)?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        self.pio
+            .insert(COM1_PORT, 8, serial.clone())
+            .map_err(|e| Error::Device(e.to_string()))?;
+        self.serial = Some(serial);
+
+        let reset = EventFd::new(libc::EFD_NONBLOCK)?;
+        self.pio
+            .insert(
+                I8042_PORT,
+                5,
+                Arc::new(Mutex::new(I8042::new(reset.try_clone()?))),
+            )
+            .map_err(|e| Error::Device(e.to_string()))?;
+        self.subscribers.push(Arc::new(Mutex::new(Control {
+            reset,
+            wake: self.wake.try_clone()?,
+            exit: self.exit.clone(),
+        })));
+        Ok(())
+    }
+
+    /// Puts a virtio device on the next MMIO slot with its interrupt and
+    /// queue notifications wired into KVM; with `state`, the transport
+    /// picks up where a snapshot left it. Returns the slot's address and
+    /// interrupt for the kernel command line.
+    fn add_virtio(
+        &mut self,
+        vm_fd: &VmFd,
+        mem: &GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        subscriber: Subscriber,
+        state: Option<&MmioState>,
+    ) -> Result<(u64, u32)> {
+        let i = self.transports.len();
+        let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_LEN;
+        let irq = VIRTIO_IRQ_BASE + i as u32;
+        if irq >= IOAPIC_PINS {
+            return Err(Error::Config("too many devices".into()));
+        }
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
+        // Registered before a restored transport can re-raise a pending
+        // interrupt through it.
+        vm_fd
+            .register_irqfd(&irqfd, irq)
+            .map_err(Error::kvm("wiring a virtio interrupt"))?;
+        let transport = match state {
+            None => MmioTransport::new(device, mem.clone(), irqfd)?,
+            Some(state) => MmioTransport::restore(device, mem.clone(), irqfd, state)
+                .map_err(|e| Error::Snapshot(format!("virtio device {i}: {e}")))?,
+        };
+        for (q, evt) in transport.queue_events().iter().enumerate() {
+            vm_fd
+                .register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
+                .map_err(Error::kvm("binding a queue notification"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(base, MMIO_LEN, transport.clone())
+            .map_err(|e| Error::Device(e.to_string()))?;
+        self.transports.push(transport);
+        self.subscribers.push(subscriber);
+        Ok((base, irq))
+    }
+
+    fn add_vsock(
+        &mut self,
+        vm_fd: &VmFd,
+        mem: &GuestMemoryMmap,
+        saved: Option<(&VsockState, &MmioState)>,
+    ) -> Result<(u64, u32)> {
+        let vsock = match saved {
+            None => Vsock::new(GUEST_CID, &self.vsock_path)?,
+            Some((state, _)) => Vsock::restore(state, &self.vsock_path)?,
+        };
+        let vsock = Arc::new(Mutex::new(vsock));
+        self.vsock = Some(vsock.clone());
+        self.add_virtio(vm_fd, mem, vsock.clone(), vsock, saved.map(|s| s.1))
+    }
+}
+
 /// A running (or stopped) microVM.
 pub struct Vm {
     config: VmConfig,
     flavor: KvmFlavor,
-    // Kept alive for the VM's lifetime; dropped after the threads stop.
-    _kvm: Kvm,
-    _vm_fd: VmFd,
-    _mem: GuestMemoryMmap,
-    vcpus: Vec<JoinHandle<()>>,
+    kvm: Kvm,
+    vm_fd: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<VcpuHandle>,
     event_loop: Option<JoinHandle<()>>,
+    gate: Arc<PauseGate>,
+    paused: bool,
     stop: Arc<AtomicBool>,
     wake: EventFd,
     exit: Arc<ExitState>,
     console: ConsoleTail,
+    serial: Arc<Mutex<Serial>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     vsock_path: PathBuf,
     /// Open until the agent announced itself, then closed so the guest
     /// cannot pile connections onto a socket nobody accepts from.
@@ -275,8 +465,42 @@ pub struct Vm {
     started: Instant,
     ready_after: Option<Duration>,
     agent: Option<AgentClient>,
+    vcpu_ctx: Arc<vcpu::VcpuContext>,
+    /// False while a restored guest has yet to drop the vsock connections
+    /// it had at the snapshot.
+    vsock_reset_done: Arc<AtomicBool>,
     // Last: removes the sockets after everything using them is gone.
     runtime: RuntimeDir,
+}
+
+/// Creates a KVM VM with the in-kernel interrupt controllers and PIT.
+fn create_vm() -> Result<(Kvm, VmFd)> {
+    let kvm = open_kvm()?;
+    let vm_fd = kvm.create_vm().map_err(Error::kvm("creating the VM"))?;
+    vm_fd
+        .set_tss_address(KVM_TSS as usize)
+        .map_err(Error::kvm("setting the TSS address"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(Error::kvm("creating the interrupt controller"))?;
+    vm_fd
+        .create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(Error::kvm("creating the PIT"))?;
+    Ok((kvm, vm_fd))
+}
+
+fn irqchip(vm_fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm_fd
+        .get_irqchip(&mut chip)
+        .map_err(Error::kvm("reading the interrupt controller"))?;
+    Ok(chip)
 }
 
 impl Vm {
@@ -297,67 +521,18 @@ impl Vm {
                 "an initramfs holding the guest agent is required".into(),
             ));
         };
-        let flavor = KvmFlavor::detect();
-        let kvm = open_kvm()?;
-        let vm_fd = kvm.create_vm().map_err(Error::kvm("creating the VM"))?;
-        vm_fd
-            .set_tss_address(KVM_TSS as usize)
-            .map_err(Error::kvm("setting the TSS address"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(Error::kvm("creating the interrupt controller"))?;
-        vm_fd
-            .create_pit2(kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            })
-            .map_err(Error::kvm("creating the PIT"))?;
-
+        let (kvm, vm_fd) = create_vm()?;
         let mem = memory::create(config.memory_mib << 20)?;
         memory::register(&vm_fd, &mem)?;
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
         let initrd = boot::load_initramfs(&mem, &initramfs)?;
 
-        let runtime = RuntimeDir::new(config.runtime_dir.as_deref())?;
-        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
-        let exit = Arc::new(ExitState::new(wake.try_clone()?));
-        let console = ConsoleTail::default();
-        let console_file = File::create(
-            config
-                .console_log
-                .clone()
-                .unwrap_or_else(|| runtime.path.join("console.log")),
-        )?;
-
-        let mut pio = Bus::new();
-        let mut mmio = Bus::new();
-        let mut subscribers: Vec<Subscriber> = Vec::new();
-
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
-        vm_fd
-            .register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(Error::kvm("wiring the serial interrupt"))?;
-        let sink = ConsoleSink::new(
-            Some(console_file),
+        let mut machine = Machine::new(
+            config.runtime_dir.as_deref(),
+            config.console_log.clone(),
             config.console_to_stderr,
-            console.clone(),
-        );
-        let serial = Serial::new(serial_irq, Box::new(sink));
-        pio.insert(COM1_PORT, 8, Arc::new(Mutex::new(serial)))
-            .map_err(|e| Error::Device(e.to_string()))?;
-
-        let reset = EventFd::new(libc::EFD_NONBLOCK)?;
-        pio.insert(
-            I8042_PORT,
-            5,
-            Arc::new(Mutex::new(I8042::new(reset.try_clone()?))),
-        )
-        .map_err(|e| Error::Device(e.to_string()))?;
-        subscribers.push(Arc::new(Mutex::new(Control {
-            reset,
-            wake: wake.try_clone()?,
-            exit: exit.clone(),
-        })));
+        )?;
+        machine.add_legacy(&vm_fd, None)?;
 
         let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| Error::Config(e.to_string()))?;
         let mut add = |s: &str| {
@@ -380,44 +555,20 @@ impl Vm {
             add(arg)?;
         }
 
-        let mut virtio: Vec<(Arc<Mutex<dyn VirtioDevice>>, Subscriber)> = Vec::new();
+        let mut slots = Vec::new();
         for disk in &config.disks {
             let block = Block::open(&disk.path, disk.read_only)
                 .map_err(|e| Error::Device(e.to_string()))?;
             let block = Arc::new(Mutex::new(block));
-            virtio.push((block.clone(), block));
+            slots.push(machine.add_virtio(&vm_fd, &mem, block.clone(), block, None)?);
         }
         let rng = Arc::new(Mutex::new(Rng::new()?));
-        virtio.push((rng.clone(), rng));
-        let vsock_path = runtime.path.join("vsock.sock");
-        let vsock = Arc::new(Mutex::new(Vsock::new(GUEST_CID, &vsock_path)?));
-        virtio.push((vsock.clone(), vsock.clone()));
-        // The agent announces readiness on this port.
-        let ready_listener = UnixListener::bind(format!("{}_{READY_PORT}", vsock_path.display()))?;
-        ready_listener.set_nonblocking(true)?;
-
-        for (i, (device, subscriber)) in virtio.into_iter().enumerate() {
-            let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_LEN;
-            let irq = VIRTIO_IRQ_BASE + i as u32;
-            if irq >= IOAPIC_PINS {
-                return Err(Error::Config("too many devices".into()));
-            }
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
-            vm_fd
-                .register_irqfd(&irqfd, irq)
-                .map_err(Error::kvm("wiring a virtio interrupt"))?;
-            let transport = MmioTransport::new(device, mem.clone(), irqfd)?;
-            for (q, evt) in transport.queue_events().iter().enumerate() {
-                vm_fd
-                    .register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
-                    .map_err(Error::kvm("binding a queue notification"))?;
-            }
-            mmio.insert(base, MMIO_LEN, Arc::new(Mutex::new(transport)))
-                .map_err(|e| Error::Device(e.to_string()))?;
+        slots.push(machine.add_virtio(&vm_fd, &mem, rng.clone(), rng, None)?);
+        slots.push(machine.add_vsock(&vm_fd, &mem, None)?);
+        for (base, irq) in slots {
             cmdline
                 .add_virtio_mmio_device(MMIO_LEN, GuestAddress(base), irq, None)
                 .map_err(|e| Error::Config(format!("kernel command line: {e}")))?;
-            subscribers.push(subscriber);
         }
 
         boot::write_cmdline(&mem, &cmdline)?;
@@ -429,69 +580,26 @@ impl Vm {
         boot::write_boot_tables(&mem)?;
         boot::mptable::write(&mem, config.cpus)?;
 
-        // Device event loop.
-        let mut event_manager: EventManager<Subscriber> =
-            EventManager::new().map_err(|e| Error::Device(format!("event loop: {e:?}")))?;
-        for s in subscribers {
-            event_manager.add_subscriber(s);
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let loop_stop = stop.clone();
-        let loop_exit = exit.clone();
-        let event_loop = std::thread::Builder::new()
-            .name("devices".into())
-            .spawn(move || {
-                while !loop_stop.load(Ordering::Acquire) && loop_exit.get().is_none() {
-                    if let Err(e) = event_manager.run() {
-                        loop_exit.set(VmExit::Error(format!("device event loop: {e:?}")));
-                    }
-                }
-                // The VM is over: host programs talking to the guest must
-                // see the connection close, not wait forever.
-                devices::bus::lock(&vsock).disconnect_host();
-            })?;
+        // The agent announces readiness on this port.
+        let ready_listener =
+            UnixListener::bind(format!("{}_{READY_PORT}", machine.vsock_path.display()))?;
+        ready_listener.set_nonblocking(true)?;
 
-        let mut vm = Vm {
-            config,
-            flavor,
-            _kvm: kvm,
-            _vm_fd: vm_fd,
-            _mem: mem,
-            vcpus: Vec::new(),
-            event_loop: Some(event_loop),
-            stop,
-            wake,
-            exit,
-            console,
-            vsock_path,
-            ready_listener: Some(ready_listener),
-            started,
-            ready_after: None,
-            agent: None,
-            runtime,
-        };
-
-        // vCPUs.
-        let supported = vm
-            ._kvm
+        let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::kvm("reading supported CPUID"))?;
-        let ctx = Arc::new(vcpu::VcpuContext {
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            exit: vm.exit.clone(),
-            stop: vm.stop.clone(),
-            flavor,
-        });
+        let mut vm = Vm::start(config, kvm, vm_fd, mem, machine, started)?;
+        vm.ready_listener = Some(ready_listener);
+
         let mut fds = Vec::new();
         for i in 0..vm.config.cpus {
             let fd = vm
-                ._vm_fd
+                .vm_fd
                 .create_vcpu(u64::from(i))
                 .map_err(Error::kvm("creating a vCPU"))?;
             fd.set_cpuid2(&cpuid::for_vcpu(&supported, i, vm.config.cpus))
                 .map_err(Error::kvm("setting CPUID"))?;
-            regs::setup_msrs(&vm._kvm, &fd)?;
+            regs::setup_msrs(&vm.kvm, &fd)?;
             regs::setup_lapic(&fd)?;
             if i == 0 {
                 regs::setup_regs(&fd, kernel.entry)?;
@@ -500,10 +608,409 @@ impl Vm {
             }
             fds.push(fd);
         }
+        vm.spawn_vcpus(fds, false)?;
+        Ok(vm)
+    }
+
+    /// Starts the device event loop and assembles the `Vm`, without vCPUs.
+    fn start(
+        config: VmConfig,
+        kvm: Kvm,
+        vm_fd: VmFd,
+        mem: GuestMemoryMmap,
+        machine: Machine,
+        started: Instant,
+    ) -> Result<Vm> {
+        let Machine {
+            runtime,
+            wake,
+            exit,
+            console,
+            pio,
+            mmio,
+            subscribers,
+            serial,
+            transports,
+            vsock,
+            vsock_path,
+            ..
+        } = machine;
+        let (Some(serial), Some(vsock)) = (serial, vsock) else {
+            return Err(Error::Device(
+                "the serial console and vsock are required".into(),
+            ));
+        };
+        let vsock_reset_done = devices::bus::lock(&vsock).reset_done();
+        let mut event_manager: EventManager<Subscriber> =
+            EventManager::new().map_err(|e| Error::Device(format!("event loop: {e:?}")))?;
+        for s in subscribers {
+            event_manager.add_subscriber(s);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(PauseGate::default());
+        let (loop_stop, loop_exit, loop_gate) = (stop.clone(), exit.clone(), gate.clone());
+        let event_loop = std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || {
+                while !loop_stop.load(Ordering::Acquire) && loop_exit.get().is_none() {
+                    loop_gate.park_if_requested(&loop_stop);
+                    if let Err(e) = event_manager.run() {
+                        loop_exit.set(VmExit::Error(format!("device event loop: {e:?}")));
+                    }
+                }
+                // The VM is over: host programs talking to the guest must
+                // see the connection close, not wait forever.
+                devices::bus::lock(&vsock).disconnect_host();
+            })?;
+        let flavor = KvmFlavor::detect();
+        let vcpu_ctx = Arc::new(vcpu::VcpuContext {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            exit: exit.clone(),
+            stop: stop.clone(),
+            flavor,
+            msrs_to_save: cpu_state::msrs_to_save(&kvm)?,
+        });
+        Ok(Vm {
+            config,
+            flavor,
+            kvm,
+            vm_fd,
+            mem,
+            vcpus: Vec::new(),
+            event_loop: Some(event_loop),
+            gate,
+            paused: false,
+            stop,
+            wake,
+            exit,
+            console,
+            serial,
+            transports,
+            vsock_path,
+            ready_listener: None,
+            started,
+            ready_after: None,
+            agent: None,
+            vcpu_ctx,
+            vsock_reset_done,
+            runtime,
+        })
+    }
+
+    fn spawn_vcpus(&mut self, fds: Vec<VcpuFd>, paused: bool) -> Result<()> {
         for (i, fd) in fds.into_iter().enumerate() {
-            vm.vcpus.push(vcpu::spawn(fd, i as u8, ctx.clone())?);
+            self.vcpus
+                .push(vcpu::spawn(fd, i as u8, self.vcpu_ctx.clone(), paused)?);
+        }
+        self.paused = paused;
+        Ok(())
+    }
+
+    /// Restores a snapshot taken with [`Vm::snapshot`] into a new VM and
+    /// resumes it. Everything in the snapshot is checked before a VM is
+    /// created, and any failure drops what was built: no half-started VM
+    /// is left behind.
+    pub fn restore(dir: impl AsRef<Path>, options: RestoreOptions) -> Result<Vm> {
+        let started = Instant::now();
+        let dir = dir.as_ref();
+        let (state_path, bytes) = persist::read_state_file(dir)?;
+        let snap = Snapshot::from_bytes(&state_path, &bytes)?;
+        let memory_file = persist::open_memory_file(dir, &snap.info)?;
+
+        let (kvm, vm_fd) = create_vm()?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::kvm("reading supported CPUID"))?;
+        snap.check_host(&persist::cpu_vendor(&supported), &supported)?;
+
+        let MemoryBackend::File = options.memory;
+        let regions: Vec<_> = snap
+            .info
+            .regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size, r.file_offset))
+            .collect();
+        let mem = memory::map_file(memory_file, &regions)?;
+        memory::register(&vm_fd, &mem)?;
+
+        // Interrupt controllers before vCPUs and devices: a restored
+        // device may raise its interrupt at once.
+        let vm_state = &snap.vm;
+        vm_fd
+            .set_pit2(&vm_state.pit)
+            .map_err(Error::kvm("restoring the PIT"))?;
+        let mut clock = vm_state.clock;
+        // Only KVM_CLOCK_REALTIME is meaningful to set; the other flags
+        // describe the source host's clock.
+        clock.flags = 0;
+        vm_fd
+            .set_clock(&clock)
+            .map_err(Error::kvm("restoring the VM clock"))?;
+        for chip in [&vm_state.pic_master, &vm_state.pic_slave, &vm_state.ioapic] {
+            vm_fd
+                .set_irqchip(chip)
+                .map_err(Error::kvm("restoring the interrupt controller"))?;
+        }
+
+        // vCPUs before devices: an interrupt a restored device raises is
+        // delivered into a LAPIC, and restoring the LAPIC afterwards would
+        // erase it.
+        let mut fds = Vec::new();
+        for (i, state) in snap.vcpus.iter().enumerate() {
+            let fd = vm_fd
+                .create_vcpu(i as u64)
+                .map_err(Error::kvm("creating a vCPU"))?;
+            cpu_state::restore(&fd, state)?;
+            fds.push(fd);
+        }
+
+        let info = &snap.info;
+        let config = VmConfig {
+            cpus: info.cpus,
+            memory_mib: info.memory_mib,
+            disks: info
+                .disks
+                .iter()
+                .map(|d| DiskConfig {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            root_on_disk: info.root_on_disk,
+            hostname: info.hostname.clone(),
+            console_to_stderr: options.console_to_stderr,
+            console_log: options.console_log.clone(),
+            runtime_dir: options.runtime_dir.clone(),
+            ..VmConfig::default()
+        };
+        let mut machine = Machine::new(
+            options.runtime_dir.as_deref(),
+            options.console_log.clone(),
+            options.console_to_stderr,
+        )?;
+        machine.add_legacy(&vm_fd, Some(&snap.devices.serial))?;
+        for (i, saved) in snap.devices.virtio.iter().enumerate() {
+            let transport = Some(&saved.transport);
+            match &saved.device {
+                DeviceState::Block(state) => {
+                    let block = restore_block(state)
+                        .map_err(|e| Error::Snapshot(format!("virtio device {i}: {e}")))?;
+                    let block = Arc::new(Mutex::new(block));
+                    machine.add_virtio(&vm_fd, &mem, block.clone(), block, transport)?;
+                }
+                DeviceState::Rng => {
+                    let rng = Arc::new(Mutex::new(Rng::new()?));
+                    machine.add_virtio(&vm_fd, &mem, rng.clone(), rng, transport)?;
+                }
+                DeviceState::Vsock(state) => {
+                    if state.guest_cid != GUEST_CID || machine.vsock.is_some() {
+                        return Err(Error::Snapshot(format!(
+                            "virtio device {i}: unexpected vsock device"
+                        )));
+                    }
+                    machine.add_vsock(&vm_fd, &mem, Some((state, &saved.transport)))?;
+                }
+            }
+        }
+        let ready_listener = if info.agent_ready {
+            None
+        } else {
+            let l = UnixListener::bind(format!("{}_{READY_PORT}", machine.vsock_path.display()))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        };
+
+        let agent_ready = info.agent_ready;
+        let mut vm = Vm::start(config, kvm, vm_fd, mem, machine, started)?;
+        vm.ready_listener = ready_listener;
+        vm.spawn_vcpus(fds, true)?;
+        vm.resume()?;
+        if agent_ready {
+            vm.wait_vsock_reset()?;
+            vm.ready_after = Some(started.elapsed());
         }
         Ok(vm)
+    }
+
+    /// Waits for a restored guest to drop the vsock connections it had at
+    /// the snapshot; a connection made before that would be dropped too.
+    fn wait_vsock_reset(&self) -> Result<()> {
+        let deadline = Instant::now() + AGENT_CONNECT_TIMEOUT;
+        while !self.vsock_reset_done.load(Ordering::Acquire) {
+            if let Some(exit) = self.exit.get() {
+                return Err(self.exit_error(exit));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NotReady {
+                    seconds: AGENT_CONNECT_TIMEOUT.as_secs_f64(),
+                    console: format!(
+                        "(the restored guest did not take the vsock transport reset)\n{}",
+                        self.console_tail(20)
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU and the device event loop. The guest's clock does
+    /// not advance while it is paused.
+    pub fn pause(&mut self) -> Result<()> {
+        if self.paused {
+            return Ok(());
+        }
+        if let Some(exit) = self.exit.get() {
+            return Err(Error::NotRunning(exit.to_string()));
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if let Err(e) = v.pause() {
+                // Do not leave the VM half paused.
+                for v in &self.vcpus[..i] {
+                    let _ = v.resume();
+                }
+                return Err(e);
+            }
+        }
+        self.paused = true;
+        self.gate.request();
+        let _ = self.wake.write(1);
+        if !self.gate.wait_parked(Duration::from_secs(5)) {
+            let _ = self.resume();
+            return Err(Error::NotRunning(
+                "the device event loop did not pause".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs a paused VM again.
+    pub fn resume(&mut self) -> Result<()> {
+        if !self.paused {
+            return Ok(());
+        }
+        self.gate.release();
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        self.paused = false;
+        Ok(())
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Writes a snapshot of the VM into `dir` (created if needed): its
+    /// state file and its memory file. A running VM is paused for the
+    /// duration and resumed after; a paused one stays paused. Disks are
+    /// not copied: the snapshot refers to them by path, and they must
+    /// not change before it is restored.
+    pub fn snapshot(&mut self, dir: impl AsRef<Path>) -> Result<SnapshotStats> {
+        let dir = dir.as_ref();
+        let was_paused = self.paused;
+        let paused_at = Instant::now();
+        self.pause()?;
+        let written = self.write_snapshot(dir);
+        let paused_for = paused_at.elapsed();
+        if !was_paused {
+            self.resume()?;
+        }
+        let (memory_bytes_written, memory_zero_bytes) = written?;
+        Ok(SnapshotStats {
+            memory_bytes_written,
+            memory_zero_bytes,
+            paused_for,
+        })
+    }
+
+    fn write_snapshot(&self, dir: &Path) -> Result<(u64, u64)> {
+        std::fs::create_dir_all(dir)?;
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(VcpuHandle::save_state)
+            .collect::<Result<Vec<_>>>()?;
+        let vm = VmState {
+            pic_master: irqchip(&self.vm_fd, KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: irqchip(&self.vm_fd, KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: irqchip(&self.vm_fd, KVM_IRQCHIP_IOAPIC)?,
+            pit: self
+                .vm_fd
+                .get_pit2()
+                .map_err(Error::kvm("reading the PIT"))?,
+            clock: self
+                .vm_fd
+                .get_clock()
+                .map_err(Error::kvm("reading the VM clock"))?,
+        };
+        let devices = DevicesState {
+            serial: devices::bus::lock(&self.serial).state(),
+            virtio: self
+                .transports
+                .iter()
+                .map(|t| {
+                    let t = devices::bus::lock(t);
+                    VirtioSnapshot {
+                        transport: t.state(),
+                        device: t.device_state(),
+                    }
+                })
+                .collect(),
+        };
+
+        // The memory file first, under a temporary name: a state file
+        // never points at a half-written memory file.
+        let memory_tmp = dir.join(format!("{}.tmp", persist::MEMORY_FILE));
+        let file = File::create(&memory_tmp)?;
+        let (layout, stats) = snapshot::memory::write_full(&self.mem, &file)
+            .map_err(|e| Error::Snapshot(e.to_string()))?;
+        file.sync_data()?;
+        drop(file);
+
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::kvm("reading supported CPUID"))?;
+        let info = SnapshotInfo {
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            cpu_vendor: persist::cpu_vendor(&supported),
+            cpus: self.config.cpus,
+            memory_mib: self.config.memory_mib,
+            regions: layout
+                .iter()
+                .map(|r| SavedRegion {
+                    guest_addr: r.guest_addr,
+                    size: r.size,
+                    file_offset: r.file_offset,
+                })
+                .collect(),
+            hostname: self.config.hostname.clone(),
+            disks: self
+                .config
+                .disks
+                .iter()
+                .map(|d| SavedDisk {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            root_on_disk: self.config.root_on_disk,
+            agent_ready: self.ready_after.is_some(),
+        };
+        let bytes = Snapshot {
+            info,
+            vm,
+            vcpus,
+            devices,
+        }
+        .to_bytes()?;
+        let state_tmp = dir.join(format!("{}.tmp", persist::STATE_FILE));
+        std::fs::write(&state_tmp, bytes)?;
+        std::fs::rename(&memory_tmp, dir.join(persist::MEMORY_FILE))?;
+        std::fs::rename(&state_tmp, dir.join(persist::STATE_FILE))?;
+        Ok((stats.bytes_written, stats.zero_bytes_skipped))
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -669,15 +1176,16 @@ impl Vm {
     fn stop_threads(&mut self) {
         self.agent = None;
         self.stop.store(true, Ordering::Release);
+        self.gate.release();
         let _ = self.wake.write(1);
         // A kick can land just before a vCPU enters KVM_RUN; repeat until
         // every thread has noticed.
         for handle in self.vcpus.drain(..) {
             while !handle.is_finished() {
-                vcpu::kick(&handle);
+                handle.kick();
                 std::thread::sleep(Duration::from_micros(200));
             }
-            let _ = handle.join();
+            handle.join();
         }
         if let Some(handle) = self.event_loop.take() {
             let _ = handle.join();
@@ -717,4 +1225,18 @@ fn wait_readable(listener: &UnixListener, timeout: Duration) {
     // SAFETY: `pfd` is one valid pollfd for the duration of the call; an
     // error or EINTR just means the caller polls again.
     unsafe { libc::poll(&mut pfd, 1, millis) };
+}
+
+/// Opens a snapshot's disk again, checking it is still the size the guest
+/// knows: a disk that changed size under a snapshot is not the same disk.
+fn restore_block(state: &BlockState) -> std::result::Result<Block, String> {
+    let block = Block::open(Path::new(&state.path), state.read_only).map_err(|e| e.to_string())?;
+    let now = block.capacity_sectors();
+    if now != state.capacity_sectors {
+        return Err(format!(
+            "disk {} has {now} sectors, the snapshot {}",
+            state.path, state.capacity_sectors
+        ));
+    }
+    Ok(block)
 }

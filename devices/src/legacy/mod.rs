@@ -5,4 +5,4 @@ mod i8042;
 mod serial;
 
 pub use i8042::I8042;
-pub use serial::{EventFdTrigger, Serial};
+pub use serial::{EventFdTrigger, Serial, SerialSnapshot};

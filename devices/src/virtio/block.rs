@@ -9,8 +9,8 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, VirtioDevice,
-    TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, DeviceState,
+    VirtioDevice, TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::GuestMemory;
 
@@ -97,7 +97,11 @@ impl Block {
         })
     }
 
-    pub fn state(&self) -> BlockState {
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    fn block_state(&self) -> BlockState {
         BlockState {
             path: self.path.clone(),
             read_only: self.read_only,
@@ -238,6 +242,12 @@ fn write_disk(file: &File, sector: u64, capacity: u64, len: usize, reader: &mut 
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
+    }
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.slot.queues()
+    }
+    fn state(&self) -> DeviceState {
+        DeviceState::Block(self.block_state())
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

@@ -43,7 +43,21 @@ pub struct MmioState {
     pub queue_select: u32,
     pub config_generation: u32,
     pub interrupt_status: u32,
+    /// The device found its queues corrupt and stopped (DEVICE_NEEDS_RESET).
+    pub device_failed: bool,
     pub queues: Vec<QueueSnapshot>,
+}
+
+/// Why a transport could not be rebuilt from a snapshot. Snapshot files
+/// are untrusted: every value is checked before the guest sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the device has {expected} queues, the snapshot {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("queue {index}: {reason}")]
+    Queue { index: usize, reason: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Serializable state of one virtqueue.
@@ -74,6 +88,29 @@ impl QueueSnapshot {
             next_used: s.next_used,
             event_idx: s.event_idx_enabled,
         }
+    }
+
+    /// The queue this snapshot describes, if its values are consistent
+    /// (sizes, alignment, ring indices) for a queue of `max_size`.
+    pub fn to_queue(&self, max_size: u16) -> Result<Queue, String> {
+        if self.max_size != max_size {
+            return Err(format!(
+                "maximum size {} where the device has {max_size}",
+                self.max_size
+            ));
+        }
+        let state = virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        };
+        Queue::try_from(state).map_err(|e| format!("{e:?}"))
     }
 }
 
@@ -126,6 +163,44 @@ impl MmioTransport {
         })
     }
 
+    /// Rebuilds a transport from a snapshot's `state` around `device`
+    /// (itself restored). A device the driver had started is activated
+    /// again at once, with `restored` set so it serves its queues once.
+    pub fn restore(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemory,
+        irqfd: EventFd,
+        state: &MmioState,
+    ) -> Result<Self, RestoreError> {
+        let mut transport = MmioTransport::new(device, mem, irqfd)?;
+        if state.queues.len() != transport.queues.len() {
+            return Err(RestoreError::QueueCount {
+                expected: transport.queues.len(),
+                got: state.queues.len(),
+            });
+        }
+        for (index, (queue, saved)) in transport.queues.iter_mut().zip(&state.queues).enumerate() {
+            *queue = saved
+                .to_queue(queue.max_size())
+                .map_err(|reason| RestoreError::Queue { index, reason })?;
+        }
+        transport.device_status = state.device_status;
+        transport.features_select = state.features_select;
+        transport.acked_features_select = state.acked_features_select;
+        transport.acked_features = state.acked_features;
+        transport.queue_select = state.queue_select;
+        transport.config_generation = state.config_generation;
+        transport
+            .interrupt
+            .restore(state.interrupt_status, state.device_failed);
+        let running = state.device_status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET | STATUS_FAILED)
+            == STATUS_DRIVER_OK;
+        if running && !state.device_failed {
+            transport.activate(true);
+        }
+        Ok(transport)
+    }
+
     /// The per-queue notification eventfds, in queue order.
     pub fn queue_events(&self) -> &[EventFd] {
         &self.queue_events
@@ -133,6 +208,10 @@ impl MmioTransport {
 
     pub fn device_type(&self) -> u32 {
         lock(&self.device).device_type()
+    }
+
+    pub fn device_state(&self) -> super::DeviceState {
+        lock(&self.device).state()
     }
 
     pub fn state(&self) -> MmioState {
@@ -144,7 +223,16 @@ impl MmioTransport {
             queue_select: self.queue_select,
             config_generation: self.config_generation,
             interrupt_status: self.interrupt.status(),
-            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+            device_failed: self.interrupt.device_failed(),
+            queues: {
+                let device = lock(&self.device);
+                match device.active_queues() {
+                    Some(active) if self.activated => {
+                        active.iter().map(QueueSnapshot::of).collect()
+                    }
+                    _ => self.queues.iter().map(QueueSnapshot::of).collect(),
+                }
+            },
         }
     }
 
@@ -200,11 +288,11 @@ impl MmioTransport {
         }
         self.device_status = status;
         if added & STATUS_DRIVER_OK != 0 && !self.activated {
-            self.activate();
+            self.activate(false);
         }
     }
 
-    fn activate(&mut self) {
+    fn activate(&mut self, restored: bool) {
         let valid = self
             .queues
             .iter()
@@ -248,6 +336,7 @@ impl MmioTransport {
             queue_events,
             interrupt: self.interrupt.clone(),
             acked_features: self.acked_features,
+            restored,
         };
         let result = lock(&self.device).activate(activation);
         match result {

@@ -84,6 +84,20 @@ impl Interrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    /// Puts back a snapshot's `InterruptStatus` and failure flag, raising
+    /// the interrupt again if one was pending: the interrupt controller's
+    /// own state may have consumed the edge, and a spurious interrupt is
+    /// harmless while a lost one hangs the driver.
+    pub fn restore(&self, status: u32, failed: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.failed.store(failed, Ordering::SeqCst);
+        if status != 0 {
+            if let Err(e) = self.irqfd.write(1) {
+                log::error!("virtio: cannot raise interrupt: {e}");
+            }
+        }
+    }
 }
 
 /// Everything a device needs to start serving its queues.
@@ -94,6 +108,10 @@ pub struct Activation {
     pub queue_events: Vec<EventFd>,
     pub interrupt: std::sync::Arc<Interrupt>,
     pub acked_features: u64,
+    /// The queues come from a snapshot: the driver may have kicked them
+    /// just before it was taken, so the device serves each queue once
+    /// without waiting for a notification.
+    pub restored: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,10 +124,27 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// A device's own snapshot state (the transport's is [`mmio::MmioState`]):
+/// what it takes to build the same device again.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeviceState {
+    Block(block::BlockState),
+    Rng,
+    Vsock(vsock::VsockState),
+}
+
 /// The device side of a virtio device: identity, features, configuration
 /// space and activation. The transport owns registers and queue setup.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
+    /// What a snapshot records about the device itself. Devices never have
+    /// requests in flight at a snapshot: they serve each request to
+    /// completion on the event loop, which is parked first.
+    fn state(&self) -> DeviceState;
+    /// The queues the device is serving, once activated: they, not the
+    /// transport's copies from activation time, hold the ring positions
+    /// a snapshot must record.
+    fn active_queues(&self) -> Option<&[Queue]>;
     /// Largest size the driver may pick for each queue.
     fn queue_max_sizes(&self) -> &[u16];
     /// Features offered to the driver.
@@ -153,6 +188,10 @@ pub(crate) struct ActivationSlot {
 }
 
 impl ActivationSlot {
+    pub(crate) fn queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+
     pub(crate) fn new() -> std::io::Result<Self> {
         Ok(ActivationSlot {
             event: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -192,6 +231,9 @@ impl ActivationSlot {
             for (i, evt) in active.queue_events.iter().enumerate() {
                 if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
                     log::error!("virtio: cannot watch queue {i}: {e:?}");
+                }
+                if active.restored {
+                    let _ = evt.write(1);
                 }
             }
         }

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::{
-    drain_queue, ActivateError, Activation, ActivationSlot, VirtioDevice, TYPE_RNG,
+    drain_queue, ActivateError, Activation, ActivationSlot, DeviceState, VirtioDevice, TYPE_RNG,
     VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -53,6 +53,12 @@ fn serve(source: &mut File, active: &mut Activation) -> Result<usize, virtio_que
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         TYPE_RNG
+    }
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.slot.queues()
+    }
+    fn state(&self) -> DeviceState {
+        DeviceState::Rng
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]

@@ -3,4 +3,5 @@
 
 pub mod cpuid;
 pub mod regs;
+pub mod state;
 pub mod vcpu;

@@ -2,13 +2,17 @@
 //! buses, and turn the ways a guest can stop into a [`VmExit`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use devices::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::state::{self, VcpuState};
+use crate::error::{Error, Result};
 use crate::exit::{ExitState, VmExit};
 use crate::host::KvmFlavor;
 
@@ -19,6 +23,101 @@ pub struct VcpuContext {
     pub exit: Arc<ExitState>,
     pub stop: Arc<AtomicBool>,
     pub flavor: KvmFlavor,
+    /// MSRs a snapshot saves (see [`state::msrs_to_save`]).
+    pub msrs_to_save: Vec<u32>,
+}
+
+/// What the VMM asks of a vCPU thread. The thread owns its `VcpuFd`, so
+/// everything that needs the vCPU stopped goes through it.
+enum Request {
+    Pause,
+    SaveState,
+    Resume,
+}
+
+enum Reply {
+    Paused,
+    State(Box<Result<VcpuState>>),
+    Resumed,
+}
+
+/// A running vCPU thread and the line to it.
+pub struct VcpuHandle {
+    thread: JoinHandle<()>,
+    requests: Sender<Request>,
+    replies: Receiver<Reply>,
+    index: u8,
+}
+
+/// How long a vCPU may take to answer: pausing waits for KVM_RUN to
+/// return, which a kick forces within microseconds.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VcpuHandle {
+    /// Stops the vCPU between two guest instructions, with any port or
+    /// MMIO access it was in the middle of completed, so its registers
+    /// are a consistent state to save.
+    pub fn pause(&self) -> Result<()> {
+        self.requests
+            .send(Request::Pause)
+            .map_err(|_| self.gone())?;
+        // The kick can land just before the thread enters KVM_RUN; repeat
+        // it until the thread answers.
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        loop {
+            kick(&self.thread);
+            match self.replies.recv_timeout(Duration::from_millis(1)) {
+                Ok(Reply::Paused) => return Ok(()),
+                Ok(_) => return Err(self.confused()),
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(_) => return Err(self.gone()),
+            }
+        }
+    }
+
+    /// The state of a paused vCPU.
+    pub fn save_state(&self) -> Result<VcpuState> {
+        self.requests
+            .send(Request::SaveState)
+            .map_err(|_| self.gone())?;
+        match self.replies.recv_timeout(ANSWER_TIMEOUT) {
+            Ok(Reply::State(state)) => *state,
+            Ok(_) => Err(self.confused()),
+            Err(_) => Err(self.gone()),
+        }
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        self.requests
+            .send(Request::Resume)
+            .map_err(|_| self.gone())?;
+        match self.replies.recv_timeout(ANSWER_TIMEOUT) {
+            Ok(Reply::Resumed) => Ok(()),
+            Ok(_) => Err(self.confused()),
+            Err(_) => Err(self.gone()),
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Knocks the thread out of KVM_RUN so it sees the stop flag.
+    pub fn kick(&self) {
+        kick(&self.thread);
+    }
+
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+
+    fn gone(&self) -> Error {
+        Error::NotRunning(format!("vCPU {} has stopped", self.index))
+    }
+
+    fn confused(&self) -> Error {
+        Error::NotRunning(format!("vCPU {} answered out of turn", self.index))
+    }
 }
 
 /// The signal used to knock a vCPU thread out of KVM_RUN.
@@ -37,24 +136,112 @@ fn install_kick_handler() {
     });
 }
 
+/// Starts a thread running `vcpu`. With `paused`, the thread starts parked
+/// (a restored vCPU waits for the whole VM to be restored) and runs the
+/// guest only after [`VcpuHandle::resume`].
 pub fn spawn(
     mut vcpu: VcpuFd,
     index: u8,
     ctx: Arc<VcpuContext>,
-) -> std::io::Result<JoinHandle<()>> {
+    paused: bool,
+) -> std::io::Result<VcpuHandle> {
     install_kick_handler();
-    std::thread::Builder::new()
+    let (request_tx, requests) = channel();
+    let (replies, reply_rx) = channel();
+    if paused {
+        let _ = request_tx.send(Request::Pause);
+    }
+    let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
-        .spawn(move || run(&mut vcpu, index, &ctx))
+        .spawn(move || run(&mut vcpu, index, &ctx, &requests, &replies))?;
+    if paused {
+        // Swallow the thread's answer to the pause queued above.
+        match reply_rx.recv_timeout(ANSWER_TIMEOUT) {
+            Ok(Reply::Paused) => {}
+            _ => log::warn!("vCPU {index} did not start paused"),
+        }
+    }
+    Ok(VcpuHandle {
+        thread,
+        requests: request_tx,
+        replies: reply_rx,
+        index,
+    })
 }
 
-/// Interrupts a vCPU thread stuck in KVM_RUN; it then sees the stop flag.
-pub fn kick(handle: &JoinHandle<()>) {
+fn kick(handle: &JoinHandle<()>) {
     let _ = handle.kill(kick_signal());
 }
 
-fn run(vcpu: &mut VcpuFd, index: u8, ctx: &VcpuContext) {
+/// Parks a vCPU thread that was asked to pause and serves requests until
+/// it is resumed. Returns false if the VM is stopping instead.
+fn paused(
+    vcpu: &mut VcpuFd,
+    ctx: &VcpuContext,
+    requests: &Receiver<Request>,
+    replies: &Sender<Reply>,
+) -> bool {
+    // An exit to userspace for port or MMIO I/O is only finished (the
+    // value read written to the guest's register) on the next KVM_RUN.
+    // With immediate_exit set, KVM_RUN does just that and returns EINTR
+    // without entering the guest.
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+    if replies.send(Reply::Paused).is_err() {
+        return false;
+    }
+    loop {
+        match requests.recv_timeout(Duration::from_millis(50)) {
+            Ok(Request::SaveState) => {
+                let saved = state::save(vcpu, &ctx.msrs_to_save);
+                if replies.send(Reply::State(Box::new(saved))).is_err() {
+                    return false;
+                }
+            }
+            Ok(Request::Pause) => {
+                let _ = replies.send(Reply::Paused);
+            }
+            Ok(Request::Resume) => {
+                // Tell the guest it was stopped, so its watchdogs do not
+                // count the pause as a lockup (fails harmlessly on a
+                // guest without kvmclock).
+                let _ = vcpu.kvmclock_ctrl();
+                return replies.send(Reply::Resumed).is_ok();
+            }
+            Err(RecvTimeoutError::Timeout) if !ctx.stop.load(Ordering::Acquire) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+fn run(
+    vcpu: &mut VcpuFd,
+    index: u8,
+    ctx: &VcpuContext,
+    requests: &Receiver<Request>,
+    replies: &Sender<Reply>,
+) {
     while !ctx.stop.load(Ordering::Acquire) {
+        if let Ok(request) = requests.try_recv() {
+            match request {
+                Request::Pause => {
+                    if !paused(vcpu, ctx, requests, replies) {
+                        return;
+                    }
+                    continue;
+                }
+                // Only a paused vCPU can be saved or resumed.
+                Request::SaveState => {
+                    let _ = replies.send(Reply::State(Box::new(Err(Error::NotRunning(format!(
+                        "vCPU {index} was not paused"
+                    ))))));
+                }
+                Request::Resume => {
+                    let _ = replies.send(Reply::Resumed);
+                }
+            }
+        }
         let exit = match vcpu.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,

@@ -261,6 +261,15 @@ impl Muxer {
         self.conns.len() + self.handshakes.len() + self.lingering.len()
     }
 
+    pub fn next_local_port(&self) -> u32 {
+        self.next_local_port
+    }
+
+    /// Numbers host-initiated connections from `port` on (restore).
+    pub fn continue_local_ports_from(&mut self, port: u32) {
+        self.next_local_port = port.max(FIRST_LOCAL_PORT);
+    }
+
     fn allocate_local_port(&mut self) -> u32 {
         loop {
             let port = self.next_local_port;

@@ -554,3 +554,5 @@ fn twenty_sequential_boots_leak_nothing() {
     assert_eq!(count_dir("/proc/self/task"), threads, "threads leaked");
     assert_eq!(runtime_dirs(), dirs, "runtime directories leaked");
 }
+
+mod snapshot;

@@ -1,0 +1,77 @@
+//! Snapshots, restores and forks of real guests.
+
+use super::*;
+
+/// Starts a loop in the guest that counts in a tmpfs file, ten times a
+/// second, detached from the exec that started it. With
+/// CAPSULE_DEBUG_COUNT set it also prints the count on the console.
+fn start_counter(vm: &mut Vm) {
+    let echo = if std::env::var_os("CAPSULE_DEBUG_COUNT").is_some() {
+        "echo count=$i > /dev/console;"
+    } else {
+        ""
+    };
+    sh_ok(
+        vm,
+        &format!(
+            "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; \
+             {echo} sleep 0.1; done) </dev/null >/dev/null 2>&1 &"
+        ),
+    );
+}
+
+fn count(vm: &mut Vm) -> u64 {
+    let out = sh_ok(vm, "cat /tmp/count");
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("count is {out:?}"))
+}
+
+#[test]
+fn a_restored_guest_continues_where_it_was() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let (_dir, disk) = scratch_file("data.img", 8 << 20);
+    let snaps = tempfile::tempdir().unwrap();
+    let snap = snaps.path().join("snap");
+
+    let mut vm = boot(builder().disk(&disk, false));
+    start_counter(&mut vm);
+    sh_ok(
+        &mut vm,
+        "printf 'on-disk-before-snapshot' | dd of=/dev/vda bs=512 conv=fsync 2>/dev/null",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let before = count(&mut vm);
+    vm.pause().expect("pause");
+    let at_snapshot = {
+        // Nothing runs while paused: the count is frozen.
+        let stats = vm.snapshot(&snap).expect("snapshot");
+        eprintln!(
+            "snapshot: {} MiB written, {} MiB of zeros skipped, paused {:?}",
+            stats.memory_bytes_written >> 20,
+            stats.memory_zero_bytes >> 20,
+            stats.paused_for
+        );
+        assert!(stats.memory_bytes_written > 0);
+        vm.kill();
+        before
+    };
+
+    let mut restored = Vm::restore(&snap, vmm::RestoreOptions::default()).expect("restore");
+    let after = count(&mut restored);
+    assert!(
+        after >= at_snapshot && after < at_snapshot + 50,
+        "count went from {at_snapshot} to {after}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let later = count(&mut restored);
+    assert!(
+        later > after,
+        "the counter stopped after restore: {after} then {later}"
+    );
+    assert_eq!(
+        sh_ok(&mut restored, "head -c 23 /dev/vda"),
+        "on-disk-before-snapshot"
+    );
+    stop(restored);
+}

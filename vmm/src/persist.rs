@@ -1,0 +1,344 @@
+//! What a snapshot directory holds and how it is written and read back.
+//!
+//! ```text
+//! <dir>/state    the state file: snapshot::container sections
+//!                INFO (SnapshotInfo), VMST (VmState), VCPU x N, DEVS
+//! <dir>/memory   guest RAM, regions back to back, zero pages as holes
+//! ```
+//!
+//! Section payloads are postcard-encoded structs. Everything read back is
+//! checked before a VM is created from it: a corrupt, truncated or
+//! foreign snapshot is an error naming the problem, never a panic and
+//! never a half-started VM.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use devices::legacy::SerialSnapshot;
+use devices::virtio::mmio::MmioState;
+use devices::virtio::DeviceState;
+use kvm_bindings::{kvm_clock_data, kvm_cpuid_entry2, kvm_irqchip, kvm_pit_state2, CpuId};
+use serde::{Deserialize, Serialize};
+use snapshot::container::{self, StateWriter, Tag};
+
+use crate::cpu::state::VcpuState;
+use crate::error::{Error, Result};
+use crate::layout::MAX_VCPUS;
+
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
+
+/// A state file is a few hundred KiB at most (vCPU and device state);
+/// anything far bigger is not ours.
+const MAX_STATE_FILE: u64 = 64 << 20;
+
+const TAG_INFO: Tag = *b"INFO";
+const TAG_VM: Tag = *b"VMST";
+const TAG_VCPU: Tag = *b"VCPU";
+const TAG_DEVICES: Tag = *b"DEVS";
+
+/// What the snapshot is of, and what restoring it needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// The `vmm` crate version that wrote it (informational).
+    pub vmm_version: String,
+    /// CPUID vendor of the host that took it ("GenuineIntel",
+    /// "AuthenticAMD"): vCPU state does not move between vendors.
+    pub cpu_vendor: String,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    /// Where each RAM region lives in the memory file.
+    pub regions: Vec<SavedRegion>,
+    pub hostname: String,
+    pub disks: Vec<SavedDisk>,
+    pub root_on_disk: bool,
+    /// Whether the guest agent had announced itself: a restored VM can be
+    /// talked to at once only if it had.
+    pub agent_ready: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRegion {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedDisk {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// The VM-wide KVM state: the in-kernel interrupt controllers, the PIT
+/// and the kvmclock.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// Every device, in the order they sit on the buses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialSnapshot,
+    pub virtio: Vec<VirtioSnapshot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioSnapshot {
+    pub transport: MmioState,
+    pub device: DeviceState,
+}
+
+/// A whole snapshot, in memory (the guest RAM stays in its file).
+#[derive(Debug)]
+pub struct Snapshot {
+    pub info: SnapshotInfo,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>> {
+    postcard::to_stdvec(value).map_err(|e| Error::Snapshot(format!("encoding {what}: {e}")))
+}
+
+fn decode<'a, T: Deserialize<'a>>(path: &Path, what: &str, bytes: &'a [u8]) -> Result<T> {
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| {
+        Error::Snapshot(format!(
+            "{}: the {what} section is malformed: {e}",
+            path.display()
+        ))
+    })?;
+    if !rest.is_empty() {
+        return Err(Error::Snapshot(format!(
+            "{}: the {what} section has {} stray bytes",
+            path.display(),
+            rest.len()
+        )));
+    }
+    Ok(value)
+}
+
+impl Snapshot {
+    /// The state file's bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut w = StateWriter::new();
+        w.section(TAG_INFO, encode("info", &self.info)?);
+        w.section(TAG_VM, encode("VM state", &self.vm)?);
+        for vcpu in &self.vcpus {
+            w.section(TAG_VCPU, encode("vCPU state", vcpu)?);
+        }
+        w.section(TAG_DEVICES, encode("device state", &self.devices)?);
+        Ok(w.to_bytes())
+    }
+
+    /// Parses and checks a state file read from `path`.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Snapshot> {
+        let sections = container::parse(bytes).map_err(|source| Error::SnapshotFormat {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut info = None;
+        let mut vm = None;
+        let mut devices = None;
+        let mut vcpus = Vec::new();
+        for section in &sections {
+            match section.tag {
+                TAG_INFO if info.is_none() => info = Some(decode(path, "info", section.payload)?),
+                TAG_VM if vm.is_none() => vm = Some(decode(path, "VM state", section.payload)?),
+                TAG_DEVICES if devices.is_none() => {
+                    devices = Some(decode(path, "device state", section.payload)?)
+                }
+                TAG_VCPU if vcpus.len() < usize::from(MAX_VCPUS) => {
+                    vcpus.push(decode(path, "vCPU state", section.payload)?)
+                }
+                tag => {
+                    return Err(Error::Snapshot(format!(
+                        "{}: unexpected section {:?}",
+                        path.display(),
+                        String::from_utf8_lossy(&tag)
+                    )))
+                }
+            }
+        }
+        let missing = |what: &str| {
+            Error::Snapshot(format!("{}: the {what} section is missing", path.display()))
+        };
+        let snapshot = Snapshot {
+            info: info.ok_or_else(|| missing("info"))?,
+            vm: vm.ok_or_else(|| missing("VM state"))?,
+            vcpus,
+            devices: devices.ok_or_else(|| missing("device state"))?,
+        };
+        snapshot.check(path)?;
+        Ok(snapshot)
+    }
+
+    /// Consistency checks that do not need the host: counts and memory
+    /// layout.
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |what: String| Error::Snapshot(format!("{}: {what}", path.display()));
+        let info = &self.info;
+        if info.cpus == 0 || info.cpus > MAX_VCPUS {
+            return Err(bad(format!("{} vCPUs", info.cpus)));
+        }
+        if self.vcpus.len() != usize::from(info.cpus) {
+            return Err(bad(format!(
+                "{} vCPU sections for {} vCPUs",
+                self.vcpus.len(),
+                info.cpus
+            )));
+        }
+        // Regions: in address order, not overlapping, back to back in the
+        // file from offset 0, page-aligned, summing to the memory size.
+        let mut next_offset = 0u64;
+        let mut next_addr = 0u64;
+        for r in &info.regions {
+            let aligned = r.guest_addr % 4096 == 0 && r.size % 4096 == 0 && r.size > 0;
+            if !aligned || r.guest_addr < next_addr || r.file_offset != next_offset {
+                return Err(bad(format!("memory region {r:?} is inconsistent")));
+            }
+            next_addr = r
+                .guest_addr
+                .checked_add(r.size)
+                .ok_or_else(|| bad(format!("memory region {r:?} wraps around")))?;
+            next_offset += r.size;
+        }
+        if info.memory_mib.checked_shl(20) != Some(next_offset) || next_offset == 0 {
+            return Err(bad(format!(
+                "memory regions hold {next_offset} bytes, not {} MiB",
+                info.memory_mib
+            )));
+        }
+        if info.disks.len() > 16 || self.devices.virtio.len() > 32 {
+            return Err(bad("too many devices".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether this host can run the snapshot's vCPUs: same CPU vendor,
+    /// and every CPU feature the guest was shown is one this host's KVM
+    /// supports.
+    pub fn check_host(&self, vendor: &str, supported: &CpuId) -> Result<()> {
+        if self.info.cpu_vendor != vendor {
+            return Err(Error::SnapshotIncompatible(format!(
+                "it was taken on a {} CPU and this host is {vendor}",
+                self.info.cpu_vendor
+            )));
+        }
+        for (i, vcpu) in self.vcpus.iter().enumerate() {
+            missing_features(&vcpu.cpuid, supported.as_slice()).map_err(|m| {
+                Error::SnapshotIncompatible(format!(
+                    "vCPU {i} uses CPU features this host lacks ({m})"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Feature leaves compared between a snapshot's guest CPUID and a host's
+/// supported CPUID: (leaf, subleaf, register, bits that may differ).
+/// Bits that mirror guest-controlled state (OSXSAVE, OSPKE) or that the
+/// VMM sets itself (the hypervisor bit) are left out.
+const FEATURE_WORDS: [(u32, u32, usize, u32); 7] = [
+    (1, 0, ECX, (1 << 27) | (1 << 31)),
+    (1, 0, EDX, 0),
+    (7, 0, EBX, 0),
+    (7, 0, ECX, 1 << 4),
+    (7, 0, EDX, 0),
+    (0x8000_0001, 0, ECX, 0),
+    (0x8000_0001, 0, EDX, 0),
+];
+const EBX: usize = 1;
+const ECX: usize = 2;
+const EDX: usize = 3;
+
+fn missing_features(
+    guest: &[kvm_cpuid_entry2],
+    host: &[kvm_cpuid_entry2],
+) -> std::result::Result<(), String> {
+    let find = |entries: &[kvm_cpuid_entry2], leaf: u32, sub: u32| {
+        entries
+            .iter()
+            .find(|e| e.function == leaf && (e.index == sub || e.flags & 1 == 0))
+            .map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+    };
+    for (leaf, sub, reg, ignore) in FEATURE_WORDS {
+        let Some(g) = find(guest, leaf, sub) else {
+            continue;
+        };
+        let h = find(host, leaf, sub).unwrap_or([0; 4]);
+        let lacking = g[reg] & !h[reg] & !ignore;
+        if lacking != 0 {
+            let name = ["eax", "ebx", "ecx", "edx"][reg];
+            return Err(format!("CPUID {leaf:#x}.{sub} {name} bits {lacking:#010x}"));
+        }
+    }
+    Ok(())
+}
+
+/// The CPU vendor string from CPUID leaf 0 in KVM's supported list.
+pub fn cpu_vendor(supported: &CpuId) -> String {
+    let Some(e) = supported.as_slice().iter().find(|e| e.function == 0) else {
+        return "unknown".into();
+    };
+    let mut bytes = Vec::with_capacity(12);
+    for r in [e.ebx, e.edx, e.ecx] {
+        bytes.extend_from_slice(&r.to_le_bytes());
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Reads `<dir>/state`, refusing anything too big to be ours.
+pub fn read_state_file(dir: &Path) -> Result<(PathBuf, Vec<u8>)> {
+    let path = dir.join(STATE_FILE);
+    let file = File::open(&path).map_err(|source| Error::File {
+        what: "snapshot state",
+        path: path.clone(),
+        source,
+    })?;
+    let mut bytes = Vec::new();
+    file.take(MAX_STATE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| Error::File {
+            what: "snapshot state",
+            path: path.clone(),
+            source,
+        })?;
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(Error::Snapshot(format!(
+            "{}: larger than {} MiB, not a Capsule state file",
+            path.display(),
+            MAX_STATE_FILE >> 20
+        )));
+    }
+    Ok((path, bytes))
+}
+
+/// Opens `<dir>/memory` and checks it holds every region: mapping a file
+/// shorter than the guest's RAM would turn the guest's first touch past
+/// its end into SIGBUS in the VMM.
+pub fn open_memory_file(dir: &Path, info: &SnapshotInfo) -> Result<File> {
+    let path = dir.join(MEMORY_FILE);
+    let file = File::open(&path).map_err(|source| Error::File {
+        what: "snapshot memory",
+        path: path.clone(),
+        source,
+    })?;
+    let len = file.metadata()?.len();
+    let needed = info.memory_mib << 20;
+    if len != needed {
+        return Err(Error::Snapshot(format!(
+            "{}: {len} bytes where the guest has {needed}",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
