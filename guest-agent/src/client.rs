@@ -15,8 +15,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::protocol::{
-    ExecRequest, ExitStatus, Frame, FrameKind, Hello, ProtocolError, Reply, Request, Signal,
-    MAX_PAYLOAD,
+    ExecRequest, ExitStatus, Frame, FrameKind, Hello, Identity, ProtocolError, Reply, Request,
+    Signal, MAX_PAYLOAD,
 };
 
 /// Errors talking to the agent.
@@ -153,6 +153,19 @@ impl AgentClient {
                 lock(&self.routes).remove(&id);
                 Err(ClientError::Refused(message))
             }
+            other => Err(ClientError::UnexpectedReply(other)),
+        }
+    }
+
+    /// Tells a restored guest its new identity; returns what could not be
+    /// applied.
+    pub fn restored(&self, identity: Identity) -> Result<Vec<String>, ClientError> {
+        let (id, rx) = self.open_stream(&Request::Restored(identity))?;
+        let reply = self.reply(id, &rx, Duration::from_secs(30))?;
+        lock(&self.routes).remove(&id);
+        match reply {
+            Reply::Restored { problems } => Ok(problems),
+            Reply::Error { message } => Err(ClientError::Refused(message)),
             other => Err(ClientError::UnexpectedReply(other)),
         }
     }

@@ -6,4 +6,4 @@ pub mod client;
 pub mod protocol;
 
 pub use client::{AgentClient, ClientError, ExecEvent, ExecHandle, ExecInput, Output};
-pub use protocol::{ExecRequest, ExitStatus};
+pub use protocol::{ExecRequest, ExitStatus, Identity};

@@ -234,6 +234,30 @@ pub enum Request {
     /// Sync, stop every process and power the VM off (or reboot it, which
     /// the VMM also treats as the end of the VM).
     Shutdown { reboot: bool },
+    /// The VM was just restored from a snapshot (possibly as one of many
+    /// forks): take on this identity. Answered with [`Reply::Restored`].
+    Restored(Identity),
+}
+
+/// What makes one restored VM distinct from every other restored from
+/// the same snapshot, and true to the present.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// New hostname; kept if unset.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// New /etc/machine-id (32 lowercase hex digits); kept if unset.
+    #[serde(default)]
+    pub machine_id: Option<String>,
+    /// Fresh randomness from the host, hex-encoded, mixed into the
+    /// kernel's pool before its random number generator is reseeded:
+    /// every fork would otherwise produce the same "random" bytes.
+    #[serde(default)]
+    pub entropy_hex: String,
+    /// The host's wall clock (nanoseconds since the Unix epoch) when the
+    /// notice was sent: the guest's clock stood still while it was saved.
+    #[serde(default)]
+    pub unix_time_ns: Option<u64>,
 }
 
 /// How to run a process in the guest.
@@ -283,6 +307,12 @@ pub enum Reply {
     Pong,
     /// The shutdown is under way; the VM will stop shortly.
     ShuttingDown,
+    /// The identity was applied; `problems` lists any part that could not
+    /// be (the rest was).
+    Restored {
+        #[serde(default)]
+        problems: Vec<String>,
+    },
     /// The request failed; nothing is running.
     Error {
         message: String,

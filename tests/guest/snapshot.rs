@@ -75,3 +75,50 @@ fn a_restored_guest_continues_where_it_was() {
     );
     stop(restored);
 }
+
+#[test]
+fn forks_get_their_own_identity_and_randomness() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let snaps = tempfile::tempdir().unwrap();
+    let snap = snaps.path().join("snap");
+    let mut vm = boot(builder());
+    // Prime the kernel RNG state that every fork inherits.
+    sh_ok(&mut vm, "head -c 64 /dev/urandom >/dev/null");
+    vm.snapshot(&snap).expect("snapshot");
+    vm.kill();
+
+    let restore = |name: &str| {
+        let options = vmm::RestoreOptions {
+            identity: vmm::fork_identity(name).unwrap(),
+            ..Default::default()
+        };
+        Vm::restore(&snap, options).expect("restore")
+    };
+    let mut a = restore("fork-a");
+    let mut b = restore("fork-b");
+    let probe = "hostname; cat /etc/machine-id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+    let out_a = sh_ok(&mut a, probe);
+    let out_b = sh_ok(&mut b, probe);
+    let lines_a: Vec<&str> = out_a.lines().collect();
+    let lines_b: Vec<&str> = out_b.lines().collect();
+    assert_eq!(lines_a[0], "fork-a", "{out_a}");
+    assert_eq!(lines_b[0], "fork-b", "{out_b}");
+    assert_ne!(lines_a[1], lines_b[1], "machine ids");
+    assert_eq!(lines_a[2].len(), 32, "{out_a}");
+    assert_ne!(
+        lines_a[2], lines_b[2],
+        "two forks read the same random bytes"
+    );
+    // The wall clock was corrected to the host's.
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let guest_now: u64 = lines_a[3].parse().unwrap();
+    assert!(
+        host_now.abs_diff(guest_now) < 30,
+        "guest clock {guest_now}, host {host_now}"
+    );
+    stop(a);
+    stop(b);
+}

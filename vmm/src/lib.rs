@@ -20,9 +20,10 @@ mod vm;
 pub use error::{Error, Result, PVM_HINT};
 pub use exit::VmExit;
 pub use guest_agent::{
-    AgentClient, ExecEvent, ExecHandle, ExecInput, ExecRequest, ExitStatus, Output,
+    AgentClient, ExecEvent, ExecHandle, ExecInput, ExecRequest, ExitStatus, Identity, Output,
 };
 pub use host::KvmFlavor;
 pub use vm::{
-    DiskConfig, MemoryBackend, RestoreOptions, SnapshotStats, Vm, VmBuilder, VmConfig, GUEST_CID,
+    fork_identity, DiskConfig, MemoryBackend, RestoreOptions, SnapshotStats, Vm, VmBuilder,
+    VmConfig, GUEST_CID,
 };

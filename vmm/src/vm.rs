@@ -34,7 +34,7 @@ use devices::virtio::{DeviceState, VirtioDevice};
 use devices::Bus;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use guest_agent::protocol::{Frame, FrameKind, Hello, AGENT_PORT, READY_PORT};
-use guest_agent::{AgentClient, ExecRequest, Output};
+use guest_agent::{AgentClient, ExecRequest, Identity, Output};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -284,6 +284,25 @@ pub struct RestoreOptions {
     pub console_log: Option<PathBuf>,
     /// Copy the console to this process's stderr.
     pub console_to_stderr: bool,
+    /// Hostname and machine id for the restored guest (a fork wants new
+    /// ones, see [`fork_identity`]); left as they were if unset. The
+    /// guest's wall clock is corrected and its kernel RNG reseeded from
+    /// the host on every restore regardless.
+    pub identity: Identity,
+}
+
+/// A new identity for one fork: `hostname` and a random machine id.
+pub fn fork_identity(hostname: impl Into<String>) -> Result<Identity> {
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom").and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut id)
+    })?;
+    Ok(Identity {
+        hostname: Some(hostname.into()),
+        machine_id: Some(id.iter().map(|b| format!("{b:02x}")).collect()),
+        ..Identity::default()
+    })
 }
 
 /// What taking a snapshot did.
@@ -829,8 +848,32 @@ impl Vm {
         if agent_ready {
             vm.wait_vsock_reset()?;
             vm.ready_after = Some(started.elapsed());
+            vm.send_identity(options.identity)?;
         }
         Ok(vm)
+    }
+
+    /// Tells the restored guest's agent who it is now and what time it is,
+    /// and has it reseed its kernel RNG with fresh host entropy.
+    fn send_identity(&mut self, mut identity: Identity) -> Result<()> {
+        let mut seed = [0u8; 64];
+        File::open("/dev/urandom").and_then(|mut f| {
+            use std::io::Read;
+            f.read_exact(&mut seed)
+        })?;
+        identity.entropy_hex = seed.iter().map(|b| format!("{b:02x}")).collect();
+        identity.unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_nanos()).ok());
+        if let Some(name) = &identity.hostname {
+            self.config.hostname = name.clone();
+        }
+        let problems = self.agent()?.restored(identity)?;
+        for p in problems {
+            log::warn!("restore: the guest could not apply its identity: {p}");
+        }
+        Ok(())
     }
 
     /// Waits for a restored guest to drop the vsock connections it had at

@@ -78,6 +78,9 @@ fn handle_request(frame: &Frame, writer: &Writer, streams: &Streams) {
     };
     match request {
         Request::Ping => reply(Reply::Pong),
+        Request::Restored(identity) => reply(Reply::Restored {
+            problems: crate::identity::apply(&identity),
+        }),
         Request::Shutdown { reboot } => {
             reply(Reply::ShuttingDown);
             crate::init::shutdown(if reboot { "reboot" } else { "poweroff" });

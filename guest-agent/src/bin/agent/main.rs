@@ -6,6 +6,7 @@
 
 mod conn;
 mod exec;
+mod identity;
 mod init;
 mod reaper;
 mod sys;

@@ -58,6 +58,45 @@ pub fn sethostname(name: &str) -> io::Result<()> {
     check(unsafe { libc::sethostname(name.as_ptr() as *const libc::c_char, name.len()) })
 }
 
+/// Mixes `seed` into the kernel's entropy pool, credited as random, then
+/// reseeds the kernel's random number generator from the pool at once,
+/// so the very next read of /dev/urandom depends on it.
+pub fn reseed_kernel_rng(seed: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // <linux/random.h>: RNDADDENTROPY = _IOW('R', 0x03, int[2]),
+    // RNDRESEEDCRNG = _IO('R', 0x07).
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let urandom = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
+    let words = seed.len().div_ceil(4);
+    let mut info = vec![0u32; 2 + words];
+    info[0] = (seed.len() * 8) as u32;
+    info[1] = seed.len() as u32;
+    for (i, chunk) in seed.chunks(4).enumerate() {
+        let mut word = [0u8; 4];
+        word[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(word);
+    }
+    // SAFETY: `info` is a rand_pool_info header followed by `buf_size`
+    // bytes of buffer, all inside the allocation.
+    check(unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) })?;
+    // SAFETY: takes no argument.
+    check(unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) })
+}
+
+/// Sets the wall clock.
+pub fn set_realtime(unix_ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
+}
+
 pub fn sync() {
     // SAFETY: no arguments, cannot fail.
     unsafe { libc::sync() };
