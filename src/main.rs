@@ -1,7 +1,10 @@
 //! `capsule`: isolated, on-demand KVM microVMs.
 
 mod artifacts;
+mod commands;
+mod exec;
 mod run;
+mod sandbox;
 
 use std::process::ExitCode;
 
@@ -20,17 +23,42 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a microVM, run one command in it, stream its output, tear it down.
+    /// Boot a microVM, run one command in it, stream its output, tear it down
+    /// (or keep it running with --keep --name).
     ///
     /// Exits with the command's exit status (128 + N if killed by signal N),
     /// or 125 if the sandbox itself failed.
     Run(run::RunArgs),
+    /// Run a command in a kept sandbox.
+    Exec(commands::ExecArgs),
+    /// Snapshot a kept sandbox (memory, vCPU and device state) into a
+    /// directory; the sandbox keeps running.
+    Snapshot(commands::SnapshotArgs),
+    /// Restore a snapshot and run a command in it (or keep it running).
+    Restore(commands::RestoreArgs),
+    /// Start many replicas of a snapshot at once, each with its own
+    /// identity, and run a command in each.
+    Fork(commands::ForkArgs),
+    /// Stop a kept sandbox.
+    Stop(commands::StopArgs),
+    /// List the kept sandboxes.
+    Ls,
+    /// The process that keeps a sandbox (started by --keep).
+    #[command(name = "__keeper", hide = true)]
+    Keeper { name: String, origin: String },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Exec(args) => commands::exec(args),
+        Command::Snapshot(args) => commands::snapshot(args),
+        Command::Restore(args) => commands::restore(args),
+        Command::Fork(args) => commands::fork(args),
+        Command::Stop(args) => commands::stop(args),
+        Command::Ls => commands::ls(),
+        Command::Keeper { name, origin } => sandbox::keep(&name, &origin),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,14 +1,14 @@
-//! `capsule run`: boot, run one command with streamed output, tear down.
+//! `capsule run`: boot, run one command with streamed output, tear down
+//! (or, with `--keep`, leave the sandbox running under a name).
 
-use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
-use vmm::{ExecEvent, ExecRequest, Vm};
 
-use crate::artifacts;
+use crate::exec::{self, CommandArgs};
+use crate::sandbox::{self, BootSpec, Origin};
 
 /// Exit status when the sandbox, not the command, failed.
 pub const SANDBOX_FAILURE: u8 = 125;
@@ -21,15 +21,8 @@ pub struct RunArgs {
     /// Guest memory, e.g. 256M or 1G.
     #[arg(long, default_value = "256M", value_parser = parse_size_mib)]
     memory: u64,
-    /// Environment variable for the command (repeatable).
-    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE", value_parser = parse_env)]
-    env: Vec<(String, String)>,
-    /// Working directory for the command.
-    #[arg(long, short = 'w')]
-    workdir: Option<String>,
-    /// User to run as: name, uid or uid:gid.
-    #[arg(long, short = 'u')]
-    user: Option<String>,
+    #[command(flatten)]
+    command_args: CommandArgs,
     /// Boot from this ext4 root filesystem image (any image with a shell).
     #[arg(long)]
     rootfs: Option<PathBuf>,
@@ -45,9 +38,6 @@ pub struct RunArgs {
     /// Initramfs holding the guest agent.
     #[arg(long)]
     initramfs: Option<PathBuf>,
-    /// Kill the command after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    timeout: Option<f64>,
     /// Give up if the guest is not ready within this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     boot_timeout: f64,
@@ -60,6 +50,13 @@ pub struct RunArgs {
     /// Print boot, command and teardown times on stderr.
     #[arg(long)]
     timings: bool,
+    /// Keep the sandbox running after the command, under --name, for
+    /// `capsule exec`, `snapshot` and `stop`.
+    #[arg(long, requires = "name")]
+    keep: bool,
+    /// Name of the kept sandbox.
+    #[arg(long, requires = "keep")]
+    name: Option<String>,
     /// The command and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -87,104 +84,57 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
     Ok(mib)
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
-    }
-}
-
 pub fn run(args: RunArgs) -> Result<u8> {
-    let kernel = artifacts::find(
-        args.kernel.as_deref(),
-        "CAPSULE_KERNEL",
-        artifacts::KERNEL_FILE,
-    )?;
-    let initramfs = artifacts::find(
-        args.initramfs.as_deref(),
-        "CAPSULE_INITRAMFS",
-        artifacts::INITRAMFS_FILE,
-    )?;
-    let mut builder = Vm::builder()
-        .kernel(&kernel)
-        .initramfs(&initramfs)
-        .cpus(args.cpus)
-        .memory_mib(args.memory)
-        .hostname(&args.hostname)
-        .console_to_stderr(args.console)
-        .verbose_console(args.console);
+    let spec = BootSpec {
+        kernel: args.kernel.clone(),
+        initramfs: args.initramfs.clone(),
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        hostname: args.hostname.clone(),
+        rootfs: args.rootfs.clone(),
+        read_only: args.read_only,
+        disks: args.disk.clone(),
+        console: args.console,
+        boot_timeout: args.boot_timeout,
+    };
+    if args.keep {
+        let name = args.name.as_deref().unwrap_or_default();
+        let t0 = Instant::now();
+        sandbox::start(name, &Origin::Boot(spec))?;
+        let ready = t0.elapsed();
+        let code = crate::commands::exec_in(name, &args.command, &args.command_args)?;
+        if args.timings {
+            eprintln!(
+                "capsule: sandbox {name} ready in {:.1} ms",
+                ready.as_secs_f64() * 1e3
+            );
+        }
+        eprintln!("capsule: sandbox {name} keeps running (capsule exec|snapshot|stop {name})");
+        return Ok(code);
+    }
+    // Validate paths before booting, for a clear error.
     if let Some(rootfs) = &args.rootfs {
         if !rootfs.is_file() {
             bail!("root filesystem {} does not exist", rootfs.display());
         }
-        builder = builder.rootfs(rootfs, args.read_only);
     }
-    for disk in &args.disk {
-        builder = builder.disk(disk, false);
-    }
-
     let t0 = Instant::now();
-    let mut vm = builder.boot().context("cannot start the microVM")?;
-    let ready = vm.wait_ready(Duration::from_secs_f64(args.boot_timeout))?;
-
-    let forward_stdin = !std::io::stdin().is_terminal();
-    let request = ExecRequest {
-        argv: args.command.clone(),
-        env: args.env.clone(),
-        cwd: args.workdir.clone(),
-        user: args.user.clone(),
-        stdin: forward_stdin,
-        timeout_ms: args.timeout.map(|s| (s * 1000.0) as u64),
-    };
+    let mut vm = spec.boot(None, None)?;
+    let ready = vm.ready_after().unwrap_or_default();
     let t_exec = Instant::now();
-    let mut handle = vm.agent()?.exec(request)?;
-    if forward_stdin {
-        let input = handle.input();
-        std::thread::spawn(move || {
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if input.write_stdin(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            let _ = input.close_stdin();
-        });
-    }
-    let mut stdout = std::io::stdout().lock();
-    let mut stderr = std::io::stderr();
-    let status = loop {
-        let event = match handle.next_event() {
-            Ok(event) => event,
-            Err(e) => {
-                let exit = vm
-                    .wait(Some(Duration::from_secs(5)))
-                    .map_or("is unresponsive".to_string(), |x| format!("stopped: {x}"));
-                bail!(
-                    "lost the command's stream ({e}); the microVM {exit}. Last console lines:\n{}",
-                    vm.console_tail(20)
-                );
-            }
-        };
-        match event {
-            Some(ExecEvent::Stdout(d)) => {
-                stdout.write_all(&d).context("writing to stdout")?;
-                stdout.flush()?;
-            }
-            Some(ExecEvent::Stderr(d)) => {
-                let _ = stderr.write_all(&d);
-            }
-            Some(ExecEvent::Exit(status)) => break status,
-            None => bail!("the command's stream ended without an exit status"),
+    let status = match exec::stream(vm.agent()?, &args.command, &args.command_args) {
+        Ok(status) => status,
+        Err(e) => {
+            let exit = vm
+                .wait(Some(Duration::from_secs(5)))
+                .map_or("is unresponsive".to_string(), |x| format!("stopped: {x}"));
+            bail!(
+                "{e:#}; the microVM {exit}. Last console lines:\n{}",
+                vm.console_tail(20)
+            );
         }
     };
     let exec_time = t_exec.elapsed();
-    drop(handle);
     let t_down = Instant::now();
     vm.shutdown(Duration::from_secs(10))?;
     if args.timings {
@@ -196,10 +146,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
             t0.elapsed().as_secs_f64() * 1e3
         );
     }
-    if status.timed_out {
-        eprintln!("capsule: the command timed out and was killed");
-    }
-    Ok(status.shell_code().clamp(0, 255) as u8)
+    Ok(exec::exit_code(&status))
 }
 
 #[cfg(test)]
@@ -215,13 +162,5 @@ mod tests {
         assert!(parse_size_mib("16M").is_err());
         assert!(parse_size_mib("lots").is_err());
         assert!(parse_size_mib("5T").is_err());
-    }
-
-    #[test]
-    fn env_pairs() {
-        assert_eq!(parse_env("A=1"), Ok(("A".into(), "1".into())));
-        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
-        assert!(parse_env("=1").is_err());
-        assert!(parse_env("A").is_err());
     }
 }

@@ -122,3 +122,88 @@ fn forks_get_their_own_identity_and_randomness() {
     stop(a);
     stop(b);
 }
+
+/// Runs the `capsule` CLI with the guest artifacts and a private
+/// CAPSULE_HOME; returns (exit code, stdout, stderr).
+fn capsule(home: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(args)
+        .env("CAPSULE_HOME", home)
+        .env("CAPSULE_KERNEL", artifact("CAPSULE_KERNEL"))
+        .env("CAPSULE_INITRAMFS", artifact("CAPSULE_INITRAMFS"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run capsule");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    (out.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+fn capsule_ok(home: &std::path::Path, args: &[&str]) -> String {
+    let (code, stdout, stderr) = capsule(home, args);
+    assert_eq!(code, 0, "capsule {args:?} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+/// Scale to zero: the VMM process that ran the guest exits, and a new one
+/// resumes it from disk.
+#[test]
+fn a_guest_resumes_in_a_new_vmm_process() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    init_logging();
+    let home = tempfile::tempdir().unwrap();
+    let (_dir, disk) = scratch_file("data.img", 8 << 20);
+    let snap = home.path().join("snap");
+    let h = home.path();
+    let disk = disk.to_str().unwrap();
+    let snap_s = snap.to_str().unwrap();
+
+    capsule_ok(
+        h,
+        &[
+            "run", "--keep", "--name", "base", "--memory", "192M", "--boot-timeout", "120",
+            "--disk", disk, "--",
+            "sh", "-c",
+            "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; \
+             sleep 0.1; done) </dev/null >/dev/null 2>&1 & \
+             printf on-disk | dd of=/dev/vda conv=fsync 2>/dev/null",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let before: u64 = capsule_ok(h, &["exec", "base", "--", "cat", "/tmp/count"])
+        .trim()
+        .parse()
+        .unwrap();
+    let keeper_pid = capsule_ok(h, &["ls"]);
+    assert!(keeper_pid.starts_with("base\tpid "), "{keeper_pid}");
+    let (_, _, said) = capsule(h, &["snapshot", "base", "--to", snap_s]);
+    assert!(said.contains("MiB of memory written"), "{said}");
+    capsule_ok(h, &["stop", "base"]);
+    assert_eq!(capsule_ok(h, &["ls"]), "", "the keeper outlived stop");
+
+    let out = capsule_ok(
+        h,
+        &[
+            "restore",
+            snap_s,
+            "--hostname",
+            "resumed",
+            "--",
+            "sh",
+            "-c",
+            "a=$(cat /tmp/count); sleep 1; b=$(cat /tmp/count); \
+                         echo $a $b $(hostname); head -c 7 /dev/vda",
+        ],
+    );
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    let (a, b): (u64, u64) = (fields[0].parse().unwrap(), fields[1].parse().unwrap());
+    assert!(
+        a >= before && a < before + 100,
+        "count was {before}, restored at {a}: {out}"
+    );
+    assert!(b > a, "the counter did not run on after the restore: {out}");
+    assert_eq!(fields[2], "resumed", "{out}");
+    assert_eq!(fields[3], "on-disk", "{out}");
+}

@@ -20,10 +20,11 @@ mod vm;
 pub use error::{Error, Result, PVM_HINT};
 pub use exit::VmExit;
 pub use guest_agent::{
-    AgentClient, ExecEvent, ExecHandle, ExecInput, ExecRequest, ExitStatus, Identity, Output,
+    AgentClient, ClientError, ExecEvent, ExecHandle, ExecInput, ExecRequest, ExitStatus, Identity,
+    Output,
 };
 pub use host::KvmFlavor;
 pub use vm::{
-    fork_identity, DiskConfig, MemoryBackend, RestoreOptions, SnapshotStats, Vm, VmBuilder,
-    VmConfig, GUEST_CID,
+    connect_agent, fork_identity, DiskConfig, MemoryBackend, RestoreOptions, SnapshotStats, Vm,
+    VmBuilder, VmConfig, GUEST_CID,
 };

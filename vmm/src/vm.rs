@@ -1166,10 +1166,7 @@ impl Vm {
     /// The connection to the guest agent (opened on first use).
     pub fn agent(&mut self) -> Result<&AgentClient> {
         if self.agent.is_none() {
-            let stream = connect_to_guest(&self.vsock_path, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
-            stream.set_read_timeout(Some(AGENT_CONNECT_TIMEOUT))?;
-            let client = AgentClient::handshake(stream)?;
-            self.agent = Some(client);
+            self.agent = Some(connect_agent(&self.vsock_path)?);
         }
         Ok(self.agent.as_ref().expect("just connected"))
     }
@@ -1241,6 +1238,15 @@ impl Drop for Vm {
         self.exit.set(VmExit::Stopped);
         self.stop_threads();
     }
+}
+
+/// Opens a connection to the guest agent of a VM whose vsock device
+/// listens on `vsock_path` ([`Vm::vsock_path`]), possibly from another
+/// process than the one running the VM.
+pub fn connect_agent(vsock_path: &Path) -> Result<AgentClient> {
+    let stream = connect_to_guest(vsock_path, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(AGENT_CONNECT_TIMEOUT))?;
+    Ok(AgentClient::handshake(stream)?)
 }
 
 fn open_kvm() -> Result<Kvm> {

@@ -170,11 +170,14 @@ fn a_future_format_version_is_named() {
     assert!(e.contains("version 99 is not supported"), "{e}");
 }
 
+/// A change that makes a sample snapshot inconsistent.
+type Change = Box<dyn Fn(&mut Snapshot)>;
+
 #[test]
 fn inconsistent_contents_are_refused() {
     let (_tmp, dir) = scratch();
     let vendor = vendor();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Snapshot)>, &str)> = vec![
+    let cases: Vec<(&str, Change, &str)> = vec![
         ("no vCPUs", Box::new(|s| s.info.cpus = 0), "0 vCPUs"),
         (
             "a vCPU section missing",

@@ -1,0 +1,244 @@
+//! The sandbox and snapshot commands: `exec`, `snapshot`, `restore`,
+//! `fork`, `stop` and `ls`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use vmm::{RestoreOptions, Vm};
+
+use crate::exec::{self, CommandArgs};
+use crate::sandbox::{self, Origin, Reply, Request};
+
+/// Runs a command in the kept sandbox `name`.
+pub fn exec_in(name: &str, argv: &[String], args: &CommandArgs) -> Result<u8> {
+    let Reply::Info { vsock, .. } = sandbox::request(name, &Request::Info)? else {
+        bail!("sandbox {name:?} gave an unexpected reply");
+    };
+    let agent =
+        vmm::connect_agent(&vsock).with_context(|| format!("connecting to sandbox {name:?}"))?;
+    let status = exec::stream(&agent, argv, args).with_context(|| format!("sandbox {name:?}"))?;
+    Ok(exec::exit_code(&status))
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// The sandbox's name.
+    name: String,
+    #[command(flatten)]
+    command_args: CommandArgs,
+    /// The command and its arguments.
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
+pub fn exec(args: ExecArgs) -> Result<u8> {
+    exec_in(&args.name, &args.command, &args.command_args)
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// The sandbox's name.
+    name: String,
+    /// Directory to write the snapshot into (created if needed).
+    #[arg(long)]
+    to: PathBuf,
+}
+
+pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
+    let dir = sandbox::absolute(&args.to)?;
+    let reply = sandbox::request(&args.name, &Request::Snapshot { dir: dir.clone() })?;
+    if let Reply::Snapshot {
+        memory_bytes_written,
+        memory_zero_bytes,
+        paused_ms,
+    } = reply
+    {
+        eprintln!(
+            "capsule: snapshot of {} in {}: {:.1} MiB of memory written ({:.1} MiB of zero pages skipped), guest paused {paused_ms:.1} ms",
+            args.name,
+            dir.display(),
+            memory_bytes_written as f64 / (1 << 20) as f64,
+            memory_zero_bytes as f64 / (1 << 20) as f64,
+        );
+    }
+    Ok(0)
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    snapshot: PathBuf,
+    /// New hostname for the restored guest (default: the snapshot's).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Keep the restored sandbox running under --name.
+    #[arg(long, requires = "name")]
+    keep: bool,
+    /// Name of the kept sandbox.
+    #[arg(long, requires = "keep")]
+    name: Option<String>,
+    /// Print restore and command times on stderr.
+    #[arg(long)]
+    timings: bool,
+    #[command(flatten)]
+    command_args: CommandArgs,
+    /// The command to run once restored (optional with --keep).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+pub fn restore(args: RestoreArgs) -> Result<u8> {
+    if args.keep {
+        let name = args.name.as_deref().unwrap_or_default();
+        let origin = Origin::Restore {
+            snapshot: sandbox::absolute(&args.snapshot)?,
+            hostname: args.hostname.clone(),
+        };
+        sandbox::start(name, &origin)?;
+        let code = if args.command.is_empty() {
+            0
+        } else {
+            exec_in(name, &args.command, &args.command_args)?
+        };
+        eprintln!("capsule: sandbox {name} keeps running (capsule exec|snapshot|stop {name})");
+        return Ok(code);
+    }
+    if args.command.is_empty() {
+        bail!("give a command to run in the restored guest, or --keep --name NAME");
+    }
+    let t0 = Instant::now();
+    let options = RestoreOptions {
+        identity: vmm::Identity {
+            hostname: args.hostname.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut vm = Vm::restore(&args.snapshot, options)
+        .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;
+    let restored = t0.elapsed();
+    let t_exec = Instant::now();
+    let status = exec::stream(vm.agent()?, &args.command, &args.command_args)?;
+    let exec_time = t_exec.elapsed();
+    vm.shutdown(Duration::from_secs(10))?;
+    if args.timings {
+        eprintln!(
+            "capsule: restore to ready {:.1} ms, command {:.1} ms",
+            restored.as_secs_f64() * 1e3,
+            exec_time.as_secs_f64() * 1e3
+        );
+    }
+    Ok(exec::exit_code(&status))
+}
+
+#[derive(Args, Debug)]
+pub struct ForkArgs {
+    /// The snapshot directory.
+    snapshot: PathBuf,
+    /// How many replicas to start.
+    #[arg(long, default_value_t = 2)]
+    count: usize,
+    /// Print restore and command times on stderr.
+    #[arg(long)]
+    timings: bool,
+    #[command(flatten)]
+    command_args: CommandArgs,
+    /// The command each replica runs.
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
+/// Restores `count` replicas of one snapshot at once, each with its own
+/// hostname (`fork-<i>`), machine id and randomness; runs the command in
+/// each and prints every replica's output prefixed with its name.
+pub fn fork(args: ForkArgs) -> Result<u8> {
+    if args.count == 0 || args.count > 256 {
+        bail!("--count must be 1..=256");
+    }
+    let t0 = Instant::now();
+    let results: Vec<Result<ForkResult>> = std::thread::scope(|scope| {
+        let forks: Vec<_> = (0..args.count)
+            .map(|i| {
+                let args = &args;
+                scope.spawn(move || run_fork(i, args))
+            })
+            .collect();
+        forks
+            .into_iter()
+            .map(|f| {
+                f.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the fork's thread panicked")))
+            })
+            .collect()
+    });
+    let wall = t0.elapsed();
+    let mut worst = 0u8;
+    let mut slowest = Duration::ZERO;
+    for (i, result) in results.into_iter().enumerate() {
+        match result {
+            Ok((out, ready)) => {
+                slowest = slowest.max(ready);
+                for line in String::from_utf8_lossy(&out.stdout).lines() {
+                    println!("[fork-{i}] {line}");
+                }
+                for line in String::from_utf8_lossy(&out.stderr).lines() {
+                    eprintln!("[fork-{i}] {line}");
+                }
+                worst = worst.max(exec::exit_code(&out.status));
+            }
+            Err(e) => {
+                eprintln!("[fork-{i}] capsule: error: {e:#}");
+                worst = crate::run::SANDBOX_FAILURE;
+            }
+        }
+    }
+    if args.timings {
+        eprintln!(
+            "capsule: {} forks restored and ran their command in {:.1} ms (slowest restore {:.1} ms)",
+            args.count,
+            wall.as_secs_f64() * 1e3,
+            slowest.as_secs_f64() * 1e3
+        );
+    }
+    Ok(worst)
+}
+
+/// A fork's command output and how long its restore took.
+type ForkResult = (vmm::Output, Duration);
+
+fn run_fork(i: usize, args: &ForkArgs) -> Result<ForkResult> {
+    let t0 = Instant::now();
+    let options = RestoreOptions {
+        identity: vmm::fork_identity(format!("fork-{i}"))?,
+        ..Default::default()
+    };
+    let mut vm = Vm::restore(&args.snapshot, options)
+        .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;
+    let ready = t0.elapsed();
+    let request = args.command_args.request(&args.command, false);
+    let out = vm.agent()?.exec(request)?.output()?;
+    vm.shutdown(Duration::from_secs(10))?;
+    Ok((out, ready))
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    /// The sandbox's name.
+    name: String,
+}
+
+pub fn stop(args: StopArgs) -> Result<u8> {
+    sandbox::request(&args.name, &Request::Stop)?;
+    Ok(0)
+}
+
+pub fn ls() -> Result<u8> {
+    for (name, info) in sandbox::list() {
+        if let Reply::Info { pid, hostname, .. } = info {
+            println!("{name}\tpid {pid}\thostname {hostname}");
+        }
+    }
+    Ok(0)
+}
