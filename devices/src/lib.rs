@@ -7,6 +7,7 @@
 //! `DEVICE_NEEDS_RESET`), never the VMM.
 
 pub mod bus;
+pub mod disk;
 pub mod legacy;
 pub mod virtio;
 

@@ -67,8 +67,15 @@ pub struct SavedRegion {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedDisk {
+    /// The frozen image: a user's raw disk, or a layer kept in the
+    /// snapshot directory.
     pub path: PathBuf,
     pub read_only: bool,
+    /// Its size and modification time when the snapshot was taken
+    /// ([`devices::disk::fingerprint`]): a disk that changed since is
+    /// refused, as the guest's memory no longer matches it.
+    pub size: u64,
+    pub mtime_ns: u64,
 }
 
 /// The VM-wide KVM state: the in-kernel interrupt controllers, the PIT

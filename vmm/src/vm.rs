@@ -97,6 +97,10 @@ pub struct VmConfig {
     /// Where sockets live (default: a fresh directory under the system's
     /// temporary directory, removed when the VM is dropped).
     pub runtime_dir: Option<PathBuf>,
+    /// Where the copy-on-write layers a snapshot puts over writable disks
+    /// live (default: the runtime directory). A later snapshot keeps the
+    /// layers it needs in its own directory.
+    pub layer_dir: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -114,6 +118,7 @@ impl Default for VmConfig {
             console_to_stderr: false,
             console_log: None,
             runtime_dir: None,
+            layer_dir: None,
         }
     }
 }
@@ -284,6 +289,10 @@ pub struct RestoreOptions {
     pub console_log: Option<PathBuf>,
     /// Copy the console to this process's stderr.
     pub console_to_stderr: bool,
+    /// Where each writable disk's own copy-on-write layer over the
+    /// snapshot's frozen disk goes (default: the runtime directory, so a
+    /// replica's writes vanish with it).
+    pub layer_dir: Option<PathBuf>,
     /// Hostname and machine id for the restored guest (a fork wants new
     /// ones, see [`fork_identity`]); left as they were if unset. The
     /// guest's wall clock is corrected and its kernel RNG reseeded from
@@ -330,6 +339,7 @@ struct Machine {
     subscribers: Vec<Subscriber>,
     serial: Option<Arc<Mutex<Serial>>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    blocks: Vec<Arc<Mutex<Block>>>,
     vsock: Option<Arc<Mutex<Vsock>>>,
     vsock_path: PathBuf,
 }
@@ -358,6 +368,7 @@ impl Machine {
             subscribers: Vec::new(),
             serial: None,
             transports: Vec::new(),
+            blocks: Vec::new(),
             vsock: None,
             vsock_path,
         })
@@ -444,6 +455,18 @@ impl Machine {
         Ok((base, irq))
     }
 
+    fn add_block(
+        &mut self,
+        vm_fd: &VmFd,
+        mem: &GuestMemoryMmap,
+        block: Block,
+        state: Option<&MmioState>,
+    ) -> Result<(u64, u32)> {
+        let block = Arc::new(Mutex::new(block));
+        self.blocks.push(block.clone());
+        self.add_virtio(vm_fd, mem, block.clone(), block, state)
+    }
+
     fn add_vsock(
         &mut self,
         vm_fd: &VmFd,
@@ -477,6 +500,9 @@ pub struct Vm {
     console: ConsoleTail,
     serial: Arc<Mutex<Serial>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    blocks: Vec<Arc<Mutex<Block>>>,
+    /// Numbers the disk layers this VM's snapshots create.
+    layer_seq: u64,
     vsock_path: PathBuf,
     /// Open until the agent announced itself, then closed so the guest
     /// cannot pile connections onto a socket nobody accepts from.
@@ -578,8 +604,7 @@ impl Vm {
         for disk in &config.disks {
             let block = Block::open(&disk.path, disk.read_only)
                 .map_err(|e| Error::Device(e.to_string()))?;
-            let block = Arc::new(Mutex::new(block));
-            slots.push(machine.add_virtio(&vm_fd, &mem, block.clone(), block, None)?);
+            slots.push(machine.add_block(&vm_fd, &mem, block, None)?);
         }
         let rng = Arc::new(Mutex::new(Rng::new()?));
         slots.push(machine.add_virtio(&vm_fd, &mem, rng.clone(), rng, None)?);
@@ -650,6 +675,7 @@ impl Vm {
             subscribers,
             serial,
             transports,
+            blocks,
             vsock,
             vsock_path,
             ..
@@ -706,6 +732,8 @@ impl Vm {
             console,
             serial,
             transports,
+            blocks,
+            layer_seq: 0,
             vsock_path,
             ready_listener: None,
             started,
@@ -801,6 +829,7 @@ impl Vm {
             console_to_stderr: options.console_to_stderr,
             console_log: options.console_log.clone(),
             runtime_dir: options.runtime_dir.clone(),
+            layer_dir: options.layer_dir.clone(),
             ..VmConfig::default()
         };
         let mut machine = Machine::new(
@@ -808,15 +837,26 @@ impl Vm {
             options.console_log.clone(),
             options.console_to_stderr,
         )?;
+        if let Some(dir) = &options.layer_dir {
+            std::fs::create_dir_all(dir)?;
+        }
         machine.add_legacy(&vm_fd, Some(&snap.devices.serial))?;
         for (i, saved) in snap.devices.virtio.iter().enumerate() {
             let transport = Some(&saved.transport);
             match &saved.device {
                 DeviceState::Block(state) => {
-                    let block = restore_block(state)
+                    let n = machine.blocks.len();
+                    let layer_dir = options
+                        .layer_dir
+                        .as_deref()
+                        .unwrap_or(&machine.runtime.path);
+                    let block = info
+                        .disks
+                        .get(n)
+                        .ok_or_else(|| "more disk devices than disks".to_string())
+                        .and_then(|disk| restore_block(disk, state, layer_dir, n))
                         .map_err(|e| Error::Snapshot(format!("virtio device {i}: {e}")))?;
-                    let block = Arc::new(Mutex::new(block));
-                    machine.add_virtio(&vm_fd, &mem, block.clone(), block, transport)?;
+                    machine.add_block(&vm_fd, &mem, block, transport)?;
                 }
                 DeviceState::Rng => {
                     let rng = Arc::new(Mutex::new(Rng::new()?));
@@ -851,6 +891,48 @@ impl Vm {
             vm.send_identity(options.identity)?;
         }
         Ok(vm)
+    }
+
+    /// Freezes every writable disk for a snapshot in `dir` and moves the
+    /// VM onto a fresh copy-on-write layer over it; returns the frozen
+    /// images to record. A layer Capsule made earlier (in a runtime
+    /// directory that vanishes with its VM) is kept in `dir` first.
+    fn freeze_disks(&mut self, dir: &Path) -> Result<Vec<SavedDisk>> {
+        let layer_dir = self
+            .config
+            .layer_dir
+            .clone()
+            .unwrap_or_else(|| self.runtime.path.clone());
+        if !self.blocks.is_empty() {
+            std::fs::create_dir_all(&layer_dir)?;
+        }
+        let mut saved = Vec::with_capacity(self.blocks.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            let mut block = devices::bus::lock(block);
+            let disk_error = |e: devices::virtio::block::BlockError| {
+                Error::Snapshot(format!("freezing disk {i}: {e}"))
+            };
+            let frozen = if block.read_only() {
+                block.disk().path().to_path_buf()
+            } else {
+                if block.disk().is_layer() {
+                    block
+                        .relocate_top(&dir.join(format!("disk{i}.layer")))
+                        .map_err(disk_error)?;
+                }
+                self.layer_seq += 1;
+                let top = layer_dir.join(format!("disk{i}-{}.layer", self.layer_seq));
+                block.freeze(&top).map_err(disk_error)?.path().to_path_buf()
+            };
+            let (size, mtime_ns) = devices::disk::fingerprint(&frozen)?;
+            saved.push(SavedDisk {
+                path: frozen,
+                read_only: block.read_only(),
+                size,
+                mtime_ns,
+            });
+        }
+        Ok(saved)
     }
 
     /// Tells the restored guest's agent who it is now and what time it is,
@@ -968,8 +1050,9 @@ impl Vm {
         })
     }
 
-    fn write_snapshot(&self, dir: &Path) -> Result<(u64, u64)> {
+    fn write_snapshot(&mut self, dir: &Path) -> Result<(u64, u64)> {
         std::fs::create_dir_all(dir)?;
+        let disks = self.freeze_disks(dir)?;
         let vcpus = self
             .vcpus
             .iter()
@@ -1030,15 +1113,7 @@ impl Vm {
                 })
                 .collect(),
             hostname: self.config.hostname.clone(),
-            disks: self
-                .config
-                .disks
-                .iter()
-                .map(|d| SavedDisk {
-                    path: d.path.clone(),
-                    read_only: d.read_only,
-                })
-                .collect(),
+            disks,
             root_on_disk: self.config.root_on_disk,
             agent_ready: self.ready_after.is_some(),
         };
@@ -1276,16 +1351,36 @@ fn wait_readable(listener: &UnixListener, timeout: Duration) {
     unsafe { libc::poll(&mut pfd, 1, millis) };
 }
 
-/// Opens a snapshot's disk again, checking it is still the size the guest
-/// knows: a disk that changed size under a snapshot is not the same disk.
-fn restore_block(state: &BlockState) -> std::result::Result<Block, String> {
-    let block = Block::open(Path::new(&state.path), state.read_only).map_err(|e| e.to_string())?;
-    let now = block.capacity_sectors();
-    if now != state.capacity_sectors {
+/// Opens a snapshot's frozen disk again, checking it is the disk the
+/// guest knew, and (if writable) puts a fresh copy-on-write layer over it
+/// in `layer_dir` for this VM's writes.
+fn restore_block(
+    disk: &SavedDisk,
+    state: &BlockState,
+    layer_dir: &Path,
+    index: usize,
+) -> std::result::Result<Block, String> {
+    let now = devices::disk::fingerprint(&disk.path)
+        .map_err(|e| format!("disk {}: {e}", disk.path.display()))?;
+    if now != (disk.size, disk.mtime_ns) {
         return Err(format!(
-            "disk {} has {now} sectors, the snapshot {}",
-            state.path, state.capacity_sectors
+            "disk {} changed since the snapshot was taken",
+            disk.path.display()
         ));
+    }
+    let mut block = Block::open(&disk.path, true).map_err(|e| e.to_string())?;
+    if block.capacity_sectors() != state.capacity_sectors {
+        return Err(format!(
+            "disk {} has {} sectors, the snapshot {}",
+            disk.path.display(),
+            block.capacity_sectors(),
+            state.capacity_sectors
+        ));
+    }
+    if !disk.read_only {
+        let top = layer_dir.join(format!("disk{index}.layer"));
+        let _ = std::fs::remove_file(&top);
+        block = block.writable_layer(&top).map_err(|e| e.to_string())?;
     }
     Ok(block)
 }

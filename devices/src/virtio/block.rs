@@ -1,8 +1,6 @@
 //! virtio-blk backed by a raw file, read-only or read-write.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -12,6 +10,7 @@ use super::{
     drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, DeviceState,
     VirtioDevice, TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::disk::DiskImage;
 use crate::GuestMemory;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -57,7 +56,7 @@ pub struct BlockState {
 }
 
 pub struct Block {
-    file: File,
+    disk: DiskImage,
     path: String,
     read_only: bool,
     capacity_sectors: u64,
@@ -66,17 +65,14 @@ pub struct Block {
 }
 
 impl Block {
+    /// Opens a raw image or a copy-on-write layer (see [`crate::disk`]).
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
         let display = path.display().to_string();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                path: display.clone(),
-                source,
-            })?;
-        let len = file.metadata()?.len();
+        let disk = DiskImage::open(path, !read_only).map_err(|source| BlockError::Open {
+            path: display.clone(),
+            source,
+        })?;
+        let len = disk.size();
         if len % SECTOR_SIZE != 0 {
             return Err(BlockError::Size(display));
         }
@@ -88,13 +84,47 @@ impl Block {
         let n = name.len().min(ID_LEN);
         id[..n].copy_from_slice(&name[..n]);
         Ok(Block {
-            file,
+            disk,
             path: display,
             read_only,
             capacity_sectors: len / SECTOR_SIZE,
             id,
             slot: ActivationSlot::new()?,
         })
+    }
+
+    /// Freezes the disk as it is now and carries on writing to a new
+    /// copy-on-write layer at `top` (a snapshot's disk). Returns the
+    /// frozen image, still open: nothing writes it any more.
+    pub fn freeze(&mut self, top: &Path) -> Result<&DiskImage, BlockError> {
+        self.disk.push_layer(top)?;
+        self.path = top.display().to_string();
+        Ok(self.disk.base().expect("just pushed a layer"))
+    }
+
+    /// Turns a read-only disk into a writable one whose writes go to a new
+    /// copy-on-write layer at `top` (a restored snapshot's disk).
+    pub fn writable_layer(mut self, top: &Path) -> Result<Block, BlockError> {
+        self.disk.push_layer(top)?;
+        self.path = top.display().to_string();
+        self.read_only = false;
+        Ok(self)
+    }
+
+    pub fn disk(&self) -> &DiskImage {
+        &self.disk
+    }
+
+    /// Keeps the disk's top file at `dest` too and uses that path (see
+    /// [`DiskImage::relocate_top`]).
+    pub fn relocate_top(&mut self, dest: &Path) -> Result<(), BlockError> {
+        self.disk.relocate_top(dest)?;
+        self.path = dest.display().to_string();
+        Ok(())
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -127,7 +157,7 @@ impl Request {
     fn execute(
         mem: &GuestMemory,
         chain: virtio_queue::DescriptorChain<&GuestMemory>,
-        file: &File,
+        disk: &mut DiskImage,
         read_only: bool,
         capacity: u64,
         id: &[u8; ID_LEN],
@@ -163,15 +193,15 @@ impl Request {
             match kind {
                 REQ_IN => {
                     let len = writer.available_bytes();
-                    read_disk(file, sector, capacity, len, &mut writer)
+                    read_disk(disk, sector, capacity, len, &mut writer)
                 }
                 REQ_OUT if read_only => STATUS_IOERR,
                 REQ_OUT => {
                     let len = reader.available_bytes();
-                    write_disk(file, sector, capacity, len, &mut reader)
+                    write_disk(disk, sector, capacity, len, &mut reader)
                 }
                 REQ_FLUSH if read_only => STATUS_OK,
-                REQ_FLUSH => match file.sync_data() {
+                REQ_FLUSH => match disk.sync_data() {
                     Ok(()) => STATUS_OK,
                     Err(_) => STATUS_IOERR,
                 },
@@ -200,7 +230,13 @@ fn disk_range(sector: u64, len: usize, capacity: u64) -> Option<u64> {
 }
 
 /// Copies `len` bytes at `sector` from the disk into the guest.
-fn read_disk(file: &File, sector: u64, capacity: u64, len: usize, writer: &mut impl Write) -> u8 {
+fn read_disk(
+    disk: &DiskImage,
+    sector: u64,
+    capacity: u64,
+    len: usize,
+    writer: &mut impl Write,
+) -> u8 {
     let Some(mut offset) = disk_range(sector, len, capacity) else {
         return STATUS_IOERR;
     };
@@ -208,7 +244,7 @@ fn read_disk(file: &File, sector: u64, capacity: u64, len: usize, writer: &mut i
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len());
-        if file.read_exact_at(&mut buf[..n], offset).is_err()
+        if disk.read_exact_at(&mut buf[..n], offset).is_err()
             || writer.write_all(&buf[..n]).is_err()
         {
             return STATUS_IOERR;
@@ -220,7 +256,13 @@ fn read_disk(file: &File, sector: u64, capacity: u64, len: usize, writer: &mut i
 }
 
 /// Copies `len` bytes from the guest to the disk at `sector`.
-fn write_disk(file: &File, sector: u64, capacity: u64, len: usize, reader: &mut impl Read) -> u8 {
+fn write_disk(
+    disk: &mut DiskImage,
+    sector: u64,
+    capacity: u64,
+    len: usize,
+    reader: &mut impl Read,
+) -> u8 {
     let Some(mut offset) = disk_range(sector, len, capacity) else {
         return STATUS_IOERR;
     };
@@ -229,7 +271,7 @@ fn write_disk(file: &File, sector: u64, capacity: u64, len: usize, reader: &mut 
     while left > 0 {
         let n = left.min(buf.len());
         if reader.read_exact(&mut buf[..n]).is_err()
-            || file.write_all_at(&buf[..n], offset).is_err()
+            || disk.write_all_at(&buf[..n], offset).is_err()
         {
             return STATUS_IOERR;
         }
@@ -277,7 +319,7 @@ impl MutEventSubscriber for Block {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let (file, read_only, id) = (&self.file, self.read_only, &self.id);
+        let (disk, read_only, id) = (&mut self.disk, self.read_only, &self.id);
         let capacity = self.capacity_sectors * SECTOR_SIZE;
         self.slot
             .on_single_queue_event(events, ops, "virtio-blk", |active| {
@@ -288,7 +330,7 @@ impl MutEventSubscriber for Block {
                     ..
                 } = active;
                 drain_queue(mem, &mut queues[0], interrupt, |chain| {
-                    Request::execute(mem, chain, file, read_only, capacity, id)
+                    Request::execute(mem, chain, disk, read_only, capacity, id)
                 })
             });
     }
