@@ -207,3 +207,116 @@ fn a_guest_resumes_in_a_new_vmm_process() {
     assert_eq!(fields[2], "resumed", "{out}");
     assert_eq!(fields[3], "on-disk", "{out}");
 }
+
+/// Private memory (copy-on-write pages) and resident memory, in bytes, of
+/// this process's mappings of `file`: what the forks mapping it own, and
+/// what they use in all.
+fn mapping_memory(file: &std::path::Path) -> (u64, u64) {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let name = file.to_str().unwrap();
+    let (mut private, mut rss, mut inside) = (0, 0, false);
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            inside = line.ends_with(name);
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        match first {
+            "Private_Dirty:" => private += kib * 1024,
+            "Rss:" => rss += kib * 1024,
+            _ => {}
+        }
+    }
+    (private, rss)
+}
+
+#[test]
+fn twenty_forks_share_memory_and_keep_their_disk_writes_apart() {
+    const FORKS: usize = 20;
+    const MEMORY_MIB: u64 = 192;
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let (_dir, disk) = scratch_file("data.img", 8 << 20);
+    let snaps = tempfile::tempdir().unwrap();
+    let snap = snaps.path().join("snap");
+
+    let mut vm = boot(builder().memory_mib(MEMORY_MIB).disk(&disk, false));
+    sh_ok(
+        &mut vm,
+        "printf 'from-the-base' | dd of=/dev/vda bs=512 seek=100 conv=fsync 2>/dev/null",
+    );
+    vm.snapshot(&snap).expect("snapshot");
+    vm.kill();
+    let disk_at_snapshot = std::fs::read(&disk).unwrap();
+
+    let started = Instant::now();
+    let mut forks: Vec<Vm> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..FORKS)
+            .map(|i| {
+                let snap = &snap;
+                scope.spawn(move || {
+                    let options = vmm::RestoreOptions {
+                        identity: vmm::fork_identity(format!("fork-{i}")).unwrap(),
+                        ..Default::default()
+                    };
+                    Vm::restore(snap, options).expect("restore")
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!("{FORKS} forks restored in {:?}", started.elapsed());
+
+    // Each fork writes its own name over the same disk block, then reads
+    // the disk back: it must see its own write and the base's data.
+    let mut randoms = std::collections::HashSet::new();
+    for (i, fork) in forks.iter_mut().enumerate() {
+        let out = sh_ok(
+            fork,
+            "printf \"$(hostname)\" | dd of=/dev/vda bs=512 seek=200 conv=fsync 2>/dev/null; \
+             dd if=/dev/vda bs=512 skip=200 count=1 2>/dev/null | tr -d '\\0'; echo; \
+             dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | tr -d '\\0'; echo; \
+             head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!("fork-{i}"),
+            "fork {i} reads another's write: {out}"
+        );
+        assert_eq!(lines[1], "from-the-base", "fork {i}: {out}");
+        assert!(
+            randoms.insert(lines[2].to_string()),
+            "fork {i} repeats random bytes"
+        );
+    }
+
+    let (private, rss) = mapping_memory(&snap.join("memory"));
+    let all = FORKS as u64 * (MEMORY_MIB << 20);
+    eprintln!(
+        "{FORKS} forks of a {MEMORY_MIB} MiB guest: {} MiB private (copy-on-write) memory, \
+         {} MiB resident through the shared memory file; {:.1}% of {FORKS} x {MEMORY_MIB} MiB is private",
+        private >> 20,
+        rss >> 20,
+        100.0 * private as f64 / all as f64
+    );
+    assert!(
+        private > 0,
+        "no private pages found: is the memory file mapped?"
+    );
+    assert!(
+        private < all / 5,
+        "the forks own {private} bytes, more than a fifth of {all}"
+    );
+    for fork in forks {
+        stop(fork);
+    }
+    assert!(
+        std::fs::read(&disk).unwrap() == disk_at_snapshot,
+        "a fork's write reached the frozen disk"
+    );
+}
