@@ -44,11 +44,21 @@ pub struct SnapshotArgs {
     /// Directory to write the snapshot into (created if needed).
     #[arg(long)]
     to: PathBuf,
+    /// Write only the memory changed since the sandbox's previous snapshot
+    /// (or the one it was restored from), which must be kept.
+    #[arg(long)]
+    diff: bool,
 }
 
 pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
     let dir = sandbox::absolute(&args.to)?;
-    let reply = sandbox::request(&args.name, &Request::Snapshot { dir: dir.clone() })?;
+    let reply = sandbox::request(
+        &args.name,
+        &Request::Snapshot {
+            dir: dir.clone(),
+            diff: args.diff,
+        },
+    )?;
     if let Reply::Snapshot {
         memory_bytes_written,
         memory_zero_bytes,

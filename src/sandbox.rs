@@ -141,7 +141,11 @@ pub fn absolute(path: &Path) -> Result<PathBuf> {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Info,
-    Snapshot { dir: PathBuf },
+    Snapshot {
+        dir: PathBuf,
+        #[serde(default)]
+        diff: bool,
+    },
     Stop,
 }
 
@@ -255,6 +259,8 @@ pub fn keep(name: &str, origin: &str) -> Result<u8> {
                     hostname: hostname.clone(),
                     ..Default::default()
                 },
+                // A kept sandbox is suspended again later: let that be a diff.
+                track_dirty: true,
                 ..Default::default()
             };
             Vm::restore(snapshot, options)
@@ -321,9 +327,14 @@ fn answer(vm: &mut Vm, req: Request) -> (Reply, bool) {
             },
             false,
         ),
-        Request::Snapshot { dir } => {
+        Request::Snapshot { dir, diff } => {
             let t = Instant::now();
-            match vm.snapshot(&dir) {
+            let taken = if diff {
+                vm.snapshot_diff(&dir)
+            } else {
+                vm.snapshot(&dir)
+            };
+            match taken {
                 Ok(stats) => (
                     Reply::Snapshot {
                         memory_bytes_written: stats.memory_bytes_written,

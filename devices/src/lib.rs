@@ -14,4 +14,4 @@ pub mod virtio;
 pub use bus::{Bus, BusDevice};
 
 /// Guest memory as every device sees it.
-pub type GuestMemory = vm_memory::GuestMemoryMmap;
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

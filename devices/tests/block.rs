@@ -311,8 +311,7 @@ fn driver_ok_without_features_ok_is_refused() {
     use devices::virtio::mmio::MmioTransport;
     use devices::BusDevice;
     let (_dir, path) = disk();
-    let mem =
-        vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+    let mem = devices::GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
     let device = std::sync::Arc::new(std::sync::Mutex::new(Block::open(&path, false).unwrap()));
     let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let mut t = MmioTransport::new(device, mem, irq).unwrap();

@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 pub const PAGE_SIZE: usize = 4096;
 /// Guest memory is copied out in chunks of this size (a multiple of the
@@ -29,6 +29,9 @@ pub struct WriteStats {
     pub bytes_written: u64,
     /// Bytes left as holes because they were zero.
     pub zero_bytes_skipped: u64,
+    /// In a diff: the bytes of the dirty pages it holds (written or left
+    /// as holes).
+    pub dirty_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +40,9 @@ pub enum MemoryFileError {
     Guest { addr: u64, message: String },
     #[error("guest memory region at {0:#x} is not a whole number of pages")]
     Unaligned(u64),
-    #[error("cannot write the memory file: {0}")]
+    #[error("the dirty page bitmaps do not match the memory regions")]
+    DirtyBitmaps,
+    #[error("memory file i/o: {0}")]
     Io(#[from] std::io::Error),
 }
 
@@ -48,6 +53,25 @@ pub fn write_full<M: GuestMemoryBackend>(
     mem: &M,
     file: &File,
 ) -> Result<(Vec<RegionLayout>, WriteStats), MemoryFileError> {
+    write_pages(mem, file, None)
+}
+
+/// Writes only the pages marked in `dirty` (one bitmap per region, in
+/// address order, bit i of word j = page 64j+i, as KVM's dirty log) into
+/// `file`, at the same places as [`write_full`] would: a diff against an
+/// earlier memory file. Dirty pages that are zero are left as holes too
+/// (a hole reads as zeros); the bitmap, saved with the snapshot, says
+/// which pages the diff holds.
+pub fn write_diff<M: GuestMemoryBackend>(
+    mem: &M,
+    file: &File,
+    dirty: &[Vec<u64>],
+) -> Result<(Vec<RegionLayout>, WriteStats), MemoryFileError> {
+    write_pages(mem, file, Some(dirty))
+}
+
+/// Where each region of `mem` goes in a memory file.
+pub fn layout<M: GuestMemoryBackend>(mem: &M) -> Result<Vec<RegionLayout>, MemoryFileError> {
     let mut regions: Vec<_> = mem.iter().collect();
     regions.sort_by_key(|r| r.start_addr().0);
     let mut layout = Vec::with_capacity(regions.len());
@@ -64,40 +88,144 @@ pub fn write_full<M: GuestMemoryBackend>(
         });
         file_offset += size;
     }
+    Ok(layout)
+}
+
+fn is_dirty(bitmap: &[u64], page: u64) -> bool {
+    bitmap
+        .get((page / 64) as usize)
+        .is_some_and(|w| w & (1 << (page % 64)) != 0)
+}
+
+fn write_pages<M: GuestMemoryBackend>(
+    mem: &M,
+    file: &File,
+    dirty: Option<&[Vec<u64>]>,
+) -> Result<(Vec<RegionLayout>, WriteStats), MemoryFileError> {
+    let mut regions: Vec<_> = mem.iter().collect();
+    regions.sort_by_key(|r| r.start_addr().0);
+    let layout = layout(mem)?;
+    if dirty.is_some_and(|d| d.len() != layout.len()) {
+        return Err(MemoryFileError::DirtyBitmaps);
+    }
+    let file_offset: u64 = layout.iter().map(|r| r.size).sum();
     // Truncating to zero first turns every old byte into a hole.
     file.set_len(0)?;
     file.set_len(file_offset)?;
 
     let mut stats = WriteStats::default();
     let mut buf = vec![0u8; CHUNK];
-    for (region, place) in regions.iter().zip(&layout) {
+    for (i, (region, place)) in regions.iter().zip(&layout).enumerate() {
         let mut offset = 0u64;
         while offset < place.size {
+            // In a diff, skip to the next run of dirty pages and copy just
+            // that run (at most one chunk).
+            if let Some(bitmap) = dirty.map(|d| &d[i]) {
+                let pages = place.size / PAGE_SIZE as u64;
+                let mut page = offset / PAGE_SIZE as u64;
+                while page < pages && !is_dirty(bitmap, page) {
+                    page += 1;
+                }
+                if page == pages {
+                    break;
+                }
+                let mut end = page;
+                while end < pages
+                    && is_dirty(bitmap, end)
+                    && (end - page) < (CHUNK / PAGE_SIZE) as u64
+                {
+                    end += 1;
+                }
+                offset = page * PAGE_SIZE as u64;
+                let len = ((end - page) * PAGE_SIZE as u64) as usize;
+                stats.dirty_bytes += len as u64;
+                copy_out(*region, place, offset, &mut buf[..len], file, &mut stats)?;
+                offset += len as u64;
+                continue;
+            }
             let len = (place.size - offset).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..len];
-            let addr = place.guest_addr + offset;
-            let slice = region
-                .get_slice(MemoryRegionAddress(offset), len)
-                .map_err(|e| MemoryFileError::Guest {
-                    addr,
-                    message: e.to_string(),
-                })?;
-            slice.copy_to(&mut chunk[..]);
-            stats.merge(write_non_zero_runs(
-                file,
-                chunk,
-                place.file_offset + offset,
-            )?);
+            copy_out(*region, place, offset, &mut buf[..len], file, &mut stats)?;
             offset += len as u64;
         }
     }
     Ok((layout, stats))
 }
 
+/// Copies `chunk.len()` bytes at `offset` in `region` to their place in
+/// the memory file, skipping zero pages.
+fn copy_out<R: GuestMemoryRegion>(
+    region: &R,
+    place: &RegionLayout,
+    offset: u64,
+    chunk: &mut [u8],
+    file: &File,
+    stats: &mut WriteStats,
+) -> Result<(), MemoryFileError> {
+    let addr = place.guest_addr + offset;
+    let slice = region
+        .get_slice(MemoryRegionAddress(offset), chunk.len())
+        .map_err(|e| MemoryFileError::Guest {
+            addr,
+            message: e.to_string(),
+        })?;
+    slice.copy_to(&mut chunk[..]);
+    stats.merge(write_non_zero_runs(
+        file,
+        chunk,
+        place.file_offset + offset,
+    )?);
+    Ok(())
+}
+
+/// Copies the pages marked in `dirty` from a diff memory file (see
+/// [`write_diff`]) into guest memory, run by run; returns the bytes
+/// copied. `layout` is where each region sits in the file; the file must
+/// be as long as the layout says (the caller checks).
+pub fn apply_diff<M: GuestMemoryBackend>(
+    mem: &M,
+    file: &File,
+    layout: &[RegionLayout],
+    dirty: &[Vec<u64>],
+) -> Result<u64, MemoryFileError> {
+    if dirty.len() != layout.len() {
+        return Err(MemoryFileError::DirtyBitmaps);
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut copied = 0u64;
+    for (place, bitmap) in layout.iter().zip(dirty) {
+        let pages = place.size / PAGE_SIZE as u64;
+        let mut page = 0u64;
+        while page < pages {
+            if !is_dirty(bitmap, page) {
+                page += 1;
+                continue;
+            }
+            let mut end = page;
+            while end < pages && is_dirty(bitmap, end) && (end - page) < (CHUNK / PAGE_SIZE) as u64
+            {
+                end += 1;
+            }
+            let len = ((end - page) * PAGE_SIZE as u64) as usize;
+            let at = page * PAGE_SIZE as u64;
+            file.read_exact_at(&mut buf[..len], place.file_offset + at)?;
+            let addr = vm_memory::GuestAddress(place.guest_addr + at);
+            mem.write_slice(&buf[..len], addr)
+                .map_err(|e| MemoryFileError::Guest {
+                    addr: addr.0,
+                    message: e.to_string(),
+                })?;
+            copied += len as u64;
+            page = end;
+        }
+    }
+    Ok(copied)
+}
+
 impl WriteStats {
     fn merge(&mut self, other: WriteStats) {
         self.bytes_written += other.bytes_written;
         self.zero_bytes_skipped += other.zero_bytes_skipped;
+        self.dirty_bytes += other.dirty_bytes;
     }
 }
 
@@ -195,5 +323,71 @@ mod tests {
             let start = place.file_offset as usize;
             assert!(image[start..start + place.size as usize] == expected[..]);
         }
+    }
+
+    #[test]
+    fn a_diff_holds_just_the_dirty_pages_and_applies_over_the_full_image() {
+        let ranges = [
+            (GuestAddress(0), MIB),
+            (GuestAddress(16 * MIB as u64), 3 * MIB),
+        ];
+        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
+        for page in 0..(4 * MIB / PAGE_SIZE) as u64 {
+            let addr = if page < 256 {
+                page * 4096
+            } else {
+                16 * MIB as u64 + (page - 256) * 4096
+            };
+            mem.write_slice(&[page as u8 | 1; 8], GuestAddress(addr))
+                .unwrap();
+        }
+        let full = tempfile::tempfile().unwrap();
+        let (layout, _) = write_full(&mem, &full).unwrap();
+
+        // Change 3 pages of region 0 (one back to all zeros) and a run of
+        // 600 pages (more than a copy chunk) in region 1.
+        let mut dirty = vec![vec![0u64; 4], vec![0u64; 12]];
+        for page in [5u64, 6, 200] {
+            let fill = if page == 6 { 0 } else { 0xee };
+            mem.write_slice(&[fill; PAGE_SIZE], GuestAddress(page * 4096))
+                .unwrap();
+            dirty[0][(page / 64) as usize] |= 1 << (page % 64);
+        }
+        for page in 100..700u64 {
+            mem.write_slice(&[0x77; 16], GuestAddress(16 * MIB as u64 + page * 4096))
+                .unwrap();
+            dirty[1][(page / 64) as usize] |= 1 << (page % 64);
+        }
+        let diff = tempfile::tempfile().unwrap();
+        let (diff_layout, stats) = write_diff(&mem, &diff, &dirty).unwrap();
+        assert_eq!(diff_layout, layout);
+        assert_eq!(stats.dirty_bytes, 603 * PAGE_SIZE as u64);
+        assert_eq!(
+            stats.bytes_written,
+            602 * PAGE_SIZE as u64,
+            "the zero page is a hole"
+        );
+
+        // Restore: the full image, then the diff over it.
+        let restored = GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
+        for place in &layout {
+            let mut buf = vec![0u8; place.size as usize];
+            full.read_exact_at(&mut buf, place.file_offset).unwrap();
+            restored
+                .write_slice(&buf, GuestAddress(place.guest_addr))
+                .unwrap();
+        }
+        let copied = apply_diff(&restored, &diff, &layout, &dirty).unwrap();
+        assert_eq!(copied, 603 * PAGE_SIZE as u64);
+        for (addr, len) in ranges {
+            let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+            mem.read_slice(&mut a, addr).unwrap();
+            restored.read_slice(&mut b, addr).unwrap();
+            assert!(a == b, "region at {addr:?} differs after applying the diff");
+        }
+        assert!(matches!(
+            write_diff(&mem, &diff, &dirty[..1]),
+            Err(MemoryFileError::DirtyBitmaps)
+        ));
     }
 }

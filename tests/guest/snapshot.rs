@@ -206,6 +206,45 @@ fn a_guest_resumes_in_a_new_vmm_process() {
     assert!(b > a, "the counter did not run on after the restore: {out}");
     assert_eq!(fields[2], "resumed", "{out}");
     assert_eq!(fields[3], "on-disk", "{out}");
+
+    // Suspend again: resumed and kept, changed, snapshotted as a diff
+    // against the first snapshot, stopped, resumed once more.
+    let snap2 = home.path().join("snap2");
+    let snap2_s = snap2.to_str().unwrap();
+    capsule_ok(h, &["restore", snap_s, "--keep", "--name", "again"]);
+    capsule_ok(
+        h,
+        &[
+            "exec",
+            "again",
+            "--",
+            "sh",
+            "-c",
+            "echo second-life > /tmp/mark; \
+           printf 'layer' | dd of=/dev/vda bs=512 seek=8 conv=fsync 2>/dev/null",
+        ],
+    );
+    let (_, _, said) = capsule(h, &["snapshot", "again", "--to", snap2_s, "--diff"]);
+    assert!(said.contains("MiB of memory written"), "{said}");
+    capsule_ok(h, &["stop", "again"]);
+    let out = capsule_ok(
+        h,
+        &[
+            "restore",
+            snap2_s,
+            "--",
+            "sh",
+            "-c",
+            "cat /tmp/mark; head -c 7 /dev/vda; echo; \
+           dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 5",
+        ],
+    );
+    assert_eq!(out, "second-life\non-disk\nlayer", "{out}");
+    // The user's disk still holds only what was written before the first
+    // snapshot: later writes went to layers.
+    let raw = std::fs::read(disk).unwrap();
+    assert_eq!(&raw[..7], b"on-disk");
+    assert!(raw[8 * 512..8 * 512 + 5].iter().all(|&b| b == 0));
 }
 
 /// Private memory (copy-on-write pages) and resident memory, in bytes, of
@@ -319,4 +358,56 @@ fn twenty_forks_share_memory_and_keep_their_disk_writes_apart() {
         std::fs::read(&disk).unwrap() == disk_at_snapshot,
         "a fork's write reached the frozen disk"
     );
+}
+
+#[test]
+fn a_diff_snapshot_writes_only_what_changed_and_restores_through_its_parent() {
+    const MEMORY_MIB: u64 = 192;
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let snaps = tempfile::tempdir().unwrap();
+    let (full, diff) = (snaps.path().join("full"), snaps.path().join("diff"));
+    let mut vm = boot(builder().memory_mib(MEMORY_MIB));
+    // Settle: the first exec after boot faults in the shell and friends.
+    sh_ok(&mut vm, "true");
+    let full_stats = vm.snapshot(&full).expect("full snapshot");
+
+    // Touch 1% of guest memory: random (non-zero) data into tmpfs.
+    let touched: u64 = (MEMORY_MIB << 20) / 100;
+    let sum = sh_ok(
+        &mut vm,
+        &format!("head -c {touched} /dev/urandom > /tmp/touched; md5sum < /tmp/touched"),
+    );
+    let diff_stats = vm.snapshot_diff(&diff).expect("diff snapshot");
+    let memory = MEMORY_MIB << 20;
+    eprintln!(
+        "full snapshot wrote {} MiB; after touching {} KiB ({:.1}% of memory) the diff wrote {} KiB ({:.2}% of memory)",
+        full_stats.memory_bytes_written >> 20,
+        touched >> 10,
+        100.0 * touched as f64 / memory as f64,
+        diff_stats.memory_bytes_written >> 10,
+        100.0 * diff_stats.memory_bytes_written as f64 / memory as f64
+    );
+    assert!(
+        diff_stats.memory_bytes_written >= touched,
+        "the diff misses the touched pages"
+    );
+    assert!(
+        diff_stats.memory_bytes_written < touched * 3,
+        "the diff wrote {} bytes for {touched} touched",
+        diff_stats.memory_bytes_written
+    );
+    assert!(diff_stats.memory_bytes_written * 5 < full_stats.memory_bytes_written);
+    vm.kill();
+
+    // The diff restores through its parent: the data is there, intact.
+    let mut restored = Vm::restore(&diff, vmm::RestoreOptions::default()).expect("restore diff");
+    assert_eq!(sh_ok(&mut restored, "md5sum < /tmp/touched"), sum);
+    stop(restored);
+    // The parent alone is the guest before the change.
+    let mut before = Vm::restore(&full, vmm::RestoreOptions::default()).expect("restore full");
+    assert_eq!(
+        sh_ok(&mut before, "ls /tmp/touched 2>/dev/null; echo end"),
+        "end\n"
+    );
+    stop(before);
 }

@@ -4,13 +4,12 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use kvm_bindings::kvm_userspace_memory_region;
+use devices::GuestMemory;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::error::{Error, Result};
 use crate::layout::{FOUR_GIB, MMIO_HOLE_START};
@@ -25,8 +24,8 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     ranges
 }
 
-pub fn create(size: u64) -> Result<GuestMemoryMmap> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|e| Error::Memory(e.to_string()))
+pub fn create(size: u64) -> Result<GuestMemory> {
+    GuestMemory::from_ranges(&ram_ranges(size)).map_err(|e| Error::Memory(e.to_string()))
 }
 
 /// Guest RAM backed by a memory file (see `snapshot::memory`), mapped
@@ -34,12 +33,12 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap> {
 /// cache, shared by every VM mapping the same file) on first touch, and a
 /// page the guest writes becomes this VM's own. `regions` are
 /// (guest address, size, file offset) and must lie within the file.
-pub fn map_file(file: File, regions: &[(u64, u64, u64)]) -> Result<GuestMemoryMmap> {
+pub fn map_file(file: File, regions: &[(u64, u64, u64)]) -> Result<GuestMemory> {
     let file = Arc::new(file);
     let mut mapped = Vec::with_capacity(regions.len());
     for &(guest_addr, size, file_offset) in regions {
         let size = usize::try_from(size).map_err(|e| Error::Memory(e.to_string()))?;
-        let region = MmapRegionBuilder::new(size)
+        let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -50,18 +49,25 @@ pub fn map_file(file: File, regions: &[(u64, u64, u64)]) -> Result<GuestMemoryMm
                 .ok_or_else(|| Error::Memory("a memory region wraps around".into()))?,
         );
     }
-    GuestMemoryMmap::from_regions(mapped).map_err(|e| Error::Memory(e.to_string()))
+    GuestMemory::from_regions(mapped).map_err(|e| Error::Memory(e.to_string()))
 }
 
-/// Makes every region of `mem` guest RAM in `vm`.
-pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+/// Makes every region of `mem` guest RAM in `vm` (again, to change
+/// `log_dirty`). With `log_dirty`, KVM records every page the guest
+/// writes, for diff snapshots; it costs a fault on the first write to
+/// each page after the log is read, so it is only on once needed.
+pub fn register(vm: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
             .map_err(|e| Error::Memory(e.to_string()))?;
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -74,8 +80,34 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
+/// The pages written since the last call, one bitmap per region in
+/// address order (bit i of word j: page 64j+i): what the guest wrote, from
+/// KVM's dirty log, and what the VMM's devices wrote, from the memory's
+/// own bitmap. Reading clears both. Needs `register(.., true)`.
+pub fn take_dirty(vm: &VmFd, mem: &GuestMemory) -> Result<Vec<Vec<u64>>> {
+    let mut all = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let mut bitmap = vm
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(Error::kvm("reading the dirty page log"))?;
+        let by_devices = (**region).bitmap().get_and_reset();
+        for (word, extra) in bitmap.iter_mut().zip(by_devices) {
+            *word |= extra;
+        }
+        all.push(bitmap);
+    }
+    Ok(all)
+}
+
+/// Forgets what the VMM itself wrote so far (a restore copying pages in).
+pub fn clear_device_dirty(mem: &GuestMemory) {
+    for region in mem.iter() {
+        (**region).bitmap().reset();
+    }
+}
+
 /// The highest usable address below the MMIO hole, exclusive.
-pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
+pub fn low_ram_end(mem: &GuestMemory) -> u64 {
     mem.iter()
         .map(|r| r.start_addr().0 + r.len())
         .filter(|&end| end <= MMIO_HOLE_START)

@@ -37,6 +37,9 @@ const TAG_INFO: Tag = *b"INFO";
 const TAG_VM: Tag = *b"VMST";
 const TAG_VCPU: Tag = *b"VCPU";
 const TAG_DEVICES: Tag = *b"DEVS";
+const TAG_DIRTY: Tag = *b"DIRT";
+/// Longest chain of diff snapshots a restore follows.
+pub const MAX_DIFF_CHAIN: usize = 64;
 
 /// What the snapshot is of, and what restoring it needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +59,9 @@ pub struct SnapshotInfo {
     /// Whether the guest agent had announced itself: a restored VM can be
     /// talked to at once only if it had.
     pub agent_ready: bool,
+    /// For a diff snapshot: the snapshot directory its memory file is a
+    /// diff against (itself full or a diff). It must outlive this one.
+    pub parent: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +115,9 @@ pub struct Snapshot {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DevicesState,
+    /// For a diff snapshot: which pages its memory file holds, one bitmap
+    /// per region (see `snapshot::memory::write_diff`).
+    pub dirty: Option<Vec<Vec<u64>>>,
 }
 
 fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>> {
@@ -142,6 +151,9 @@ impl Snapshot {
             w.section(TAG_VCPU, encode("vCPU state", vcpu)?);
         }
         w.section(TAG_DEVICES, encode("device state", &self.devices)?);
+        if let Some(dirty) = &self.dirty {
+            w.section(TAG_DIRTY, encode("dirty page map", dirty)?);
+        }
         Ok(w.to_bytes())
     }
 
@@ -154,6 +166,7 @@ impl Snapshot {
         let mut info = None;
         let mut vm = None;
         let mut devices = None;
+        let mut dirty = None;
         let mut vcpus = Vec::new();
         for section in &sections {
             match section.tag {
@@ -161,6 +174,9 @@ impl Snapshot {
                 TAG_VM if vm.is_none() => vm = Some(decode(path, "VM state", section.payload)?),
                 TAG_DEVICES if devices.is_none() => {
                     devices = Some(decode(path, "device state", section.payload)?)
+                }
+                TAG_DIRTY if dirty.is_none() => {
+                    dirty = Some(decode(path, "dirty page map", section.payload)?)
                 }
                 TAG_VCPU if vcpus.len() < usize::from(MAX_VCPUS) => {
                     vcpus.push(decode(path, "vCPU state", section.payload)?)
@@ -182,6 +198,7 @@ impl Snapshot {
             vm: vm.ok_or_else(|| missing("VM state"))?,
             vcpus,
             devices: devices.ok_or_else(|| missing("device state"))?,
+            dirty,
         };
         snapshot.check(path)?;
         Ok(snapshot)
@@ -222,6 +239,26 @@ impl Snapshot {
                 "memory regions hold {next_offset} bytes, not {} MiB",
                 info.memory_mib
             )));
+        }
+        match (&info.parent, &self.dirty) {
+            (None, None) => {}
+            (Some(_), Some(dirty)) => {
+                let fits = dirty.len() == info.regions.len()
+                    && dirty
+                        .iter()
+                        .zip(&info.regions)
+                        .all(|(d, r)| d.len() as u64 == (r.size / 4096).div_ceil(64));
+                if !fits {
+                    return Err(bad(
+                        "the dirty page map does not fit the memory regions".into()
+                    ));
+                }
+            }
+            _ => {
+                return Err(bad(
+                    "a diff snapshot needs both a parent and a dirty page map".into(),
+                ))
+            }
         }
         if info.disks.len() > 16 || self.devices.virtio.len() > 32 {
             return Err(bad("too many devices".into()));
@@ -301,6 +338,51 @@ pub fn cpu_vendor(supported: &CpuId) -> String {
         bytes.extend_from_slice(&r.to_le_bytes());
     }
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// One snapshot's memory in a chain: its memory file and, for a diff, the
+/// pages it holds.
+pub struct MemoryLayer {
+    pub dir: PathBuf,
+    pub file: File,
+    pub dirty: Option<Vec<Vec<u64>>>,
+}
+
+/// The memory files that make up `top`'s guest memory, the full one first
+/// and then each diff in the order taken. Every snapshot in the chain must
+/// describe the same memory layout.
+pub fn memory_chain(dir: &Path, top: &Snapshot) -> Result<Vec<MemoryLayer>> {
+    let mut chain = vec![MemoryLayer {
+        dir: dir.to_path_buf(),
+        file: open_memory_file(dir, &top.info)?,
+        dirty: top.dirty.clone(),
+    }];
+    let mut parent = top.info.parent.clone();
+    while let Some(parent_dir) = parent {
+        if chain.len() > MAX_DIFF_CHAIN {
+            return Err(Error::Snapshot(format!(
+                "{}: more than {MAX_DIFF_CHAIN} diff snapshots deep (or a loop)",
+                dir.display()
+            )));
+        }
+        let (path, bytes) = read_state_file(&parent_dir)?;
+        let snap = Snapshot::from_bytes(&path, &bytes)?;
+        if snap.info.regions != top.info.regions {
+            return Err(Error::Snapshot(format!(
+                "{}: its parent {} has a different memory layout",
+                dir.display(),
+                parent_dir.display()
+            )));
+        }
+        chain.push(MemoryLayer {
+            file: open_memory_file(&parent_dir, &snap.info)?,
+            dir: parent_dir,
+            dirty: snap.dirty,
+        });
+        parent = snap.info.parent;
+    }
+    chain.reverse();
+    Ok(chain)
 }
 
 /// Reads `<dir>/state`, refusing anything too big to be ours.

@@ -32,6 +32,7 @@ use devices::virtio::rng::Rng;
 use devices::virtio::vsock::{connect_to_guest, Vsock, VsockState};
 use devices::virtio::{DeviceState, VirtioDevice};
 use devices::Bus;
+use devices::GuestMemory;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use guest_agent::protocol::{Frame, FrameKind, Hello, AGENT_PORT, READY_PORT};
 use guest_agent::{AgentClient, ExecRequest, Identity, Output};
@@ -41,7 +42,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use linux_loader::loader::Cmdline;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot;
@@ -289,6 +290,9 @@ pub struct RestoreOptions {
     pub console_log: Option<PathBuf>,
     /// Copy the console to this process's stderr.
     pub console_to_stderr: bool,
+    /// Log the pages the guest writes from the start, so the restored VM's
+    /// next snapshot can be a diff against this one ([`Vm::snapshot_diff`]).
+    pub track_dirty: bool,
     /// Where each writable disk's own copy-on-write layer over the
     /// snapshot's frozen disk goes (default: the runtime directory, so a
     /// replica's writes vanish with it).
@@ -419,7 +423,7 @@ impl Machine {
     fn add_virtio(
         &mut self,
         vm_fd: &VmFd,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         device: Arc<Mutex<dyn VirtioDevice>>,
         subscriber: Subscriber,
         state: Option<&MmioState>,
@@ -458,7 +462,7 @@ impl Machine {
     fn add_block(
         &mut self,
         vm_fd: &VmFd,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         block: Block,
         state: Option<&MmioState>,
     ) -> Result<(u64, u32)> {
@@ -470,7 +474,7 @@ impl Machine {
     fn add_vsock(
         &mut self,
         vm_fd: &VmFd,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         saved: Option<(&VsockState, &MmioState)>,
     ) -> Result<(u64, u32)> {
         let vsock = match saved {
@@ -489,7 +493,7 @@ pub struct Vm {
     flavor: KvmFlavor,
     kvm: Kvm,
     vm_fd: VmFd,
-    mem: GuestMemoryMmap,
+    mem: GuestMemory,
     vcpus: Vec<VcpuHandle>,
     event_loop: Option<JoinHandle<()>>,
     gate: Arc<PauseGate>,
@@ -503,6 +507,11 @@ pub struct Vm {
     blocks: Vec<Arc<Mutex<Block>>>,
     /// Numbers the disk layers this VM's snapshots create.
     layer_seq: u64,
+    /// Whether KVM logs the pages the guest writes.
+    dirty_log: bool,
+    /// The snapshot the dirty log counts from: a diff snapshot is against
+    /// it.
+    last_snapshot: Option<PathBuf>,
     vsock_path: PathBuf,
     /// Open until the agent announced itself, then closed so the guest
     /// cannot pile connections onto a socket nobody accepts from.
@@ -568,7 +577,7 @@ impl Vm {
         };
         let (kvm, vm_fd) = create_vm()?;
         let mem = memory::create(config.memory_mib << 20)?;
-        memory::register(&vm_fd, &mem)?;
+        memory::register(&vm_fd, &mem, false)?;
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
         let initrd = boot::load_initramfs(&mem, &initramfs)?;
 
@@ -661,7 +670,7 @@ impl Vm {
         config: VmConfig,
         kvm: Kvm,
         vm_fd: VmFd,
-        mem: GuestMemoryMmap,
+        mem: GuestMemory,
         machine: Machine,
         started: Instant,
     ) -> Result<Vm> {
@@ -734,6 +743,8 @@ impl Vm {
             transports,
             blocks,
             layer_seq: 0,
+            dirty_log: false,
+            last_snapshot: None,
             vsock_path,
             ready_listener: None,
             started,
@@ -763,8 +774,7 @@ impl Vm {
         let dir = dir.as_ref();
         let (state_path, bytes) = persist::read_state_file(dir)?;
         let snap = Snapshot::from_bytes(&state_path, &bytes)?;
-        let memory_file = persist::open_memory_file(dir, &snap.info)?;
-
+        let mut chain = persist::memory_chain(dir, &snap)?;
         let (kvm, vm_fd) = create_vm()?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -772,14 +782,37 @@ impl Vm {
         snap.check_host(&persist::cpu_vendor(&supported), &supported)?;
 
         let MemoryBackend::File = options.memory;
-        let regions: Vec<_> = snap
+        let layout: Vec<_> = snap
             .info
             .regions
             .iter()
+            .map(|r| snapshot::memory::RegionLayout {
+                guest_addr: r.guest_addr,
+                size: r.size,
+                file_offset: r.file_offset,
+            })
+            .collect();
+        let regions: Vec<_> = layout
+            .iter()
             .map(|r| (r.guest_addr, r.size, r.file_offset))
             .collect();
-        let mem = memory::map_file(memory_file, &regions)?;
-        memory::register(&vm_fd, &mem)?;
+        let root = chain.remove(0);
+        if root.dirty.is_some() {
+            return Err(Error::Snapshot(format!(
+                "{}: the oldest snapshot of the chain is a diff",
+                root.dir.display()
+            )));
+        }
+        let mem = memory::map_file(root.file, &regions)?;
+        // Diffs on top, oldest first: their pages become this VM's own.
+        for diff in &chain {
+            let dirty = diff.dirty.as_deref().unwrap_or_default();
+            snapshot::memory::apply_diff(&mem, &diff.file, &layout, dirty).map_err(|e| {
+                Error::Snapshot(format!("applying the diff in {}: {e}", diff.dir.display()))
+            })?;
+        }
+        memory::clear_device_dirty(&mem);
+        memory::register(&vm_fd, &mem, options.track_dirty)?;
 
         // Interrupt controllers before vCPUs and devices: a restored
         // device may raise its interrupt at once.
@@ -883,6 +916,10 @@ impl Vm {
         let agent_ready = info.agent_ready;
         let mut vm = Vm::start(config, kvm, vm_fd, mem, machine, started)?;
         vm.ready_listener = ready_listener;
+        if options.track_dirty {
+            vm.dirty_log = true;
+            vm.last_snapshot = Some(std::path::absolute(dir)?);
+        }
         vm.spawn_vcpus(fds, true)?;
         vm.resume()?;
         if agent_ready {
@@ -1029,20 +1066,42 @@ impl Vm {
 
     /// Writes a snapshot of the VM into `dir` (created if needed): its
     /// state file and its memory file. A running VM is paused for the
-    /// duration and resumed after; a paused one stays paused. Disks are
-    /// not copied: the snapshot refers to them by path, and they must
-    /// not change before it is restored.
+    /// duration and resumed after; a paused one stays paused. Writable
+    /// disks are frozen where they are (the VM carries on in a
+    /// copy-on-write layer) and must not change before a restore.
     pub fn snapshot(&mut self, dir: impl AsRef<Path>) -> Result<SnapshotStats> {
-        let dir = dir.as_ref();
+        self.take_snapshot(dir.as_ref(), false)
+    }
+
+    /// Like [`Vm::snapshot`], but the memory file holds only the pages
+    /// written since this VM's previous snapshot (or the snapshot it was
+    /// restored from with `track_dirty`), which must be kept: restoring
+    /// the diff reads it too.
+    pub fn snapshot_diff(&mut self, dir: impl AsRef<Path>) -> Result<SnapshotStats> {
+        self.take_snapshot(dir.as_ref(), true)
+    }
+
+    fn take_snapshot(&mut self, dir: &Path, diff: bool) -> Result<SnapshotStats> {
+        if diff && (self.last_snapshot.is_none() || !self.dirty_log) {
+            return Err(Error::Snapshot(
+                "a diff snapshot needs an earlier snapshot of this VM to be a diff against".into(),
+            ));
+        }
         let was_paused = self.paused;
         let paused_at = Instant::now();
         self.pause()?;
-        let written = self.write_snapshot(dir);
+        let written = self.write_snapshot(dir, diff);
+        if written.is_err() {
+            // The dirty log may have been consumed: only a full snapshot
+            // is safe next.
+            self.last_snapshot = None;
+        }
         let paused_for = paused_at.elapsed();
         if !was_paused {
             self.resume()?;
         }
         let (memory_bytes_written, memory_zero_bytes) = written?;
+        self.last_snapshot = Some(std::path::absolute(dir)?);
         Ok(SnapshotStats {
             memory_bytes_written,
             memory_zero_bytes,
@@ -1050,7 +1109,7 @@ impl Vm {
         })
     }
 
-    fn write_snapshot(&mut self, dir: &Path) -> Result<(u64, u64)> {
+    fn write_snapshot(&mut self, dir: &Path, diff: bool) -> Result<(u64, u64)> {
         std::fs::create_dir_all(dir)?;
         let disks = self.freeze_disks(dir)?;
         let vcpus = self
@@ -1090,8 +1149,19 @@ impl Vm {
         // never points at a half-written memory file.
         let memory_tmp = dir.join(format!("{}.tmp", persist::MEMORY_FILE));
         let file = File::create(&memory_tmp)?;
-        let (layout, stats) = snapshot::memory::write_full(&self.mem, &file)
-            .map_err(|e| Error::Snapshot(e.to_string()))?;
+        // From the first snapshot on, KVM logs the guest's writes; what is
+        // logged before this point is in this snapshot.
+        if !self.dirty_log {
+            memory::register(&self.vm_fd, &self.mem, true)?;
+            self.dirty_log = true;
+        }
+        let dirty = memory::take_dirty(&self.vm_fd, &self.mem)?;
+        let (layout, stats) = if diff {
+            snapshot::memory::write_diff(&self.mem, &file, &dirty)
+        } else {
+            snapshot::memory::write_full(&self.mem, &file)
+        }
+        .map_err(|e| Error::Snapshot(e.to_string()))?;
         file.sync_data()?;
         drop(file);
 
@@ -1116,12 +1186,18 @@ impl Vm {
             disks,
             root_on_disk: self.config.root_on_disk,
             agent_ready: self.ready_after.is_some(),
+            parent: if diff {
+                self.last_snapshot.clone()
+            } else {
+                None
+            },
         };
         let bytes = Snapshot {
             info,
             vm,
             vcpus,
             devices,
+            dirty: diff.then_some(dirty),
         }
         .to_bytes()?;
         let state_tmp = dir.join(format!("{}.tmp", persist::STATE_FILE));

@@ -47,6 +47,7 @@ fn sample(vendor: &str) -> Snapshot {
             disks: Vec::new(),
             root_on_disk: false,
             agent_ready: true,
+            parent: None,
         },
         vm: VmState {
             pic_master: Default::default(),
@@ -71,6 +72,7 @@ fn sample(vendor: &str) -> Snapshot {
             },
             virtio: Vec::new(),
         },
+        dirty: None,
     }
 }
 
@@ -211,6 +213,19 @@ fn inconsistent_contents_are_refused() {
             "an unaligned region",
             Box::new(|s| s.info.regions[0].guest_addr = 12),
             "inconsistent",
+        ),
+        (
+            "a diff without its page map",
+            Box::new(|s| s.info.parent = Some("/elsewhere".into())),
+            "needs both a parent and a dirty page map",
+        ),
+        (
+            "a page map that does not fit",
+            Box::new(|s| {
+                s.info.parent = Some("/elsewhere".into());
+                s.dirty = Some(vec![vec![0; 3]]);
+            }),
+            "does not fit the memory regions",
         ),
         (
             "a region that wraps around",

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use devices::virtio::mmio::{MmioTransport, DRIVER_INIT_SEQUENCE, STATUS_ALL_OK};
 use devices::virtio::VirtioDevice;
 use devices::BusDevice;
+use devices::GuestMemory as GuestMemoryMmap;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const MEM_SIZE: usize = 16 << 20;

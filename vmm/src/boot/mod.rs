@@ -11,15 +11,14 @@ pub mod mptable;
 use std::fs::File;
 use std::path::Path;
 
+use devices::GuestMemory;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
 use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{Error, Result};
 use crate::layout::*;
@@ -52,7 +51,7 @@ pub struct LoadedKernel {
 }
 
 /// Loads `path` (ELF vmlinux or bzImage) into guest memory.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
+pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
     let open = || {
         File::open(path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
@@ -96,7 +95,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
 
 /// Loads the initramfs as high as possible below the MMIO hole; returns
 /// its address and size.
-pub fn load_initramfs(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64)> {
+pub fn load_initramfs(mem: &GuestMemory, path: &Path) -> Result<(u64, u64)> {
     let file_err = |source| Error::File {
         what: "initramfs",
         path: path.to_path_buf(),
@@ -120,7 +119,7 @@ pub fn load_initramfs(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64)> 
 }
 
 /// The guest's physical memory map.
-pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
+pub fn e820_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, BASE_MEM_END, E820_RAM),
         (BASE_MEM_END, HIGH_MEM_START - BASE_MEM_END, E820_RESERVED),
@@ -135,14 +134,14 @@ pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
     map
 }
 
-pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<()> {
+pub fn write_cmdline(mem: &GuestMemory, cmdline: &Cmdline) -> Result<()> {
     loader::load_cmdline(mem, GuestAddress(CMDLINE), cmdline)
         .map_err(|e| Error::Config(format!("kernel command line: {e}")))
 }
 
 /// Writes the boot information the entry protocol expects.
 pub fn write_boot_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     kernel: &LoadedKernel,
     cmdline_len: usize,
     initramfs: Option<(u64, u64)>,
@@ -157,7 +156,7 @@ pub fn write_boot_info(
 }
 
 fn write_pvh_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     map: &[(u64, u64, u32)],
     initramfs: Option<(u64, u64)>,
 ) -> Result<()> {
@@ -199,12 +198,12 @@ fn write_pvh_info(
             GuestAddress(modlist_addr),
         );
     }
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
+    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem)
         .map_err(|e| Error::Memory(format!("writing PVH start info: {e}")))
 }
 
 fn write_zero_page(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     header: Option<setup_header>,
     map: &[(u64, u64, u32)],
     cmdline_len: usize,
@@ -237,13 +236,13 @@ fn write_zero_page(
     }
     params.e820_entries = map.len() as u8;
     let bp = BootParams::new(&params, GuestAddress(ZERO_PAGE));
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&bp, mem)
+    LinuxBootConfigurator::write_bootparams::<GuestMemory>(&bp, mem)
         .map_err(|e| Error::Memory(format!("writing the zero page: {e}")))
 }
 
 /// Writes the boot GDT, IDT and identity page tables (used by both entry
 /// protocols; page tables only by the 64-bit one).
-pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<()> {
+pub fn write_boot_tables(mem: &GuestMemory) -> Result<()> {
     let err = |e: vm_memory::GuestMemoryError| Error::Memory(format!("writing boot tables: {e}"));
     for (i, entry) in crate::cpu::regs::BOOT_GDT_ENTRIES.iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT + 8 * i as u64))

@@ -1,7 +1,8 @@
 //! The Intel MultiProcessor Specification 1.4 table: how a guest without
 //! ACPI learns about its CPUs, its IOAPIC and its interrupt wiring.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use devices::GuestMemory;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, Result};
 use crate::layout::{IOAPIC, IOAPIC_PINS, LAPIC, MAX_VCPUS, MPTABLE, MP_FLOATING_POINTER};
@@ -82,7 +83,7 @@ pub fn build(cpus: u8) -> Result<(Vec<u8>, Vec<u8>)> {
     Ok((fp, table))
 }
 
-pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<()> {
+pub fn write(mem: &GuestMemory, cpus: u8) -> Result<()> {
     let (fp, table) = build(cpus)?;
     if MPTABLE + table.len() as u64 > MP_FLOATING_POINTER {
         return Err(Error::Config("MP table does not fit".into()));
