@@ -10,6 +10,7 @@
 
 pub mod container;
 pub mod memory;
+pub mod uffd;
 
 /// First bytes of every Capsule snapshot state file.
 pub const MAGIC: [u8; 8] = *b"CAPSNAP\0";

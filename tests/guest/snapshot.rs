@@ -411,3 +411,54 @@ fn a_diff_snapshot_writes_only_what_changed_and_restores_through_its_parent() {
     );
     stop(before);
 }
+
+#[test]
+fn userfaultfd_restores_lazily_and_prefetches_the_recorded_working_set() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let snaps = tempfile::tempdir().unwrap();
+    let snap = snaps.path().join("snap");
+    let mut vm = boot(builder());
+    let sum = sh_ok(
+        &mut vm,
+        "head -c 3000000 /dev/urandom > /tmp/data; md5sum < /tmp/data",
+    );
+    vm.snapshot(&snap).expect("snapshot");
+    vm.kill();
+
+    let uffd = |prefetch| vmm::RestoreOptions {
+        memory: vmm::MemoryBackend::Uffd { prefetch },
+        ..Default::default()
+    };
+    // Lazily: only what the guest touches is copied in.
+    let mut lazy = Vm::restore(&snap, uffd(false)).expect("restore with userfaultfd");
+    assert_eq!(sh_ok(&mut lazy, "md5sum < /tmp/data"), sum);
+    let recorded = lazy.save_working_set(&snap).expect("save working set");
+    let first = lazy.uffd_stats().unwrap();
+    stop(lazy);
+    assert!(first.faults > 0 && first.prefetched == 0, "{first:?}");
+    assert!(
+        first.bytes_copied < 64 << 20,
+        "copied {} bytes of a 192 MiB guest",
+        first.bytes_copied
+    );
+
+    // Again with the working set: the chunks come in before the guest
+    // runs, and far fewer faults are left.
+    let mut warm = Vm::restore(&snap, uffd(true)).expect("restore with prefetch");
+    assert_eq!(sh_ok(&mut warm, "md5sum < /tmp/data"), sum);
+    let second = warm.uffd_stats().unwrap();
+    stop(warm);
+    eprintln!(
+        "userfaultfd: lazy restore served {} faults ({} KiB); with the {recorded}-chunk working set \
+         {} chunks were prefetched and {} faults remained",
+        first.faults,
+        first.bytes_copied >> 10,
+        second.prefetched,
+        second.faults
+    );
+    assert_eq!(second.prefetched as usize, recorded);
+    assert!(
+        second.faults * 4 < first.faults,
+        "{first:?} then {second:?}"
+    );
+}

@@ -52,6 +52,27 @@ pub fn map_file(file: File, regions: &[(u64, u64, u64)]) -> Result<GuestMemory> 
     GuestMemory::from_regions(mapped).map_err(|e| Error::Memory(e.to_string()))
 }
 
+/// The host ranges of `mem`'s regions paired with their places in a
+/// memory file, for a userfaultfd server.
+pub fn host_ranges(
+    mem: &GuestMemory,
+    layout: &[snapshot::memory::RegionLayout],
+) -> Result<Vec<snapshot::uffd::Range>> {
+    layout
+        .iter()
+        .map(|place| {
+            let host = mem
+                .get_host_address(GuestAddress(place.guest_addr))
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            Ok(snapshot::uffd::Range {
+                host_addr: host as usize,
+                len: place.size as usize,
+                file_offset: place.file_offset,
+            })
+        })
+        .collect()
+}
+
 /// Makes every region of `mem` guest RAM in `vm` (again, to change
 /// `log_dirty`). With `log_dirty`, KVM records every page the guest
 /// writes, for diff snapshots; it costs a fault on the first write to

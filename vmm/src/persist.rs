@@ -240,6 +240,23 @@ impl Snapshot {
                 info.memory_mib
             )));
         }
+        // Exactly the RAM layout this VMM gives that much memory: memory
+        // is mapped (and served) region by region as the file says.
+        let expected: Vec<(u64, u64)> = crate::memory::ram_ranges(next_offset)
+            .into_iter()
+            .map(|(addr, len)| (addr.0, len as u64))
+            .collect();
+        let found: Vec<(u64, u64)> = info
+            .regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size))
+            .collect();
+        if expected != found {
+            return Err(bad(format!(
+                "memory regions {found:x?} are not this VMM's layout for {} MiB",
+                info.memory_mib
+            )));
+        }
         match (&info.parent, &self.dirty) {
             (None, None) => {}
             (Some(_), Some(dirty)) => {
@@ -383,6 +400,58 @@ pub fn memory_chain(dir: &Path, top: &Snapshot) -> Result<Vec<MemoryLayer>> {
     }
     chain.reverse();
     Ok(chain)
+}
+
+pub const WORKING_SET_FILE: &str = "workingset";
+const TAG_WORKING_SET: Tag = *b"WSET";
+
+/// The memory chunks a restored guest touched first (see
+/// `snapshot::uffd`), kept next to the snapshot so later restores can
+/// copy them in before the guest runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkingSet {
+    pub chunk: u32,
+    /// Memory-file offsets of the chunks, in first-touch order.
+    pub offsets: Vec<u64>,
+}
+
+pub fn write_working_set(dir: &Path, set: &WorkingSet) -> Result<()> {
+    let mut w = StateWriter::new();
+    w.section(TAG_WORKING_SET, encode("working set", set)?);
+    let tmp = dir.join(format!("{WORKING_SET_FILE}.tmp"));
+    std::fs::write(&tmp, w.to_bytes())?;
+    std::fs::rename(&tmp, dir.join(WORKING_SET_FILE))?;
+    Ok(())
+}
+
+/// The snapshot's recorded working set, if it has one. A damaged one is
+/// only a lost hint: it is reported and ignored.
+pub fn read_working_set(dir: &Path, info: &SnapshotInfo) -> Option<WorkingSet> {
+    let path = dir.join(WORKING_SET_FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    let parsed = container::parse(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|sections| match sections.as_slice() {
+            [s] if s.tag == TAG_WORKING_SET => {
+                decode::<WorkingSet>(&path, "working set", s.payload).map_err(|e| e.to_string())
+            }
+            _ => Err("unexpected sections".into()),
+        })
+        .and_then(|set| {
+            let chunks = (info.memory_mib << 20) / u64::from(set.chunk.max(1));
+            if set.chunk == 0 || set.chunk % 4096 != 0 || set.offsets.len() as u64 > chunks {
+                Err("inconsistent chunk size or count".into())
+            } else {
+                Ok(set)
+            }
+        });
+    match parsed {
+        Ok(set) => Some(set),
+        Err(e) => {
+            log::warn!("ignoring the working set {}: {e}", path.display());
+            None
+        }
+    }
 }
 
 /// Reads `<dir>/state`, refusing anything too big to be ours.

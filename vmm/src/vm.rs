@@ -278,6 +278,12 @@ pub enum MemoryBackend {
     /// same file.
     #[default]
     File,
+    /// Anonymous memory filled on first touch by a userfaultfd handler
+    /// thread, a chunk at a time, from the memory file. Touched pages are
+    /// the VM's own (not shared with other forks). With `prefetch`, the
+    /// chunks recorded in the snapshot's working set
+    /// ([`Vm::save_working_set`]) are copied in before the guest runs.
+    Uffd { prefetch: bool },
 }
 
 /// How to restore a snapshot.
@@ -512,6 +518,8 @@ pub struct Vm {
     /// The snapshot the dirty log counts from: a diff snapshot is against
     /// it.
     last_snapshot: Option<PathBuf>,
+    /// Serves a lazily restored VM's memory (`MemoryBackend::Uffd`).
+    uffd: Option<snapshot::uffd::UffdServer>,
     vsock_path: PathBuf,
     /// Open until the agent announced itself, then closed so the guest
     /// cannot pile connections onto a socket nobody accepts from.
@@ -745,6 +753,7 @@ impl Vm {
             layer_seq: 0,
             dirty_log: false,
             last_snapshot: None,
+            uffd: None,
             vsock_path,
             ready_listener: None,
             started,
@@ -781,7 +790,6 @@ impl Vm {
             .map_err(Error::kvm("reading supported CPUID"))?;
         snap.check_host(&persist::cpu_vendor(&supported), &supported)?;
 
-        let MemoryBackend::File = options.memory;
         let layout: Vec<_> = snap
             .info
             .regions
@@ -803,7 +811,35 @@ impl Vm {
                 root.dir.display()
             )));
         }
-        let mem = memory::map_file(root.file, &regions)?;
+        let mut uffd = None;
+        let mem = match options.memory {
+            MemoryBackend::File => memory::map_file(root.file, &regions)?,
+            MemoryBackend::Uffd { prefetch } => {
+                let mem = memory::create(snap.info.memory_mib << 20)?;
+                let ranges = memory::host_ranges(&mem, &layout)?;
+                let working_set = if prefetch {
+                    persist::read_working_set(dir, &snap.info)
+                        .filter(|w| w.chunk as usize == snapshot::uffd::DEFAULT_CHUNK)
+                        .map(|w| w.offsets)
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                // SAFETY: `mem` is freshly mapped anonymous memory, not yet
+                // touched, and the VM keeps it mapped until the server is
+                // stopped (`stop_threads`, before `mem` is dropped).
+                let server = unsafe {
+                    snapshot::uffd::UffdServer::start(
+                        root.file,
+                        ranges,
+                        snapshot::uffd::DEFAULT_CHUNK,
+                        &working_set,
+                    )
+                }?;
+                uffd = Some(server);
+                mem
+            }
+        };
         // Diffs on top, oldest first: their pages become this VM's own.
         for diff in &chain {
             let dirty = diff.dirty.as_deref().unwrap_or_default();
@@ -916,6 +952,7 @@ impl Vm {
         let agent_ready = info.agent_ready;
         let mut vm = Vm::start(config, kvm, vm_fd, mem, machine, started)?;
         vm.ready_listener = ready_listener;
+        vm.uffd = uffd;
         if options.track_dirty {
             vm.dirty_log = true;
             vm.last_snapshot = Some(std::path::absolute(dir)?);
@@ -993,6 +1030,32 @@ impl Vm {
             log::warn!("restore: the guest could not apply its identity: {p}");
         }
         Ok(())
+    }
+
+    /// Records which memory chunks this VM, restored with
+    /// `MemoryBackend::Uffd`, has touched so far into its snapshot
+    /// directory `dir`, for later restores to prefetch. Returns how many.
+    pub fn save_working_set(&self, dir: impl AsRef<Path>) -> Result<usize> {
+        let Some(server) = &self.uffd else {
+            return Err(Error::Config(
+                "only a VM restored with MemoryBackend::Uffd records a working set".into(),
+            ));
+        };
+        let offsets = server.touched();
+        let n = offsets.len();
+        persist::write_working_set(
+            dir.as_ref(),
+            &persist::WorkingSet {
+                chunk: snapshot::uffd::DEFAULT_CHUNK as u32,
+                offsets,
+            },
+        )?;
+        Ok(n)
+    }
+
+    /// How the userfaultfd server of a lazily restored VM has done.
+    pub fn uffd_stats(&self) -> Option<snapshot::uffd::ServeStats> {
+        self.uffd.as_ref().map(|s| s.stats())
     }
 
     /// Waits for a restored guest to drop the vsock connections it had at
@@ -1380,6 +1443,10 @@ impl Vm {
         }
         if let Some(handle) = self.event_loop.take() {
             let _ = handle.join();
+        }
+        // Nothing touches guest memory any more.
+        if let Some(mut server) = self.uffd.take() {
+            server.stop();
         }
     }
 }

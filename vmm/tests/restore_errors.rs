@@ -210,6 +210,24 @@ fn inconsistent_contents_are_refused() {
             "inconsistent",
         ),
         (
+            "a layout this VMM never makes",
+            Box::new(|s| {
+                s.info.regions = vec![
+                    SavedRegion {
+                        guest_addr: 0,
+                        size: 16 * MIB,
+                        file_offset: 0,
+                    },
+                    SavedRegion {
+                        guest_addr: 32 * MIB,
+                        size: 16 * MIB,
+                        file_offset: 16 * MIB,
+                    },
+                ];
+            }),
+            "not this VMM's layout",
+        ),
+        (
             "an unaligned region",
             Box::new(|s| s.info.regions[0].guest_addr = 12),
             "inconsistent",
