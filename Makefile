@@ -57,6 +57,7 @@ lint:
 bench: artifacts build
 	scripts/bench.sh
 	scripts/compare-qemu.sh
+	scripts/compare-qemu.sh --snapshot
 
 fmt:
 	cargo fmt --all

@@ -21,39 +21,17 @@ import os
 import re
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qemu_agent import (  # noqa: E402
+    AGENT_PORT, CAPSULE, HELLO, INITRAMFS, KERNEL, READY_PORT, frame, qemu_command, read_frame,
+)
+
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
-KERNEL = os.environ["CAPSULE_KERNEL"]
-INITRAMFS = os.environ["CAPSULE_INITRAMFS"]
-CAPSULE = os.environ.get("CAPSULE_BIN", "target/release/capsule")
-CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off nomodule tsc=reliable no_timer_check quiet capsule.hostname=capsule"
-READY_PORT, AGENT_PORT = 1025, 1024
-HELLO = json.dumps({"protocol": 1, "software": "compare-qemu"}).encode()
-
-
-def frame(kind, stream, payload):
-    return struct.pack("<IBI", 5 + len(payload), kind, stream) + payload
-
-
-def read_exact(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("connection closed")
-        buf += chunk
-    return buf
-
-
-def read_frame(sock):
-    (length,) = struct.unpack("<I", read_exact(sock, 4))
-    kind, stream = struct.unpack("<BI", read_exact(sock, 5))
-    return kind, stream, read_exact(sock, length - 5)
 
 
 def qemu_round(cid, workdir):
@@ -61,14 +39,7 @@ def qemu_round(cid, workdir):
     listener.bind((socket.VMADDR_CID_ANY, READY_PORT))
     listener.listen(1)
     listener.settimeout(120)
-    cmd = [
-        "qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host",
-        "-smp", "1", "-m", "256M", "-nodefaults", "-no-user-config", "-nographic",
-        "-no-reboot", "-serial", f"file:{workdir}/qemu-console.log",
-        "-kernel", KERNEL, "-initrd", INITRAMFS, "-append", CMDLINE,
-        "-device", "virtio-rng-device",
-        "-device", f"vhost-vsock-device,guest-cid={cid}",
-    ]
+    cmd = qemu_command(cid, workdir)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -92,7 +63,7 @@ def qemu_round(cid, workdir):
         agent.close()
         return ready, first
     except Exception:
-        log = open(f"{workdir}/qemu-console.log", errors="replace").read()[-2000:]
+        log = open(f"{workdir}/qemu-console-{cid}.log", errors="replace").read()[-2000:]
         sys.stderr.write(f"QEMU round failed; console tail:\n{log}\n")
         raise
     finally:

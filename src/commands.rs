@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use vmm::{RestoreOptions, Vm};
+use vmm::{MemoryBackend, RestoreOptions, Vm};
 
 use crate::exec::{self, CommandArgs};
 use crate::sandbox::{self, Origin, Reply, Request};
@@ -76,6 +76,25 @@ pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
     Ok(0)
 }
 
+/// How a restored guest's memory is backed.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Map the memory file privately: replicas share its page cache.
+    File,
+    /// Copy memory in on first touch (userfaultfd), prefetching the
+    /// snapshot's recorded working set; the first such restore records it.
+    Uffd,
+}
+
+impl Backend {
+    fn memory(self) -> MemoryBackend {
+        match self {
+            Backend::File => MemoryBackend::File,
+            Backend::Uffd => MemoryBackend::Uffd { prefetch: true },
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// The snapshot directory.
@@ -92,6 +111,9 @@ pub struct RestoreArgs {
     /// Print restore and command times on stderr.
     #[arg(long)]
     timings: bool,
+    /// How the guest's memory is brought back.
+    #[arg(long, value_enum, default_value_t = Backend::Uffd)]
+    memory_backend: Backend,
     #[command(flatten)]
     command_args: CommandArgs,
     /// The command to run once restored (optional with --keep).
@@ -120,6 +142,7 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
     }
     let t0 = Instant::now();
     let options = RestoreOptions {
+        memory: args.memory_backend.memory(),
         identity: vmm::Identity {
             hostname: args.hostname.clone(),
             ..Default::default()
@@ -132,6 +155,14 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
     let t_exec = Instant::now();
     let status = exec::stream(vm.agent()?, &args.command, &args.command_args)?;
     let exec_time = t_exec.elapsed();
+    // The first lazy restore of a snapshot records what the guest needed,
+    // for the next ones to prefetch (a read-only snapshot just goes
+    // without).
+    if args.memory_backend == Backend::Uffd
+        && !args.snapshot.join(vmm::persist::WORKING_SET_FILE).exists()
+    {
+        let _ = vm.save_working_set(&args.snapshot);
+    }
     vm.shutdown(Duration::from_secs(10))?;
     if args.timings {
         eprintln!(
@@ -153,6 +184,10 @@ pub struct ForkArgs {
     /// Print restore and command times on stderr.
     #[arg(long)]
     timings: bool,
+    /// How the replicas' memory is brought back (`file` shares one page
+    /// cache copy between them).
+    #[arg(long, value_enum, default_value_t = Backend::File)]
+    memory_backend: Backend,
     #[command(flatten)]
     command_args: CommandArgs,
     /// The command each replica runs.
@@ -221,6 +256,7 @@ type ForkResult = (vmm::Output, Duration);
 fn run_fork(i: usize, args: &ForkArgs) -> Result<ForkResult> {
     let t0 = Instant::now();
     let options = RestoreOptions {
+        memory: args.memory_backend.memory(),
         identity: vmm::fork_identity(format!("fork-{i}"))?,
         ..Default::default()
     };

@@ -131,9 +131,7 @@ impl UffdServer {
         };
         for &offset in prefetch {
             if let Some((range, start)) = handler.chunk_at_file_offset(offset) {
-                if handler.serve(range, start, false) {
-                    shared.prefetched.fetch_add(1, Ordering::Relaxed);
-                }
+                handler.serve(range, start, false);
             }
         }
         let stop = eventfd()?;
@@ -234,9 +232,7 @@ impl Handler {
             return;
         };
         let start = (addr - self.ranges[range].host_addr) / self.chunk * self.chunk;
-        if self.serve(range, start, true) {
-            self.shared.faults.fetch_add(1, Ordering::Relaxed);
-        } else {
+        if !self.serve(range, start, true) {
             // Served already (two faults raced for one chunk): just wake.
             let page = addr & !4095;
             let _ = self.uffd.wake(page as *mut libc::c_void, 4096);
@@ -271,32 +267,39 @@ impl Handler {
             log::error!("uffd: reading the memory file at {file_offset}: {e}");
             buf.fill(0);
         }
-        let result = if buf.iter().all(|&b| b == 0) {
-            // SAFETY: `dst..dst+len` lies in a registered range (the
-            // caller of `start` guarantees it stays mapped).
-            unsafe { self.uffd.zeropage(dst, len, wake) }.map(|_| 0)
-        } else {
-            // SAFETY: as above; `buf` holds `len` readable bytes.
-            unsafe { self.uffd.copy(buf.as_ptr().cast(), dst, len, wake) }
-        };
-        match result {
-            Ok(copied) => {
-                self.shared
-                    .bytes_copied
-                    .fetch_add(copied as u64, Ordering::Relaxed);
-            }
-            // Pages of the chunk were already present (only if something
-            // populated them behind our back): wake whoever waits.
-            Err(e) => {
-                log::debug!("uffd: chunk at {dst:?}: {e}");
-                let _ = self.uffd.wake(dst, len);
-            }
-        }
+        // Account for the chunk before the copy wakes the faulting thread,
+        // so whoever it tells sees the chunk in the working set.
+        let zero = buf.iter().all(|&b| b == 0);
         self.shared
             .touched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(file_offset);
+        let counter = if wake {
+            &self.shared.faults
+        } else {
+            &self.shared.prefetched
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if !zero {
+            self.shared
+                .bytes_copied
+                .fetch_add(len as u64, Ordering::Relaxed);
+        }
+        let result = if zero {
+            // SAFETY: `dst..dst+len` lies in a registered range (the
+            // caller of `start` guarantees it stays mapped).
+            unsafe { self.uffd.zeropage(dst, len, wake) }.map(|_| ())
+        } else {
+            // SAFETY: as above; `buf` holds `len` readable bytes.
+            unsafe { self.uffd.copy(buf.as_ptr().cast(), dst, len, wake) }.map(|_| ())
+        };
+        if let Err(e) = result {
+            // Pages of the chunk were already present (only if something
+            // populated them behind our back): wake whoever waits.
+            log::debug!("uffd: chunk at {dst:?}: {e}");
+            let _ = self.uffd.wake(dst, len);
+        }
         true
     }
 }

@@ -299,6 +299,8 @@ fn twenty_forks_share_memory_and_keep_their_disk_writes_apart() {
                 let snap = &snap;
                 scope.spawn(move || {
                     let options = vmm::RestoreOptions {
+                        // The backend that shares one copy between forks.
+                        memory: vmm::MemoryBackend::File,
                         identity: vmm::fork_identity(format!("fork-{i}")).unwrap(),
                         ..Default::default()
                     };

@@ -269,14 +269,15 @@ impl MutEventSubscriber for Control {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// How a restored VM's memory is backed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How a restored VM's memory is backed. The default is the one that
+/// restores to a first command fastest (`benches/snapshot.rs`): userfaultfd
+/// with prefetch. Forks that should share memory want `File`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum MemoryBackend {
     /// A private copy-on-write mapping of the memory file: pages come from
     /// the page cache on first touch, shared by every VM restored from the
     /// same file.
-    #[default]
     File,
     /// Anonymous memory filled on first touch by a userfaultfd handler
     /// thread, a chunk at a time, from the memory file. Touched pages are
@@ -284,6 +285,12 @@ pub enum MemoryBackend {
     /// chunks recorded in the snapshot's working set
     /// ([`Vm::save_working_set`]) are copied in before the guest runs.
     Uffd { prefetch: bool },
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        MemoryBackend::Uffd { prefetch: true }
+    }
 }
 
 /// How to restore a snapshot.

@@ -1,0 +1,114 @@
+"""Helpers shared by the QEMU side-by-side scripts: the guest agent's wire
+protocol over AF_VSOCK (as the host sees a QEMU guest through vhost-vsock),
+QEMU microvm's command line for our kernel and initramfs, and QMP."""
+
+import json
+import os
+import socket
+import struct
+import time
+
+KERNEL = os.environ["CAPSULE_KERNEL"]
+INITRAMFS = os.environ["CAPSULE_INITRAMFS"]
+CAPSULE = os.environ.get("CAPSULE_BIN", "target/release/capsule")
+CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off nomodule tsc=reliable no_timer_check quiet capsule.hostname=capsule"
+READY_PORT, AGENT_PORT = 1025, 1024
+HELLO = json.dumps({"protocol": 1, "software": "compare-qemu"}).encode()
+
+
+def frame(kind, stream, payload):
+    return struct.pack("<IBI", 5 + len(payload), kind, stream) + payload
+
+
+def read_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("connection closed")
+        buf += chunk
+    return buf
+
+
+def read_frame(sock):
+    (length,) = struct.unpack("<I", read_exact(sock, 4))
+    kind, stream = struct.unpack("<BI", read_exact(sock, 5))
+    return kind, stream, read_exact(sock, length - 5)
+
+
+def qemu_command(cid, workdir, memory="256M", extra=()):
+    return [
+        "qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host",
+        "-smp", "1", "-m", memory, "-nodefaults", "-no-user-config", "-nographic",
+        "-no-reboot", "-serial", f"file:{workdir}/qemu-console-{cid}.log",
+        "-kernel", KERNEL, "-initrd", INITRAMFS, "-append", CMDLINE,
+        "-device", "virtio-rng-device",
+        "-device", f"vhost-vsock-device,guest-cid={cid}",
+        *extra,
+    ]
+
+
+def exec_true(cid, deadline=60):
+    """Connects to the agent of guest `cid` (retrying while it is not yet
+    listening, as after a restore) and runs `true`."""
+    end = time.monotonic() + deadline
+    while True:
+        agent = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        agent.settimeout(max(1, end - time.monotonic()))
+        try:
+            agent.connect((cid, AGENT_PORT))
+            break
+        except OSError:
+            agent.close()
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.005)
+    try:
+        agent.sendall(frame(1, 0, HELLO))
+        read_frame(agent)
+        agent.sendall(frame(2, 1, json.dumps({"op": "exec", "argv": ["true"]}).encode()))
+        while True:
+            kind, _, payload = read_frame(agent)
+            if kind == 19:
+                status = json.loads(payload)
+                assert status.get("code") == 0, status
+                return
+    finally:
+        agent.close()
+
+
+class Qmp:
+    """A minimal QMP client on a Unix socket."""
+
+    def __init__(self, path, timeout=120):
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.01)
+        self.file = self.sock.makefile("rw")
+        json.loads(self.file.readline())  # greeting
+        self.command("qmp_capabilities")
+
+    def command(self, name, **arguments):
+        msg = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.file.write(json.dumps(msg) + "\n")
+        self.file.flush()
+        while True:
+            reply = json.loads(self.file.readline())
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error']}")
+            return reply.get("return")
+
+    def close(self):
+        self.sock.close()
