@@ -124,6 +124,7 @@ fn restore_to_first_exec(c: &mut Criterion) {
 }
 
 fn fork_n(c: &mut Criterion) {
+    let _ = vmm::host::raise_fd_limit();
     let dir = scratch().join("fork");
     primed_snapshot(&dir);
     let mut group = c.benchmark_group("fork_to_first_exec");

@@ -49,6 +49,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let _ = vmm::host::raise_fd_limit();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),

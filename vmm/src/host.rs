@@ -40,6 +40,31 @@ impl KvmFlavor {
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit and
+/// returns the new limit. Every VM holds a few dozen descriptors (KVM,
+/// eventfds, sockets, files): the usual soft limit of 1024 runs out at a
+/// few dozen VMs in one process. A library does not change process limits
+/// on its own; programs that run many VMs call this.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
