@@ -9,8 +9,8 @@
 //!
 //! ```text
 //! 0      header (4 KiB): magic "CAPLAYER" | version u32 | block size u32
-//!        | size u64 | base size u64 | base mtime ns u64 | base path len u32
-//!        | base path | CRC-32 of all of the above
+//!        | size u64 | base size u64 | base mtime ns u64 | base kind u32
+//!        | base path len u32 | base path | CRC-32 of all of the above
 //! 4 KiB  allocation bitmap: bit i set = block i lives in this file
 //! data   block i at data + i * block size (the file is sparse)
 //! ```
@@ -33,12 +33,29 @@ const HEADER_SIZE: u64 = 4096;
 pub const BLOCK_SIZE: u32 = 64 * 1024;
 /// Longest base chain accepted (also what stops a layer that is its own
 /// base).
-const MAX_DEPTH: usize = 32;
+pub const MAX_DEPTH: usize = 32;
 const MAX_BASE_PATH: usize = 2048;
 
 fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
+
+/// What a disk file is. Always known from where it came from, never
+/// guessed from its contents: the guest writes a raw disk's first bytes
+/// and could otherwise make it look like a layer naming any host file as
+/// its base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DiskKind {
+    /// A raw image, as a user supplies it.
+    Raw,
+    /// A layer file Capsule made.
+    Layer,
+}
+
+/// Most bytes of allocation bitmap a layer may have (a 32 TiB disk at
+/// 64 KiB blocks): a header claiming more is refused before anything is
+/// allocated.
+const MAX_BITMAP: u64 = 64 << 20;
 
 /// A disk image: a raw file or a layer over a base.
 #[derive(Debug)]
@@ -74,13 +91,18 @@ pub fn fingerprint(path: &Path) -> io::Result<(u64, u64)> {
 }
 
 impl DiskImage {
-    /// Opens `path`, a raw image or a layer (told apart by the magic).
-    /// A layer's base chain is always opened read-only.
-    pub fn open(path: &Path, writable: bool) -> io::Result<DiskImage> {
-        Self::open_at_depth(path, writable, 0)
+    /// Opens `path` as an image of `kind`. A layer's base chain is always
+    /// opened read-only.
+    pub fn open(path: &Path, kind: DiskKind, writable: bool) -> io::Result<DiskImage> {
+        Self::open_at_depth(path, kind, writable, 0)
     }
 
-    fn open_at_depth(path: &Path, writable: bool, depth: usize) -> io::Result<DiskImage> {
+    fn open_at_depth(
+        path: &Path,
+        kind: DiskKind,
+        writable: bool,
+        depth: usize,
+    ) -> io::Result<DiskImage> {
         if depth > MAX_DEPTH {
             return Err(invalid(format!(
                 "{}: more than {MAX_DEPTH} layers deep (or a layer is its own base)",
@@ -88,9 +110,7 @@ impl DiskImage {
             )));
         }
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        let mut magic = [0u8; 8];
-        let is_layer = file.read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC;
-        if is_layer {
+        if kind == DiskKind::Layer {
             return Ok(DiskImage::Layer(Box::new(Layer::open(
                 file,
                 path.to_path_buf(),
@@ -103,6 +123,21 @@ impl DiskImage {
             path: path.to_path_buf(),
             size,
         })
+    }
+
+    pub fn kind(&self) -> DiskKind {
+        match self {
+            DiskImage::Raw { .. } => DiskKind::Raw,
+            DiskImage::Layer(_) => DiskKind::Layer,
+        }
+    }
+
+    /// How many files make up the image (1 for a raw image).
+    pub fn depth(&self) -> usize {
+        match self {
+            DiskImage::Raw { .. } => 1,
+            DiskImage::Layer(l) => 1 + l.base.depth(),
+        }
     }
 
     /// The guest-visible size in bytes.
@@ -192,14 +227,13 @@ impl DiskImage {
     /// or a sparse copy across filesystems) and uses that path from now
     /// on: a snapshot keeps the layers it needs with it. The top must not
     /// be written meanwhile or after (it is about to be frozen).
+    /// An existing `dest` is an error, never replaced: it may be some
+    /// other image's base.
     pub fn relocate_top(&mut self, dest: &Path) -> io::Result<()> {
-        match std::fs::remove_file(dest) {
+        match std::fs::hard_link(self.path(), dest) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        if std::fs::hard_link(self.path(), dest).is_err() {
-            self.copy_top_to(dest)?;
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
+            Err(_) => self.copy_top_to(dest)?,
         }
         match self {
             DiskImage::Raw { path, .. } => *path = dest.to_path_buf(),
@@ -257,6 +291,11 @@ impl Layer {
         header.extend_from_slice(&size.to_le_bytes());
         header.extend_from_slice(&base_size.to_le_bytes());
         header.extend_from_slice(&base_mtime.to_le_bytes());
+        let base_kind: u32 = match base.kind() {
+            DiskKind::Raw => 0,
+            DiskKind::Layer => 1,
+        };
+        header.extend_from_slice(&base_kind.to_le_bytes());
         header.extend_from_slice(&(base_path_bytes.len() as u32).to_le_bytes());
         header.extend_from_slice(base_path_bytes);
         let crc = crc32fast::hash(&header);
@@ -295,11 +334,16 @@ impl Layer {
         let block_size = u64::from(u32_at(12));
         let size = u64_at(16);
         let (base_size, base_mtime) = (u64_at(24), u64_at(32));
-        let path_len = u32_at(40) as usize;
+        let base_kind = match u32_at(40) {
+            0 => DiskKind::Raw,
+            1 => DiskKind::Layer,
+            _ => return Err(bad("corrupt layer header (base kind)")),
+        };
+        let path_len = u32_at(44) as usize;
         if path_len == 0 || path_len > MAX_BASE_PATH {
             return Err(bad("corrupt layer header (base path length)"));
         }
-        let crc_at = 44 + path_len;
+        let crc_at = 48 + path_len;
         if crc32fast::hash(&header[..crc_at]) != u32_at(crc_at) {
             return Err(bad("corrupt layer header (checksum mismatch)"));
         }
@@ -310,6 +354,11 @@ impl Layer {
             return Err(bad(&format!("unsupported disk size {size}")));
         }
         let bitmap_len = size.div_ceil(block_size).div_ceil(8);
+        if bitmap_len > MAX_BITMAP {
+            return Err(bad(&format!(
+                "a {size}-byte disk in {block_size}-byte blocks needs too large an allocation map"
+            )));
+        }
         let data_offset = HEADER_SIZE + bitmap_len.div_ceil(4096) * 4096;
         if file.metadata()?.len() < data_offset {
             return Err(bad("truncated layer (allocation map)"));
@@ -317,14 +366,15 @@ impl Layer {
         let mut bitmap = vec![0u8; bitmap_len as usize];
         file.read_exact_at(&mut bitmap, HEADER_SIZE)?;
 
-        let base_path = PathBuf::from(std::ffi::OsStr::from_bytes(&header[44..crc_at]));
-        let base = DiskImage::open_at_depth(&base_path, false, depth + 1).map_err(|e| {
-            invalid(format!(
-                "{}: cannot open its base {}: {e}",
-                path.display(),
-                base_path.display()
-            ))
-        })?;
+        let base_path = PathBuf::from(std::ffi::OsStr::from_bytes(&header[48..crc_at]));
+        let base =
+            DiskImage::open_at_depth(&base_path, base_kind, false, depth + 1).map_err(|e| {
+                invalid(format!(
+                    "{}: cannot open its base {}: {e}",
+                    path.display(),
+                    base_path.display()
+                ))
+            })?;
         if fingerprint(&base_path)? != (base_size, base_mtime) || base.size() != size {
             return Err(bad(&format!(
                 "its base {} changed since the layer was made",
@@ -446,7 +496,7 @@ mod tests {
         let base_before = std::fs::read(&base_path).unwrap();
         let mut expected = base_before.clone();
 
-        let mut disk = DiskImage::open(&base_path, true).unwrap();
+        let mut disk = DiskImage::open(&base_path, DiskKind::Raw, true).unwrap();
         let top = dir.path().join("top.layer");
         disk.push_layer(&top).unwrap();
         assert_eq!(disk.size(), size as u64);
@@ -475,7 +525,7 @@ mod tests {
         // Reopened from its file, the layer finds its base and its blocks.
         disk.sync_data().unwrap();
         drop(disk);
-        let disk = DiskImage::open(&top, true).unwrap();
+        let disk = DiskImage::open(&top, DiskKind::Layer, true).unwrap();
         assert!(disk.is_layer());
         let mut again = vec![0u8; size];
         disk.read_exact_at(&mut again, 0).unwrap();
@@ -493,7 +543,7 @@ mod tests {
         // A sparse copy reads the same.
         let copy = dir.path().join("copy.layer");
         disk.copy_top_to(&copy).unwrap();
-        let copied = DiskImage::open(&copy, false).unwrap();
+        let copied = DiskImage::open(&copy, DiskKind::Layer, false).unwrap();
         let mut from_copy = vec![0u8; size];
         copied.read_exact_at(&mut from_copy, 0).unwrap();
         assert!(from_copy == expected);
@@ -504,13 +554,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let size = 2 * BLOCK_SIZE as usize;
         let base_path = raw(dir.path(), "base.img", size, |_| b'b');
-        let mut mid = DiskImage::open(&base_path, true).unwrap();
+        let mut mid = DiskImage::open(&base_path, DiskKind::Raw, true).unwrap();
         mid.push_layer(&dir.path().join("mid.layer")).unwrap();
         mid.write_all_at(b"mid", 0).unwrap();
         let mid_path = mid.path().to_path_buf();
         drop(mid);
         let open_fork = |name: &str| {
-            let mut d = DiskImage::open(&mid_path, false).unwrap();
+            let mut d = DiskImage::open(&mid_path, DiskKind::Layer, false).unwrap();
             d.push_layer(&dir.path().join(name)).unwrap();
             d
         };
@@ -534,14 +584,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base_path = raw(dir.path(), "base.img", BLOCK_SIZE as usize, |_| 1);
         let top = dir.path().join("top.layer");
-        DiskImage::open(&base_path, true)
+        DiskImage::open(&base_path, DiskKind::Raw, true)
             .unwrap()
             .push_layer(&top)
             .unwrap();
         let good = std::fs::read(&top).unwrap();
         let reopen = |bytes: &[u8]| {
             std::fs::write(&top, bytes).unwrap();
-            DiskImage::open(&top, false)
+            DiskImage::open(&top, DiskKind::Layer, false)
                 .map(|_| ())
                 .unwrap_err()
                 .to_string()
@@ -559,11 +609,66 @@ mod tests {
         assert!(reopen(&good[..100]).contains("truncated"));
         // A base that changed under the layer.
         std::fs::write(&top, &good).unwrap();
-        assert!(DiskImage::open(&top, false).is_ok());
+        assert!(DiskImage::open(&top, DiskKind::Layer, false).is_ok());
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&base_path, vec![2u8; BLOCK_SIZE as usize]).unwrap();
-        let e = DiskImage::open(&top, false).unwrap_err().to_string();
+        let e = DiskImage::open(&top, DiskKind::Layer, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("changed since the layer was made"), "{e}");
+    }
+
+    #[test]
+    fn a_raw_disk_holding_a_layer_header_stays_raw() {
+        // What a guest could write to its disk's first sector.
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = raw(dir.path(), "base.img", BLOCK_SIZE as usize, |_| 1);
+        let top = dir.path().join("top.layer");
+        DiskImage::open(&base_path, DiskKind::Raw, true)
+            .unwrap()
+            .push_layer(&top)
+            .unwrap();
+        let disk = DiskImage::open(&top, DiskKind::Raw, false).unwrap();
+        assert_eq!(disk.kind(), DiskKind::Raw);
+        let mut magic = [0u8; 8];
+        disk.read_exact_at(&mut magic, 0).unwrap();
+        assert_eq!(&magic, b"CAPLAYER", "read as the raw bytes it holds");
+    }
+
+    #[test]
+    fn a_layer_claiming_a_huge_disk_is_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = raw(dir.path(), "base.img", BLOCK_SIZE as usize, |_| 1);
+        let top = dir.path().join("top.layer");
+        DiskImage::open(&base_path, DiskKind::Raw, true)
+            .unwrap()
+            .push_layer(&top)
+            .unwrap();
+        let mut bytes = std::fs::read(&top).unwrap();
+        bytes[12..16].copy_from_slice(&4096u32.to_le_bytes());
+        bytes[16..24].copy_from_slice(&(1u64 << 50).to_le_bytes());
+        let p = u32::from_le_bytes(bytes[44..48].try_into().unwrap()) as usize;
+        let crc = crc32fast::hash(&bytes[..48 + p]);
+        bytes[48 + p..52 + p].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&top, bytes).unwrap();
+        let e = DiskImage::open(&top, DiskKind::Layer, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("too large an allocation map"), "{e}");
+    }
+
+    #[test]
+    fn relocating_never_replaces_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = raw(dir.path(), "base.img", BLOCK_SIZE as usize, |_| 1);
+        let mut disk = DiskImage::open(&base_path, DiskKind::Raw, true).unwrap();
+        disk.push_layer(&dir.path().join("top.layer")).unwrap();
+        let taken = dir.path().join("taken");
+        std::fs::write(&taken, b"someone else's").unwrap();
+        assert!(disk.relocate_top(&taken).is_err());
+        assert_eq!(std::fs::read(&taken).unwrap(), b"someone else's");
+        disk.relocate_top(&dir.path().join("kept.layer")).unwrap();
+        assert_eq!(disk.path(), dir.path().join("kept.layer"));
     }
 
     #[test]
@@ -571,7 +676,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base_path = raw(dir.path(), "base.img", BLOCK_SIZE as usize, |_| 1);
         let top = dir.path().join("top.layer");
-        DiskImage::open(&base_path, true)
+        DiskImage::open(&base_path, DiskKind::Raw, true)
             .unwrap()
             .push_layer(&top)
             .unwrap();
@@ -579,12 +684,15 @@ mod tests {
         let mut bytes = std::fs::read(&top).unwrap();
         let top_abs = std::path::absolute(&top).unwrap();
         let p = top_abs.as_os_str().as_encoded_bytes();
-        bytes[40..44].copy_from_slice(&(p.len() as u32).to_le_bytes());
-        bytes[44..44 + p.len()].copy_from_slice(p);
-        let crc = crc32fast::hash(&bytes[..44 + p.len()]);
-        bytes[44 + p.len()..48 + p.len()].copy_from_slice(&crc.to_le_bytes());
+        bytes[40..44].copy_from_slice(&1u32.to_le_bytes());
+        bytes[44..48].copy_from_slice(&(p.len() as u32).to_le_bytes());
+        bytes[48..48 + p.len()].copy_from_slice(p);
+        let crc = crc32fast::hash(&bytes[..48 + p.len()]);
+        bytes[48 + p.len()..52 + p.len()].copy_from_slice(&crc.to_le_bytes());
         std::fs::write(&top, bytes).unwrap();
-        let e = DiskImage::open(&top, false).unwrap_err().to_string();
+        let e = DiskImage::open(&top, DiskKind::Layer, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("layers deep") || e.contains("changed"), "{e}");
     }
 }

@@ -110,7 +110,23 @@ impl UffdServer {
             // behalf: those faults must reach us too.
             .user_mode_only(false)
             .create()
-            .map_err(|e| io::Error::other(format!("userfaultfd: {e}")))?;
+            .map_err(|e| {
+                let denied = match &e {
+                    userfaultfd::Error::SystemError(errno) => {
+                        matches!(*errno as i32, libc::EPERM | libc::EACCES)
+                    }
+                    userfaultfd::Error::OpenDevUserfaultfd(io) => {
+                        io.kind() == io::ErrorKind::PermissionDenied
+                    }
+                    _ => false,
+                };
+                let kind = if denied {
+                    io::ErrorKind::PermissionDenied
+                } else {
+                    io::ErrorKind::Other
+                };
+                io::Error::new(kind, format!("userfaultfd: {e}"))
+            })?;
         for r in &ranges {
             uffd.register(r.host_addr as *mut libc::c_void, r.len)
                 .map_err(|e| io::Error::other(format!("registering guest memory: {e}")))?;
@@ -286,19 +302,35 @@ impl Handler {
                 .bytes_copied
                 .fetch_add(len as u64, Ordering::Relaxed);
         }
-        let result = if zero {
-            // SAFETY: `dst..dst+len` lies in a registered range (the
-            // caller of `start` guarantees it stays mapped).
-            unsafe { self.uffd.zeropage(dst, len, wake) }.map(|_| ())
-        } else {
-            // SAFETY: as above; `buf` holds `len` readable bytes.
-            unsafe { self.uffd.copy(buf.as_ptr().cast(), dst, len, wake) }.map(|_| ())
-        };
-        if let Err(e) = result {
-            // Pages of the chunk were already present (only if something
-            // populated them behind our back): wake whoever waits.
-            log::debug!("uffd: chunk at {dst:?}: {e}");
-            let _ = self.uffd.wake(dst, len);
+        let mut done = 0usize;
+        while done < len {
+            let at = (dst as usize + done) as *mut libc::c_void;
+            let result = if zero {
+                // SAFETY: `at..dst+len` lies in a registered range (the
+                // caller of `start` guarantees it stays mapped).
+                unsafe { self.uffd.zeropage(at, len - done, wake) }
+            } else {
+                // SAFETY: as above; `buf[done..]` holds `len - done`
+                // readable bytes.
+                unsafe {
+                    self.uffd
+                        .copy(buf[done..].as_ptr().cast(), at, len - done, wake)
+                }
+            };
+            match result {
+                Ok(_) => break,
+                // The address space changed meanwhile (a fork of this
+                // process): carry on after what was copied.
+                Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 => done += n,
+                Err(e) => {
+                    // EEXIST: pages already present; anything else (the
+                    // range is going away at teardown) leaves nothing to
+                    // do but wake whoever waits.
+                    log::debug!("uffd: chunk at {dst:?}: {e}");
+                    let _ = self.uffd.wake(dst, len);
+                    break;
+                }
+            }
         }
         true
     }

@@ -372,6 +372,9 @@ fn a_diff_snapshot_writes_only_what_changed_and_restores_through_its_parent() {
     // Settle: the first exec after boot faults in the shell and friends.
     sh_ok(&mut vm, "true");
     let full_stats = vm.snapshot(&full).expect("full snapshot");
+    // Never over an existing snapshot.
+    let again = vm.snapshot(&full).unwrap_err().to_string();
+    assert!(again.contains("is not empty"), "{again}");
 
     // Touch 1% of guest memory: random (non-zero) data into tmpfs.
     let touched: u64 = (MEMORY_MIB << 20) / 100;

@@ -59,9 +59,13 @@ pub struct SnapshotInfo {
     /// Whether the guest agent had announced itself: a restored VM can be
     /// talked to at once only if it had.
     pub agent_ready: bool,
+    /// Random, unique to this snapshot: what a diff names its parent by,
+    /// besides its path.
+    pub id: u64,
     /// For a diff snapshot: the snapshot directory its memory file is a
-    /// diff against (itself full or a diff). It must outlive this one.
-    pub parent: Option<PathBuf>,
+    /// diff against (itself full or a diff) and that snapshot's id. It
+    /// must outlive this one, unchanged.
+    pub parent: Option<(PathBuf, u64)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +80,7 @@ pub struct SavedDisk {
     /// The frozen image: a user's raw disk, or a layer kept in the
     /// snapshot directory.
     pub path: PathBuf,
+    pub kind: devices::disk::DiskKind,
     pub read_only: bool,
     /// Its size and modification time when the snapshot was taken
     /// ([`devices::disk::fingerprint`]): a disk that changed since is
@@ -375,7 +380,7 @@ pub fn memory_chain(dir: &Path, top: &Snapshot) -> Result<Vec<MemoryLayer>> {
         dirty: top.dirty.clone(),
     }];
     let mut parent = top.info.parent.clone();
-    while let Some(parent_dir) = parent {
+    while let Some((parent_dir, parent_id)) = parent {
         if chain.len() > MAX_DIFF_CHAIN {
             return Err(Error::Snapshot(format!(
                 "{}: more than {MAX_DIFF_CHAIN} diff snapshots deep (or a loop)",
@@ -384,6 +389,13 @@ pub fn memory_chain(dir: &Path, top: &Snapshot) -> Result<Vec<MemoryLayer>> {
         }
         let (path, bytes) = read_state_file(&parent_dir)?;
         let snap = Snapshot::from_bytes(&path, &bytes)?;
+        if snap.info.id != parent_id {
+            return Err(Error::Snapshot(format!(
+                "{}: its parent {} is no longer the snapshot it was taken against",
+                dir.display(),
+                parent_dir.display()
+            )));
+        }
         if snap.info.regions != top.info.regions {
             return Err(Error::Snapshot(format!(
                 "{}: its parent {} has a different memory layout",

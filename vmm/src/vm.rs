@@ -98,9 +98,12 @@ pub struct VmConfig {
     /// Where sockets live (default: a fresh directory under the system's
     /// temporary directory, removed when the VM is dropped).
     pub runtime_dir: Option<PathBuf>,
-    /// Where the copy-on-write layers a snapshot puts over writable disks
-    /// live (default: the runtime directory). A later snapshot keeps the
-    /// layers it needs in its own directory.
+    /// Where the copy-on-write layer a snapshot puts over each writable
+    /// disk lives (default: the runtime directory). After a snapshot the
+    /// VM writes there, not to the disk it booted with: those writes are
+    /// kept by a later snapshot (which links the layer into its own
+    /// directory) and otherwise go when the VM does. Layers under it stay
+    /// in the directories of the snapshots that froze them.
     pub layer_dir: Option<PathBuf>,
 }
 
@@ -317,13 +320,27 @@ pub struct RestoreOptions {
     pub identity: Identity,
 }
 
-/// A new identity for one fork: `hostname` and a random machine id.
-pub fn fork_identity(hostname: impl Into<String>) -> Result<Identity> {
-    let mut id = [0u8; 16];
+/// The snapshot a VM's dirty log counts from.
+#[derive(Clone, Debug)]
+struct SnapshotRef {
+    dir: PathBuf,
+    id: u64,
+    /// Diffs between it and a full snapshot.
+    depth: usize,
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
     File::open("/dev/urandom").and_then(|mut f| {
         use std::io::Read;
-        f.read_exact(&mut id)
+        f.read_exact(&mut bytes)
     })?;
+    Ok(bytes)
+}
+
+/// A new identity for one fork: `hostname` and a random machine id.
+pub fn fork_identity(hostname: impl Into<String>) -> Result<Identity> {
+    let id: [u8; 16] = random_bytes()?;
     Ok(Identity {
         hostname: Some(hostname.into()),
         machine_id: Some(id.iter().map(|b| format!("{b:02x}")).collect()),
@@ -524,7 +541,7 @@ pub struct Vm {
     dirty_log: bool,
     /// The snapshot the dirty log counts from: a diff snapshot is against
     /// it.
-    last_snapshot: Option<PathBuf>,
+    last_snapshot: Option<SnapshotRef>,
     /// Serves a lazily restored VM's memory (`MemoryBackend::Uffd`).
     uffd: Option<snapshot::uffd::UffdServer>,
     vsock_path: PathBuf,
@@ -791,6 +808,7 @@ impl Vm {
         let (state_path, bytes) = persist::read_state_file(dir)?;
         let snap = Snapshot::from_bytes(&state_path, &bytes)?;
         let mut chain = persist::memory_chain(dir, &snap)?;
+        let (snap_id, diff_depth) = (snap.info.id, chain.len() - 1);
         let (kvm, vm_fd) = create_vm()?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -835,16 +853,29 @@ impl Vm {
                 // SAFETY: `mem` is freshly mapped anonymous memory, not yet
                 // touched, and the VM keeps it mapped until the server is
                 // stopped (`stop_threads`, before `mem` is dropped).
-                let server = unsafe {
+                let started = unsafe {
                     snapshot::uffd::UffdServer::start(
                         root.file,
                         ranges,
                         snapshot::uffd::DEFAULT_CHUNK,
                         &working_set,
                     )
-                }?;
-                uffd = Some(server);
-                mem
+                };
+                match started {
+                    Ok(server) => {
+                        uffd = Some(server);
+                        mem
+                    }
+                    // userfaultfd for kernel-mode faults needs privilege
+                    // (root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd):
+                    // fall back to the file mapping rather than fail.
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                        log::warn!("restore: userfaultfd not permitted ({e}); mapping the memory file instead");
+                        let file = File::open(root.dir.join(persist::MEMORY_FILE))?;
+                        memory::map_file(file, &regions)?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         };
         // Diffs on top, oldest first: their pages become this VM's own.
@@ -962,7 +993,11 @@ impl Vm {
         vm.uffd = uffd;
         if options.track_dirty {
             vm.dirty_log = true;
-            vm.last_snapshot = Some(std::path::absolute(dir)?);
+            vm.last_snapshot = Some(SnapshotRef {
+                dir: std::path::absolute(dir)?,
+                id: snap_id,
+                depth: diff_depth,
+            });
         }
         vm.spawn_vcpus(fds, true)?;
         vm.resume()?;
@@ -993,8 +1028,14 @@ impl Vm {
             let disk_error = |e: devices::virtio::block::BlockError| {
                 Error::Snapshot(format!("freezing disk {i}: {e}"))
             };
+            let depth = block.disk().depth();
+            if !block.read_only() && depth >= devices::disk::MAX_DEPTH {
+                return Err(Error::Snapshot(format!(
+                    "disk {i} is already {depth} layers deep, the most a restore opens"
+                )));
+            }
             let frozen = if block.read_only() {
-                block.disk().path().to_path_buf()
+                (block.disk().path().to_path_buf(), block.disk().kind())
             } else {
                 if block.disk().is_layer() {
                     block
@@ -1003,11 +1044,14 @@ impl Vm {
                 }
                 self.layer_seq += 1;
                 let top = layer_dir.join(format!("disk{i}-{}.layer", self.layer_seq));
-                block.freeze(&top).map_err(disk_error)?.path().to_path_buf()
+                let frozen = block.freeze(&top).map_err(disk_error)?;
+                (frozen.path().to_path_buf(), frozen.kind())
             };
+            let (frozen, kind) = frozen;
             let (size, mtime_ns) = devices::disk::fingerprint(&frozen)?;
             saved.push(SavedDisk {
                 path: frozen,
+                kind,
                 read_only: block.read_only(),
                 size,
                 mtime_ns,
@@ -1019,11 +1063,7 @@ impl Vm {
     /// Tells the restored guest's agent who it is now and what time it is,
     /// and has it reseed its kernel RNG with fresh host entropy.
     fn send_identity(&mut self, mut identity: Identity) -> Result<()> {
-        let mut seed = [0u8; 64];
-        File::open("/dev/urandom").and_then(|mut f| {
-            use std::io::Read;
-            f.read_exact(&mut seed)
-        })?;
+        let seed: [u8; 64] = random_bytes()?;
         identity.entropy_hex = seed.iter().map(|b| format!("{b:02x}")).collect();
         identity.unix_time_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1098,8 +1138,9 @@ impl Vm {
         }
         for (i, v) in self.vcpus.iter().enumerate() {
             if let Err(e) = v.pause() {
-                // Do not leave the VM half paused.
-                for v in &self.vcpus[..i] {
+                // Do not leave the VM half paused: this vCPU's pause is
+                // still queued, so it gets a resume too.
+                for v in &self.vcpus[..=i] {
                     let _ = v.resume();
                 }
                 return Err(e);
@@ -1152,26 +1193,55 @@ impl Vm {
     }
 
     fn take_snapshot(&mut self, dir: &Path, diff: bool) -> Result<SnapshotStats> {
-        if diff && (self.last_snapshot.is_none() || !self.dirty_log) {
-            return Err(Error::Snapshot(
-                "a diff snapshot needs an earlier snapshot of this VM to be a diff against".into(),
-            ));
+        let parent = match (&self.last_snapshot, diff) {
+            (_, false) => None,
+            (Some(parent), true) if self.dirty_log => {
+                if parent.depth + 1 >= persist::MAX_DIFF_CHAIN {
+                    return Err(Error::Snapshot(format!(
+                        "{} diff snapshots in a row is the most a restore follows: take a full one",
+                        parent.depth + 1
+                    )));
+                }
+                Some(parent.clone())
+            }
+            _ => {
+                return Err(Error::Snapshot(
+                    "a diff snapshot needs an earlier snapshot of this VM to be a diff against"
+                        .into(),
+                ))
+            }
+        };
+        let dir = std::path::absolute(dir)?;
+        // Never over an existing snapshot: its layers may be other disks'
+        // bases and its memory other diffs' parent.
+        if std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
+            return Err(Error::Snapshot(format!(
+                "{} is not empty: snapshots go into a new directory",
+                dir.display()
+            )));
         }
+        let id = u64::from_le_bytes(random_bytes()?);
         let was_paused = self.paused;
         let paused_at = Instant::now();
         self.pause()?;
-        let written = self.write_snapshot(dir, diff);
+        let written = self.write_snapshot(&dir, parent.as_ref(), id);
+        // A diff is against what was just written; after a failure the dirty
+        // log may have been consumed, so only a full snapshot is safe next.
+        self.last_snapshot = written.as_ref().ok().map(|_| SnapshotRef {
+            dir: dir.clone(),
+            id,
+            depth: parent.as_ref().map_or(0, |p| p.depth + 1),
+        });
         if written.is_err() {
-            // The dirty log may have been consumed: only a full snapshot
-            // is safe next.
-            self.last_snapshot = None;
+            for tmp in [persist::MEMORY_FILE, persist::STATE_FILE] {
+                let _ = std::fs::remove_file(dir.join(format!("{tmp}.tmp")));
+            }
         }
         let paused_for = paused_at.elapsed();
         if !was_paused {
             self.resume()?;
         }
         let (memory_bytes_written, memory_zero_bytes) = written?;
-        self.last_snapshot = Some(std::path::absolute(dir)?);
         Ok(SnapshotStats {
             memory_bytes_written,
             memory_zero_bytes,
@@ -1179,7 +1249,13 @@ impl Vm {
         })
     }
 
-    fn write_snapshot(&mut self, dir: &Path, diff: bool) -> Result<(u64, u64)> {
+    fn write_snapshot(
+        &mut self,
+        dir: &Path,
+        parent: Option<&SnapshotRef>,
+        id: u64,
+    ) -> Result<(u64, u64)> {
+        let diff = parent.is_some();
         std::fs::create_dir_all(dir)?;
         let disks = self.freeze_disks(dir)?;
         let vcpus = self
@@ -1256,11 +1332,8 @@ impl Vm {
             disks,
             root_on_disk: self.config.root_on_disk,
             agent_ready: self.ready_after.is_some(),
-            parent: if diff {
-                self.last_snapshot.clone()
-            } else {
-                None
-            },
+            id,
+            parent: parent.map(|p| (p.dir.clone(), p.id)),
         };
         let bytes = Snapshot {
             info,
@@ -1518,7 +1591,7 @@ fn restore_block(
             disk.path.display()
         ));
     }
-    let mut block = Block::open(&disk.path, true).map_err(|e| e.to_string())?;
+    let mut block = Block::open_image(&disk.path, disk.kind, true).map_err(|e| e.to_string())?;
     if block.capacity_sectors() != state.capacity_sectors {
         return Err(format!(
             "disk {} has {} sectors, the snapshot {}",
@@ -1528,8 +1601,11 @@ fn restore_block(
         ));
     }
     if !disk.read_only {
-        let top = layer_dir.join(format!("disk{index}.layer"));
-        let _ = std::fs::remove_file(&top);
+        // A name no other VM sharing `layer_dir` uses (the file is created
+        // new, never replaced).
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let top = layer_dir.join(format!("disk{index}-{}-{n}.layer", std::process::id()));
         block = block.writable_layer(&top).map_err(|e| e.to_string())?;
     }
     Ok(block)

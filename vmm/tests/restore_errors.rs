@@ -47,6 +47,7 @@ fn sample(vendor: &str) -> Snapshot {
             disks: Vec::new(),
             root_on_disk: false,
             agent_ready: true,
+            id: 1,
             parent: None,
         },
         vm: VmState {
@@ -234,13 +235,13 @@ fn inconsistent_contents_are_refused() {
         ),
         (
             "a diff without its page map",
-            Box::new(|s| s.info.parent = Some("/elsewhere".into())),
+            Box::new(|s| s.info.parent = Some(("/elsewhere".into(), 7))),
             "needs both a parent and a dirty page map",
         ),
         (
             "a page map that does not fit",
             Box::new(|s| {
-                s.info.parent = Some("/elsewhere".into());
+                s.info.parent = Some(("/elsewhere".into(), 7));
                 s.dirty = Some(vec![vec![0; 3]]);
             }),
             "does not fit the memory regions",
@@ -327,4 +328,29 @@ fn features_the_host_lacks_are_named() {
         e.contains("CPU features this host lacks") && e.contains("CPUID 0x7.0 ebx"),
         "{e}"
     );
+}
+
+#[test]
+fn a_diff_whose_parent_was_replaced_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (parent_dir, child_dir) = (tmp.path().join("parent"), tmp.path().join("child"));
+    let parent = sample(&vendor());
+    write_snapshot(&parent_dir, &parent.to_bytes().unwrap(), 32 * MIB);
+    let mut child = sample(&vendor());
+    child.info.id = 2;
+    // Taken against a snapshot with id 99: not what is there now.
+    child.info.parent = Some((parent_dir.clone(), 99));
+    child.dirty = Some(vec![vec![0; (32 * MIB / 4096).div_ceil(64) as usize]]);
+    write_snapshot(&child_dir, &child.to_bytes().unwrap(), 32 * MIB);
+    let e = refused(&child_dir);
+    assert!(
+        e.contains("no longer the snapshot it was taken against"),
+        "{e}"
+    );
+    // A diff that is its own parent is a loop, not a hang.
+    child.info.parent = Some((child_dir.clone(), 2));
+    std::fs::remove_dir_all(&child_dir).unwrap();
+    write_snapshot(&child_dir, &child.to_bytes().unwrap(), 32 * MIB);
+    let e = refused(&child_dir);
+    assert!(e.contains("diff snapshots deep"), "{e}");
 }

@@ -10,7 +10,7 @@ use super::{
     drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, DeviceState,
     VirtioDevice, TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
 };
-use crate::disk::DiskImage;
+use crate::disk::{DiskImage, DiskKind};
 use crate::GuestMemory;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -65,10 +65,15 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens a raw image or a copy-on-write layer (see [`crate::disk`]).
+    /// Opens a raw image as a disk.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
+        Self::open_image(path, DiskKind::Raw, read_only)
+    }
+
+    /// Opens a raw image or a copy-on-write layer (see [`crate::disk`]).
+    pub fn open_image(path: &Path, kind: DiskKind, read_only: bool) -> Result<Self, BlockError> {
         let display = path.display().to_string();
-        let disk = DiskImage::open(path, !read_only).map_err(|source| BlockError::Open {
+        let disk = DiskImage::open(path, kind, !read_only).map_err(|source| BlockError::Open {
             path: display.clone(),
             source,
         })?;

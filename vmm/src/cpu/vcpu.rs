@@ -58,6 +58,7 @@ impl VcpuHandle {
     /// MMIO access it was in the middle of completed, so its registers
     /// are a consistent state to save.
     pub fn pause(&self) -> Result<()> {
+        self.drain_stale_replies();
         self.requests
             .send(Request::Pause)
             .map_err(|_| self.gone())?;
@@ -77,6 +78,7 @@ impl VcpuHandle {
 
     /// The state of a paused vCPU.
     pub fn save_state(&self) -> Result<VcpuState> {
+        self.drain_stale_replies();
         self.requests
             .send(Request::SaveState)
             .map_err(|_| self.gone())?;
@@ -88,6 +90,7 @@ impl VcpuHandle {
     }
 
     pub fn resume(&self) -> Result<()> {
+        self.drain_stale_replies();
         self.requests
             .send(Request::Resume)
             .map_err(|_| self.gone())?;
@@ -96,6 +99,13 @@ impl VcpuHandle {
             Ok(_) => Err(self.confused()),
             Err(_) => Err(self.gone()),
         }
+    }
+
+    /// Drops answers to requests whose caller gave up waiting (a pause
+    /// that timed out is answered late): each request then gets its own
+    /// answer.
+    fn drain_stale_replies(&self) {
+        while self.replies.try_recv().is_ok() {}
     }
 
     pub fn is_finished(&self) -> bool {
