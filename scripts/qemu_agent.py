@@ -49,32 +49,32 @@ def qemu_command(cid, workdir, memory="256M", extra=()):
 
 
 def exec_true(cid, deadline=60):
-    """Connects to the agent of guest `cid` (retrying while it is not yet
-    listening, as after a restore) and runs `true`."""
+    """Connects to the agent of guest `cid` and runs `true`. Retries while
+    the agent is not listening yet, and when the connection is reset: a
+    guest restored by QEMU gets a vsock transport reset after it resumes,
+    which drops a connection made before the guest processed it (Capsule
+    waits for that itself before it reports a restore done)."""
     end = time.monotonic() + deadline
     while True:
         agent = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         agent.settimeout(max(1, end - time.monotonic()))
         try:
             agent.connect((cid, AGENT_PORT))
-            break
-        except OSError:
-            agent.close()
+            agent.sendall(frame(1, 0, HELLO))
+            read_frame(agent)
+            agent.sendall(frame(2, 1, json.dumps({"op": "exec", "argv": ["true"]}).encode()))
+            while True:
+                kind, _, payload = read_frame(agent)
+                if kind == 19:
+                    status = json.loads(payload)
+                    assert status.get("code") == 0, status
+                    return
+        except (OSError, EOFError):
             if time.monotonic() > end:
                 raise
             time.sleep(0.005)
-    try:
-        agent.sendall(frame(1, 0, HELLO))
-        read_frame(agent)
-        agent.sendall(frame(2, 1, json.dumps({"op": "exec", "argv": ["true"]}).encode()))
-        while True:
-            kind, _, payload = read_frame(agent)
-            if kind == 19:
-                status = json.loads(payload)
-                assert status.get("code") == 0, status
-                return
-    finally:
-        agent.close()
+        finally:
+            agent.close()
 
 
 class Qmp:

@@ -48,7 +48,42 @@ enum Command {
     Keeper { name: String, origin: String },
 }
 
+/// VMM and device messages on stderr: warnings and errors always,
+/// more with CAPSULE_LOG=info|debug|trace.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            eprintln!(
+                "capsule: [{} {}] {}",
+                record.level(),
+                record.target(),
+                record.args()
+            );
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    static LOGGER: StderrLogger = StderrLogger;
+    if log::set_logger(&LOGGER).is_ok() {
+        let level = match std::env::var("CAPSULE_LOG").as_deref() {
+            Ok("info") => log::LevelFilter::Info,
+            Ok("debug") => log::LevelFilter::Debug,
+            Ok("trace") => log::LevelFilter::Trace,
+            _ => log::LevelFilter::Warn,
+        };
+        log::set_max_level(level);
+    }
+}
+
 fn main() -> ExitCode {
+    init_logging();
     let _ = vmm::host::raise_fd_limit();
     let cli = Cli::parse();
     let result = match cli.command {

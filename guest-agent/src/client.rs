@@ -161,7 +161,9 @@ impl AgentClient {
     /// applied.
     pub fn restored(&self, identity: Identity) -> Result<Vec<String>, ClientError> {
         let (id, rx) = self.open_stream(&Request::Restored(identity))?;
-        let reply = self.reply(id, &rx, Duration::from_secs(30))?;
+        // Generous: dozens of forks resuming at once on a busy host all
+        // answer this first.
+        let reply = self.reply(id, &rx, Duration::from_secs(120))?;
         lock(&self.routes).remove(&id);
         match reply {
             Reply::Restored { problems } => Ok(problems),
