@@ -69,6 +69,7 @@ def capsule_rounds(workdir):
         t0 = time.monotonic()
         capsule("fork", snap, "--count", str(n), "--", "true", env=env)
         forks[n] = time.monotonic() - t0
+        print(f"capsule fork {n}: {forks[n] * 1e3:.0f} ms", flush=True)
     return saves, restores, forks
 
 
@@ -169,6 +170,7 @@ def qemu_rounds(workdir):
                 for d in done:
                     d.result()
             forks[n] = time.monotonic() - t0
+            print(f"qemu fork {n}: {forks[n] * 1e3:.0f} ms", flush=True)
         finally:
             for p in procs:
                 stop(p)
