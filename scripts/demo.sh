@@ -35,3 +35,18 @@ set +e
 $capsule run --timings --timeout 1 -- sleep 60
 echo "exit status: $?"
 set -e
+
+# Snapshots and forks, with sandboxes kept under a private CAPSULE_HOME.
+export CAPSULE_HOME
+CAPSULE_HOME=$(mktemp -d)
+snap="$CAPSULE_HOME/snaps/primed"
+step "capsule run --keep --name base -- sh -c 'seq 1 100000 > /tmp/primed; echo primed'"
+$capsule run --timings --keep --name base -- sh -c 'seq 1 100000 > /tmp/primed; echo primed'
+step capsule snapshot base --to snaps/primed
+$capsule snapshot base --to "$snap"
+$capsule stop base
+step "capsule restore snaps/primed -- wc -l /tmp/primed"
+$capsule restore --timings "$snap" -- wc -l /tmp/primed
+step "capsule fork snaps/primed --count 3 -- sh -c 'echo \$(hostname) \$(wc -l < /tmp/primed) \$(head -c4 /dev/urandom | od -An -tx1)'"
+$capsule fork --timings "$snap" --count 3 -- sh -c 'echo $(hostname) $(wc -l < /tmp/primed) $(head -c4 /dev/urandom | od -An -tx1)'
+rm -rf "$CAPSULE_HOME"

@@ -356,8 +356,9 @@ impl MmioTransport {
     fn reset(&mut self) {
         if self.activated && !lock(&self.device).reset() {
             // The device cannot stop its queues; keep it running rather
-            // than hand the driver a half-reset device.
-            log::warn!("virtio-mmio: device does not support reset");
+            // than hand the driver a half-reset device. Every guest
+            // power-off resets its devices, so this is not worth a warning.
+            log::debug!("virtio-mmio: device does not support reset");
             self.device_status |= STATUS_NEEDS_RESET;
             return;
         }
