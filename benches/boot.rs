@@ -8,22 +8,9 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use vmm::{KvmFlavor, Vm, VmBuilder};
+mod common;
 
-fn builder() -> VmBuilder {
-    let flavor = KvmFlavor::detect();
-    assert!(
-        flavor.is_hardware(),
-        "benchmarks need hardware KVM, this host has {flavor:?}: run them with `make bench`"
-    );
-    let var = |name: &str| {
-        std::env::var_os(name).unwrap_or_else(|| panic!("{name} is not set: run with `make bench`"))
-    };
-    Vm::builder()
-        .kernel(var("CAPSULE_KERNEL"))
-        .initramfs(var("CAPSULE_INITRAMFS"))
-        .memory_mib(256)
-}
+use common::builder;
 
 fn boot_to_ready(c: &mut Criterion) {
     c.bench_function("boot_to_ready", |b| {

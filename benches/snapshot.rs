@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use vmm::{fork_identity, KvmFlavor, MemoryBackend, RestoreOptions, Vm};
+use vmm::{fork_identity, MemoryBackend, RestoreOptions, Vm};
 
-const MEMORY_MIB: u64 = 256;
+mod common;
 
 /// Runs `f`, ending the whole run if it takes longer than five minutes: a
 /// guest that stops answering (the nested test host does that now and
@@ -33,20 +33,7 @@ fn bounded<T>(what: &str, f: impl FnOnce() -> T) -> T {
 }
 
 fn boot() -> Vm {
-    let flavor = KvmFlavor::detect();
-    assert!(
-        flavor.is_hardware(),
-        "benchmarks need hardware KVM, this host has {flavor:?}: run them with `make bench`"
-    );
-    let var = |name: &str| {
-        std::env::var_os(name).unwrap_or_else(|| panic!("{name} is not set: run with `make bench`"))
-    };
-    let mut vm = Vm::builder()
-        .kernel(var("CAPSULE_KERNEL"))
-        .initramfs(var("CAPSULE_INITRAMFS"))
-        .memory_mib(MEMORY_MIB)
-        .boot()
-        .expect("boot");
+    let mut vm = common::builder().boot().expect("boot");
     vm.wait_ready(Duration::from_secs(120)).expect("ready");
     vm
 }

@@ -16,7 +16,6 @@ Capsule/QEMU ratio. Needs hardware KVM (run it through scripts/compare-qemu.sh,
 which uses the nested test host where needed).
 """
 
-import json
 import os
 import re
 import socket
@@ -28,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qemu_agent import (  # noqa: E402
-    AGENT_PORT, CAPSULE, HELLO, INITRAMFS, KERNEL, READY_PORT, frame, qemu_command, read_frame,
+    CAPSULE, INITRAMFS, KERNEL, READY_PORT, exec_true, qemu_command, read_frame,
 )
 
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
@@ -47,20 +46,8 @@ def qemu_round(cid, workdir):
         read_frame(conn)
         ready = time.monotonic() - t0
         conn.close()
-        agent = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        agent.settimeout(60)
-        agent.connect((cid, AGENT_PORT))
-        agent.sendall(frame(1, 0, HELLO))
-        read_frame(agent)
-        agent.sendall(frame(2, 1, json.dumps({"op": "exec", "argv": ["true"]}).encode()))
-        while True:
-            kind, _, payload = read_frame(agent)
-            if kind == 19:
-                status = json.loads(payload)
-                break
+        exec_true(cid)
         first = time.monotonic() - t0
-        assert status.get("code") == 0, status
-        agent.close()
         return ready, first
     except Exception:
         log = open(f"{workdir}/qemu-console-{cid}.log", errors="replace").read()[-2000:]

@@ -579,8 +579,8 @@ mod tests {
         assert_eq!(&read(&b, 4000), b"BBbb");
     }
 
-    #[test]
-    fn corrupt_or_stale_layers_are_refused() {
+    /// A raw one-block image of ones and an empty layer file over it.
+    fn one_block_layer() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let base_path = raw(dir.path(), "base.img", BLOCK_SIZE as usize, |_| 1);
         let top = dir.path().join("top.layer");
@@ -588,6 +588,19 @@ mod tests {
             .unwrap()
             .push_layer(&top)
             .unwrap();
+        (dir, base_path, top)
+    }
+
+    /// Recomputes the header checksum of a layer file edited by a test.
+    fn reseal(bytes: &mut [u8]) {
+        let end = 48 + u32::from_le_bytes(bytes[44..48].try_into().unwrap()) as usize;
+        let crc = crc32fast::hash(&bytes[..end]);
+        bytes[end..end + 4].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn corrupt_or_stale_layers_are_refused() {
+        let (_dir, base_path, top) = one_block_layer();
         let good = std::fs::read(&top).unwrap();
         let reopen = |bytes: &[u8]| {
             std::fs::write(&top, bytes).unwrap();
@@ -621,13 +634,7 @@ mod tests {
     #[test]
     fn a_raw_disk_holding_a_layer_header_stays_raw() {
         // What a guest could write to its disk's first sector.
-        let dir = tempfile::tempdir().unwrap();
-        let base_path = raw(dir.path(), "base.img", BLOCK_SIZE as usize, |_| 1);
-        let top = dir.path().join("top.layer");
-        DiskImage::open(&base_path, DiskKind::Raw, true)
-            .unwrap()
-            .push_layer(&top)
-            .unwrap();
+        let (_dir, _, top) = one_block_layer();
         let disk = DiskImage::open(&top, DiskKind::Raw, false).unwrap();
         assert_eq!(disk.kind(), DiskKind::Raw);
         let mut magic = [0u8; 8];
@@ -637,19 +644,11 @@ mod tests {
 
     #[test]
     fn a_layer_claiming_a_huge_disk_is_refused_before_allocating() {
-        let dir = tempfile::tempdir().unwrap();
-        let base_path = raw(dir.path(), "base.img", BLOCK_SIZE as usize, |_| 1);
-        let top = dir.path().join("top.layer");
-        DiskImage::open(&base_path, DiskKind::Raw, true)
-            .unwrap()
-            .push_layer(&top)
-            .unwrap();
+        let (_dir, _, top) = one_block_layer();
         let mut bytes = std::fs::read(&top).unwrap();
         bytes[12..16].copy_from_slice(&4096u32.to_le_bytes());
         bytes[16..24].copy_from_slice(&(1u64 << 50).to_le_bytes());
-        let p = u32::from_le_bytes(bytes[44..48].try_into().unwrap()) as usize;
-        let crc = crc32fast::hash(&bytes[..48 + p]);
-        bytes[48 + p..52 + p].copy_from_slice(&crc.to_le_bytes());
+        reseal(&mut bytes);
         std::fs::write(&top, bytes).unwrap();
         let e = DiskImage::open(&top, DiskKind::Layer, false)
             .unwrap_err()
@@ -673,13 +672,7 @@ mod tests {
 
     #[test]
     fn a_layer_that_is_its_own_base_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let base_path = raw(dir.path(), "base.img", BLOCK_SIZE as usize, |_| 1);
-        let top = dir.path().join("top.layer");
-        DiskImage::open(&base_path, DiskKind::Raw, true)
-            .unwrap()
-            .push_layer(&top)
-            .unwrap();
+        let (_dir, _, top) = one_block_layer();
         // Point the layer at itself (with a valid checksum).
         let mut bytes = std::fs::read(&top).unwrap();
         let top_abs = std::path::absolute(&top).unwrap();
@@ -687,8 +680,7 @@ mod tests {
         bytes[40..44].copy_from_slice(&1u32.to_le_bytes());
         bytes[44..48].copy_from_slice(&(p.len() as u32).to_le_bytes());
         bytes[48..48 + p.len()].copy_from_slice(p);
-        let crc = crc32fast::hash(&bytes[..48 + p.len()]);
-        bytes[48 + p.len()..52 + p.len()].copy_from_slice(&crc.to_le_bytes());
+        reseal(&mut bytes);
         std::fs::write(&top, bytes).unwrap();
         let e = DiskImage::open(&top, DiskKind::Layer, false)
             .unwrap_err()

@@ -173,6 +173,22 @@ fn a_future_format_version_is_named() {
     assert!(e.contains("version 99 is not supported"), "{e}");
 }
 
+/// Two 16 MiB regions back to back in the file, the second at `second`.
+fn two_regions(second: u64) -> Vec<SavedRegion> {
+    vec![
+        SavedRegion {
+            guest_addr: 0,
+            size: 16 * MIB,
+            file_offset: 0,
+        },
+        SavedRegion {
+            guest_addr: second,
+            size: 16 * MIB,
+            file_offset: 16 * MIB,
+        },
+    ]
+}
+
 /// A change that makes a sample snapshot inconsistent.
 type Change = Box<dyn Fn(&mut Snapshot)>;
 
@@ -195,36 +211,14 @@ fn inconsistent_contents_are_refused() {
         (
             "overlapping regions",
             Box::new(|s| {
-                s.info.regions = vec![
-                    SavedRegion {
-                        guest_addr: 0,
-                        size: 16 * MIB,
-                        file_offset: 0,
-                    },
-                    SavedRegion {
-                        guest_addr: 8 * MIB,
-                        size: 16 * MIB,
-                        file_offset: 16 * MIB,
-                    },
-                ];
+                s.info.regions = two_regions(8 * MIB);
             }),
             "inconsistent",
         ),
         (
             "a layout this VMM never makes",
             Box::new(|s| {
-                s.info.regions = vec![
-                    SavedRegion {
-                        guest_addr: 0,
-                        size: 16 * MIB,
-                        file_offset: 0,
-                    },
-                    SavedRegion {
-                        guest_addr: 32 * MIB,
-                        size: 16 * MIB,
-                        file_offset: 16 * MIB,
-                    },
-                ];
+                s.info.regions = two_regions(32 * MIB);
             }),
             "not this VMM's layout",
         ),
