@@ -102,13 +102,15 @@ def launch_restore(cid, workdir, state, qmp_path):
     )
 
 
-def finish_restore(proc, cid, workdir, qmp_path):
+def finish_restore(proc, cid, workdir, qmp_path, poll=0.002):
     """Waits for the incoming migration, continues the guest (it was
-    stopped when saved, and keeps that state) and runs `true` in it."""
+    stopped when saved, and keeps that state) and runs `true` in it.
+    `poll` is how often to ask QMP whether the migration is done: many
+    restores polling at once every 2 ms would starve the guests of CPU."""
     try:
         qmp = Qmp(qmp_path)
         while qmp.command("query-migrate").get("status") != "completed":
-            time.sleep(0.002)
+            time.sleep(poll)
         qmp.command("cont")
         qmp.close()
         exec_true(cid, deadline=float(os.environ.get("QEMU_RESTORE_DEADLINE", "180")))
@@ -164,7 +166,8 @@ def qemu_rounds(workdir):
                 procs.append(launch_restore(4000 + k, workdir, state, f"{workdir}/qmp-f{k}.sock"))
             with ThreadPoolExecutor(max_workers=n) as pool:
                 done = [
-                    pool.submit(finish_restore, p, 4000 + k, workdir, f"{workdir}/qmp-f{k}.sock")
+                    pool.submit(finish_restore, p, 4000 + k, workdir, f"{workdir}/qmp-f{k}.sock",
+                                poll=0.002 * n)
                     for k, p in enumerate(procs)
                 ]
                 for d in done:

@@ -43,9 +43,10 @@ for t in $tests; do
             -- "$bin" --exact "$t" --test-threads=1 --color never 2>&1)
         rc=$?
         set -e
-        # 124: the test host stopped responding; 3: the test's own watchdog
-        # saw the guest stop answering; 4: the guest reset mid-command with
-        # nothing on its console. Retried once and reported; a test that
+        # 124: the test host stopped responding; 3: the guest stopped
+        # answering (the test's watchdog fired, or a request timed out while
+        # the VM ran with nothing on its console); 4: the guest reset
+        # mid-command with nothing on its console. Retried once and reported; a test that
         # fails an assertion is never retried.
         case "$rc" in 124|3|4) ;; *) break ;; esac
         [ "$attempt" = 1 ] || break

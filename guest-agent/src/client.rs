@@ -32,8 +32,18 @@ pub enum ClientError {
     Refused(String),
     #[error("timed out waiting for the agent")]
     Timeout,
+    #[error("the agent did not answer the connection's hello (the guest stopped responding)")]
+    NoHello,
     #[error("unexpected reply from the agent: {0:?}")]
     UnexpectedReply(Reply),
+}
+
+impl ClientError {
+    /// The guest did not answer in time: it is stalled or overloaded, not
+    /// refusing. A manager may kill such a sandbox; a caller may retry.
+    pub fn is_no_answer(&self) -> bool {
+        matches!(self, ClientError::Timeout | ClientError::NoHello)
+    }
 }
 
 type Routes = Arc<Mutex<HashMap<u32, SyncSender<Frame>>>>;
@@ -63,7 +73,20 @@ impl AgentClient {
         let shutdown_handle = stream.try_clone().map_err(ProtocolError::Io)?;
         let mut writer = stream;
         Frame::json(FrameKind::Hello, 0, &Hello::ours()).write_to(&mut writer)?;
-        let frame = Frame::read_from(&mut reader)?.ok_or(ClientError::Disconnected)?;
+        let frame = match Frame::read_from(&mut reader) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Err(ClientError::Disconnected),
+            // The caller's read timeout ran out.
+            Err(ProtocolError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ClientError::NoHello)
+            }
+            Err(e) => return Err(e.into()),
+        };
         if frame.kind != FrameKind::Hello {
             return Err(ProtocolError::Unexpected(frame.kind).into());
         }
@@ -157,13 +180,15 @@ impl AgentClient {
         }
     }
 
-    /// Tells a restored guest its new identity; returns what could not be
-    /// applied.
-    pub fn restored(&self, identity: Identity) -> Result<Vec<String>, ClientError> {
+    /// Tells a restored guest its new identity, waiting up to `timeout`
+    /// for the answer; returns what could not be applied.
+    pub fn restored(
+        &self,
+        identity: Identity,
+        timeout: Duration,
+    ) -> Result<Vec<String>, ClientError> {
         let (id, rx) = self.open_stream(&Request::Restored(identity))?;
-        // Generous: dozens of forks resuming at once on a busy host all
-        // answer this first.
-        let reply = self.reply(id, &rx, Duration::from_secs(120))?;
+        let reply = self.reply(id, &rx, timeout)?;
         lock(&self.routes).remove(&id);
         match reply {
             Reply::Restored { problems } => Ok(problems),

@@ -49,7 +49,7 @@ impl Watchdog {
                     "guest test {name} still running after {limit:?}: aborting the run\n{}",
                     thread_report()
                 );
-                std::process::exit(3);
+                std::process::exit(GUEST_STALLED_IN_TESTHOST);
             }
         });
         Watchdog(Some(tx))
@@ -151,27 +151,46 @@ fn boot(builder: VmBuilder) -> Vm {
 
 /// Unwraps the result of talking to the guest; a failure shows the last
 /// console lines, which say whether the guest itself died.
-fn guest_ok<T, E: std::fmt::Display>(vm: &mut Vm, result: Result<T, E>) -> T {
-    result.unwrap_or_else(|e| {
+fn guest_ok<T, E: Into<vmm::Error>>(vm: &mut Vm, result: Result<T, E>) -> T {
+    guest_ok_doing(vm, "talking to the guest", result)
+}
+
+fn guest_ok_doing<T, E: Into<vmm::Error>>(vm: &mut Vm, what: &str, result: Result<T, E>) -> T {
+    result.map_err(Into::into).unwrap_or_else(|e| {
         let exit = vm.wait(Some(Duration::from_secs(2)));
         let console = vm.console_tail(40);
+        // Straight to the descriptor below: exit() discards captured output.
         if exit == Some(VmExit::GuestReset) && died_without_a_word(&console) {
-            // Straight to the descriptor: exit() discards captured output.
             let _ = writeln!(
                 std::io::stderr(),
-                "{e}\nthe guest reset mid-command without a word on its console (a triple \
+                "{what}: {e}\nthe guest reset mid-command without a word on its console (a triple \
                  fault); the nested test host does this to QEMU's guests as often \
                  (scripts/nested-control.py)\nconsole:\n{console}"
             );
             std::process::exit(GUEST_DIED_IN_TESTHOST);
         }
+        if exit.is_none() && e.is_guest_unresponsive() && died_without_a_word(&console) {
+            let _ = writeln!(
+                std::io::stderr(),
+                "{what}: {e}\nthe guest stopped answering while its VM runs, without a word on its \
+                 console; the nested test host stalls QEMU's guests this way too \
+                 (docs/TESTING.md)\n{}console:\n{console}",
+                thread_report()
+            );
+            std::process::exit(GUEST_STALLED_IN_TESTHOST);
+        }
         let state = match exit {
             Some(exit) => format!("the VM ended: {exit}"),
             None => "the VM is still running".to_string(),
         };
-        panic!("{e}\n{state}\nconsole:\n{console}")
+        panic!("{what}: {e}\n{state}\nconsole:\n{console}")
     })
 }
+
+/// Exit status of a test whose guest stopped answering inside the nested
+/// test host, the same as the watchdog's: scripts/test-guest.sh runs it
+/// once more and reports it.
+const GUEST_STALLED_IN_TESTHOST: i32 = 3;
 
 /// Exit status of a test whose guest died silently inside the nested test
 /// host: scripts/test-guest.sh runs it once more and reports it.
@@ -193,10 +212,8 @@ fn died_without_a_word(console: &str) -> bool {
 }
 
 fn sh(vm: &mut Vm, script: &str) -> vmm::Output {
-    let result = vm
-        .exec(["sh", "-c", script])
-        .map_err(|e| format!("exec {script:?} failed: {e}"));
-    guest_ok(vm, result)
+    let result = vm.exec(["sh", "-c", script]);
+    guest_ok_doing(vm, &format!("exec {script:?}"), result)
 }
 
 fn sh_ok(vm: &mut Vm, script: &str) -> String {

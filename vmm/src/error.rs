@@ -57,13 +57,26 @@ pub enum Error {
     SnapshotIncompatible(String),
     #[error("the VM is not running ({0})")]
     NotRunning(String),
-    #[error("agent: {0}")]
+    /// Its messages name the agent already.
+    #[error(transparent)]
     Agent(#[from] guest_agent::ClientError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The guest stopped answering (its agent did not reply, or never
+    /// became ready) while the VM still runs: a stalled or overloaded
+    /// guest rather than a refused request.
+    pub fn is_guest_unresponsive(&self) -> bool {
+        match self {
+            Error::Agent(e) => e.is_no_answer(),
+            Error::NotReady { .. } => true,
+            Error::Io(e) => e.kind() == std::io::ErrorKind::TimedOut,
+            _ => false,
+        }
+    }
+
     pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
         move |source| Error::Kvm { what, source }
     }

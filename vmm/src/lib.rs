@@ -26,5 +26,5 @@ pub use guest_agent::{
 pub use host::KvmFlavor;
 pub use vm::{
     connect_agent, fork_identity, DiskConfig, MemoryBackend, RestoreOptions, SnapshotStats, Vm,
-    VmBuilder, VmConfig, GUEST_CID,
+    VmBuilder, VmConfig, DEFAULT_RESTORE_TIMEOUT, GUEST_CID,
 };

@@ -62,6 +62,11 @@ use crate::persist::{
 
 /// How long connecting to the agent may take once it said it is ready.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a restored guest may take, by default, to come back: take its
+/// vsock reset, accept the agent connection and apply its identity.
+/// Generous: dozens of forks resuming at once on a busy host all do this
+/// first.
+pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The guest's vsock context id.
 pub const GUEST_CID: u64 = 3;
@@ -318,6 +323,10 @@ pub struct RestoreOptions {
     /// guest's wall clock is corrected and its kernel RNG reseeded from
     /// the host on every restore regardless.
     pub identity: Identity,
+    /// How long the resumed guest may take to answer its agent and apply
+    /// its identity (default [`DEFAULT_RESTORE_TIMEOUT`]); a guest that
+    /// takes longer fails the restore and is stopped.
+    pub timeout: Option<Duration>,
 }
 
 /// The snapshot a VM's dirty log counts from.
@@ -1002,9 +1011,10 @@ impl Vm {
         vm.spawn_vcpus(fds, true)?;
         vm.resume()?;
         if agent_ready {
-            vm.wait_vsock_reset()?;
+            let deadline = Instant::now() + options.timeout.unwrap_or(DEFAULT_RESTORE_TIMEOUT);
+            vm.wait_vsock_reset(deadline)?;
             vm.ready_after = Some(started.elapsed());
-            vm.send_identity(options.identity)?;
+            vm.send_identity(options.identity, deadline)?;
         }
         Ok(vm)
     }
@@ -1062,7 +1072,7 @@ impl Vm {
 
     /// Tells the restored guest's agent who it is now and what time it is,
     /// and has it reseed its kernel RNG with fresh host entropy.
-    fn send_identity(&mut self, mut identity: Identity) -> Result<()> {
+    fn send_identity(&mut self, mut identity: Identity, deadline: Instant) -> Result<()> {
         let seed: [u8; 64] = random_bytes()?;
         identity.entropy_hex = seed.iter().map(|b| format!("{b:02x}")).collect();
         identity.unix_time_ns = std::time::SystemTime::now()
@@ -1072,7 +1082,14 @@ impl Vm {
         if let Some(name) = &identity.hostname {
             self.config.hostname = name.clone();
         }
-        let problems = self.agent()?.restored(identity)?;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        if self.agent.is_none() {
+            self.agent = Some(connect_agent_within(&self.vsock_path, left())?);
+            log::debug!("restore: the agent answered");
+        }
+        let agent = self.agent.as_ref().expect("just connected");
+        let problems = agent.restored(identity, left())?;
+        log::debug!("restore: the guest took its identity");
         for p in problems {
             log::warn!("restore: the guest could not apply its identity: {p}");
         }
@@ -1107,15 +1124,15 @@ impl Vm {
 
     /// Waits for a restored guest to drop the vsock connections it had at
     /// the snapshot; a connection made before that would be dropped too.
-    fn wait_vsock_reset(&self) -> Result<()> {
-        let deadline = Instant::now() + AGENT_CONNECT_TIMEOUT;
+    fn wait_vsock_reset(&self, deadline: Instant) -> Result<()> {
+        let started = Instant::now();
         while !self.vsock_reset_done.load(Ordering::Acquire) {
             if let Some(exit) = self.exit.get() {
                 return Err(self.exit_error(exit));
             }
             if Instant::now() >= deadline {
                 return Err(Error::NotReady {
-                    seconds: AGENT_CONNECT_TIMEOUT.as_secs_f64(),
+                    seconds: started.elapsed().as_secs_f64(),
                     console: format!(
                         "(the restored guest did not take the vsock transport reset)\n{}",
                         self.console_tail(20)
@@ -1542,8 +1559,14 @@ impl Drop for Vm {
 /// listens on `vsock_path` ([`Vm::vsock_path`]), possibly from another
 /// process than the one running the VM.
 pub fn connect_agent(vsock_path: &Path) -> Result<AgentClient> {
-    let stream = connect_to_guest(vsock_path, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
-    stream.set_read_timeout(Some(AGENT_CONNECT_TIMEOUT))?;
+    connect_agent_within(vsock_path, AGENT_CONNECT_TIMEOUT)
+}
+
+fn connect_agent_within(vsock_path: &Path, timeout: Duration) -> Result<AgentClient> {
+    // A zero timeout would mean "wait forever" to the socket.
+    let timeout = timeout.max(Duration::from_millis(1));
+    let stream = connect_to_guest(vsock_path, AGENT_PORT, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
     Ok(AgentClient::handshake(stream)?)
 }
 
