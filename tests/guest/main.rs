@@ -174,8 +174,9 @@ fn guest_ok_doing<T, E: Into<vmm::Error>>(vm: &mut Vm, what: &str, result: Resul
                 std::io::stderr(),
                 "{what}: {e}\nthe guest stopped answering while its VM runs, without a word on its \
                  console; the nested test host stalls QEMU's guests this way too \
-                 (docs/TESTING.md)\n{}console:\n{console}",
-                thread_report()
+                 (docs/TESTING.md)\n{}{}",
+                thread_report(),
+                vm.stall_report()
             );
             std::process::exit(GUEST_STALLED_IN_TESTHOST);
         }

@@ -8,6 +8,7 @@
 pub mod boot;
 mod console;
 pub mod cpu;
+mod diagnose;
 mod error;
 mod exit;
 mod gate;

@@ -744,9 +744,12 @@ impl Vm {
         let stop = Arc::new(AtomicBool::new(false));
         let gate = Arc::new(PauseGate::default());
         let (loop_stop, loop_exit, loop_gate) = (stop.clone(), exit.clone(), gate.clone());
+        let threads = Arc::new(crate::diagnose::Threads::default());
+        let loop_threads = threads.clone();
         let event_loop = std::thread::Builder::new()
             .name("devices".into())
             .spawn(move || {
+                loop_threads.register_current("devices");
                 while !loop_stop.load(Ordering::Acquire) && loop_exit.get().is_none() {
                     loop_gate.park_if_requested(&loop_stop);
                     if let Err(e) = event_manager.run() {
@@ -765,6 +768,7 @@ impl Vm {
             stop: stop.clone(),
             flavor,
             msrs_to_save: cpu_state::msrs_to_save(&kvm)?,
+            threads,
         });
         Ok(Vm {
             config,
@@ -1012,9 +1016,22 @@ impl Vm {
         vm.resume()?;
         if agent_ready {
             let deadline = Instant::now() + options.timeout.unwrap_or(DEFAULT_RESTORE_TIMEOUT);
-            vm.wait_vsock_reset(deadline)?;
-            vm.ready_after = Some(started.elapsed());
-            vm.send_identity(options.identity, deadline)?;
+            let answered = vm.wait_vsock_reset(deadline).and_then(|()| {
+                vm.ready_after = Some(started.elapsed());
+                vm.send_identity(options.identity, deadline)
+            });
+            if let Err(e) = answered {
+                // A guest that dies while resuming closes its agent
+                // connection: say how it ended, not that it closed.
+                if let Some(exit) = vm.exit.wait(Some(Duration::from_millis(200))) {
+                    return Err(vm.exit_error(exit));
+                }
+                log::warn!(
+                    "restore: the resumed guest did not take its identity ({e}); the VM:\n{}",
+                    vm.stall_report()
+                );
+                return Err(e);
+            }
         }
         Ok(vm)
     }
@@ -1115,6 +1132,20 @@ impl Vm {
             },
         )?;
         Ok(n)
+    }
+
+    /// What the VM is doing, for a guest that stopped answering: every
+    /// virtio queue's indices and pending interrupt (a queue whose avail
+    /// index is ahead of what the device has seen lost a notification),
+    /// the vCPU and device threads' state and CPU time, and the console's
+    /// last lines.
+    pub fn stall_report(&self) -> String {
+        format!(
+            "{}{}\nconsole:\n{}",
+            crate::diagnose::queue_report(&self.mem, &self.transports),
+            self.vcpu_ctx.threads.report(),
+            self.console_tail(10)
+        )
     }
 
     /// How the userfaultfd server of a lazily restored VM has done.

@@ -25,6 +25,8 @@ pub struct VcpuContext {
     pub flavor: KvmFlavor,
     /// MSRs a snapshot saves (see [`state::msrs_to_save`]).
     pub msrs_to_save: Vec<u32>,
+    /// Where each vCPU thread registers for [`crate::Vm::stall_report`].
+    pub(crate) threads: Arc<crate::diagnose::Threads>,
 }
 
 /// What the VMM asks of a vCPU thread. The thread owns its `VcpuFd`, so
@@ -163,7 +165,10 @@ pub fn spawn(
     }
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
-        .spawn(move || run(&mut vcpu, index, &ctx, &requests, &replies))?;
+        .spawn(move || {
+            ctx.threads.register_current(&format!("vcpu{index}"));
+            run(&mut vcpu, index, &ctx, &requests, &replies)
+        })?;
     if paused {
         // Swallow the thread's answer to the pause queued above.
         match reply_rx.recv_timeout(ANSWER_TIMEOUT) {

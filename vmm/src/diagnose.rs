@@ -1,0 +1,86 @@
+//! What a VM whose guest stopped answering is doing, told from the host:
+//! which side is waiting. A virtqueue whose avail index is ahead of the
+//! device's position holds requests the device never took (a lost
+//! notification: ours); an interrupt left pending, or vCPU threads that
+//! burn no CPU, point at the guest (or, in the nested test host, at the
+//! machine under it).
+
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::mmio::MmioTransport;
+use devices::GuestMemory;
+use vm_memory::{Bytes, GuestAddress};
+
+/// The kernel thread ids of a VM's threads, for reading their state from
+/// /proc. Each thread registers itself.
+#[derive(Default)]
+pub(crate) struct Threads(Mutex<Vec<(String, u32)>>);
+
+impl Threads {
+    pub fn register_current(&self, name: &str) {
+        // /proc/thread-self names this thread as "<pid>/task/<tid>".
+        let tid = std::fs::read_link("/proc/thread-self")
+            .ok()
+            .and_then(|p| p.file_name()?.to_str()?.parse().ok());
+        if let Some(tid) = tid {
+            lock(&self.0).push((name.to_string(), tid));
+        }
+    }
+
+    /// One line: each thread's state and CPU time (user+system ticks).
+    pub fn report(&self) -> String {
+        let mut line = String::from("threads:");
+        for (name, tid) in lock(&self.0).iter() {
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"));
+            let (state, cpu) = match stat {
+                Ok(stat) => {
+                    // After the parenthesised name: state first, utime
+                    // and stime 12th and 13th.
+                    let rest = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+                    let fields: Vec<&str> = rest.split_whitespace().collect();
+                    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+                    let cpu = ticks(11).zip(ticks(12)).map(|(u, s)| u + s);
+                    (fields.first().copied().unwrap_or("?").to_string(), cpu)
+                }
+                Err(_) => ("gone".to_string(), None),
+            };
+            let cpu = cpu.map_or("?".to_string(), |t| t.to_string());
+            line.push_str(&format!(" {name} {state} cpu {cpu};"));
+        }
+        line
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One line per virtio device: its pending interrupt status, then per
+/// queue the guest's avail index against how far the device has taken
+/// (`seen`) and what it has returned (`used`).
+pub(crate) fn queue_report(mem: &GuestMemory, transports: &[Arc<Mutex<MmioTransport>>]) -> String {
+    let mut report = String::new();
+    for (i, transport) in transports.iter().enumerate() {
+        let t = devices::bus::lock(transport);
+        let state = t.state();
+        report.push_str(&format!(
+            "virtio {i} (type {}): status {:#x}, interrupt {:#x}{};",
+            t.device_type(),
+            state.device_status,
+            state.interrupt_status,
+            if state.device_failed { ", failed" } else { "" }
+        ));
+        for (q, queue) in state.queues.iter().enumerate().filter(|(_, q)| q.ready) {
+            // The avail ring's index follows its 16-bit flags.
+            let avail = mem
+                .read_obj::<u16>(GuestAddress(queue.avail_ring.wrapping_add(2)))
+                .map_or("?".to_string(), |v| v.to_string());
+            report.push_str(&format!(
+                " q{q} avail {avail} seen {} used {};",
+                queue.next_avail, queue.next_used
+            ));
+        }
+        report.push('\n');
+    }
+    report
+}
