@@ -38,11 +38,10 @@ fn boot() -> Vm {
     vm
 }
 
+/// Where snapshots go: the temporary directory (tmpfs inside the nested
+/// test host, where the shared scratch directory is 9p).
 fn scratch() -> PathBuf {
-    let base = std::env::var_os("CAPSULE_SCRATCH")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("capsule-bench-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("capsule-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -120,6 +119,54 @@ fn restore_to_first_exec(c: &mut Criterion) {
     group.finish();
 }
 
+/// Restores `n` forks of the snapshot in `dir` at once and runs `true` in
+/// each; the first failure, with every fork stopped.
+fn fork_all(dir: &Path, n: usize) -> vmm::Result<Vec<Vm>> {
+    let results: Vec<vmm::Result<Vm>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                scope.spawn(move || {
+                    let options = RestoreOptions {
+                        memory: MemoryBackend::File,
+                        identity: fork_identity(format!("fork-{i}"))?,
+                        ..Default::default()
+                    };
+                    let mut vm = Vm::restore(dir, options)?;
+                    vm.exec(["true"])?;
+                    Ok(vm)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut forks = Vec::with_capacity(n);
+    let mut failure = None;
+    for result in results {
+        match result {
+            Ok(vm) => forks.push(vm),
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    match failure {
+        None => Ok(forks),
+        Some(e) => {
+            for mut vm in forks {
+                vm.kill();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Inside the nested test host a guest now and then dies or stalls on its
+/// own (docs/TESTING.md); a fork-N iteration where one did is discarded
+/// and run again, and said so. Anywhere else, and for any other failure,
+/// the benchmark fails.
+fn nested_host_failure(e: &vmm::Error) -> bool {
+    std::env::var_os("CAPSULE_IN_TESTHOST").is_some()
+        && (e.is_guest_unresponsive() || matches!(e, vmm::Error::StoppedBeforeReady { .. }))
+}
+
 fn fork_n(c: &mut Criterion) {
     let _ = vmm::host::raise_fd_limit();
     let dir = scratch().join("fork");
@@ -129,31 +176,27 @@ fn fork_n(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
+                let mut discarded = 0;
                 for _ in 0..iters {
-                    let t = Instant::now();
-                    let forks: Vec<Vm> = bounded("a fork", || {
-                        std::thread::scope(|scope| {
-                            let handles: Vec<_> = (0..n)
-                                .map(|i| {
-                                    let dir = &dir;
-                                    scope.spawn(move || {
-                                        let options = RestoreOptions {
-                                            memory: MemoryBackend::File,
-                                            identity: fork_identity(format!("fork-{i}")).unwrap(),
-                                            ..Default::default()
-                                        };
-                                        let mut vm = Vm::restore(dir, options).expect("restore");
-                                        vm.exec(["true"]).expect("exec");
-                                        vm
-                                    })
-                                })
-                                .collect();
-                            handles.into_iter().map(|h| h.join().unwrap()).collect()
-                        })
-                    });
-                    total += t.elapsed();
-                    for mut vm in forks {
-                        vm.kill();
+                    loop {
+                        let t = Instant::now();
+                        match bounded("a fork", || fork_all(&dir, n)) {
+                            Ok(forks) => {
+                                total += t.elapsed();
+                                for mut vm in forks {
+                                    vm.kill();
+                                }
+                                break;
+                            }
+                            Err(e) if nested_host_failure(&e) && discarded < 5 => {
+                                discarded += 1;
+                                eprintln!(
+                                    "\nfork_to_first_exec/{n}: discarded an iteration, a guest \
+                                     died or stalled in the nested test host: {e}"
+                                );
+                            }
+                            Err(e) => panic!("fork_to_first_exec/{n}: {e}"),
+                        }
                     }
                 }
                 total
