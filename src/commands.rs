@@ -112,7 +112,7 @@ pub struct RestoreArgs {
     #[arg(long)]
     timings: bool,
     /// How the guest's memory is brought back.
-    #[arg(long, value_enum, default_value_t = Backend::Uffd)]
+    #[arg(long, value_enum, default_value_t = Backend::File)]
     memory_backend: Backend,
     #[command(flatten)]
     command_args: CommandArgs,

@@ -48,53 +48,10 @@ enum Command {
     Keeper { name: String, origin: String },
 }
 
-/// VMM and device messages on stderr: warnings and errors always,
-/// more with CAPSULE_LOG=info|debug|trace.
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-    fn log(&self, record: &log::Record) {
-        if !self.enabled(record.metadata()) {
-            return;
-        }
-        // Debugging wants to see when: seconds since capsule started.
-        let when = match LOG_START.get() {
-            Some(start) if log::max_level() >= log::LevelFilter::Debug => {
-                format!("{:.3}s ", start.elapsed().as_secs_f64())
-            }
-            _ => String::new(),
-        };
-        eprintln!(
-            "capsule: [{when}{} {}] {}",
-            record.level(),
-            record.target(),
-            record.args()
-        );
-    }
-    fn flush(&self) {}
-}
-
-static LOG_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-
-fn init_logging() {
-    static LOGGER: StderrLogger = StderrLogger;
-    LOG_START.get_or_init(std::time::Instant::now);
-    if log::set_logger(&LOGGER).is_ok() {
-        let level = match std::env::var("CAPSULE_LOG").as_deref() {
-            Ok("info") => log::LevelFilter::Info,
-            Ok("debug") => log::LevelFilter::Debug,
-            Ok("trace") => log::LevelFilter::Trace,
-            _ => log::LevelFilter::Warn,
-        };
-        log::set_max_level(level);
-    }
-}
-
 fn main() -> ExitCode {
-    init_logging();
+    // VMM and device messages on stderr: warnings and errors always, more
+    // with CAPSULE_LOG=info|debug|trace.
+    vmm::logging::log_to_stderr("capsule: ", "CAPSULE_LOG");
     let _ = vmm::host::raise_fd_limit();
     let cli = Cli::parse();
     let result = match cli.command {

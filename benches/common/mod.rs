@@ -7,6 +7,8 @@ use vmm::{KvmFlavor, Vm, VmBuilder};
 /// `CAPSULE_INITRAMFS`; panics with what to do when either is missing or
 /// this host's KVM cannot run a Linux guest.
 pub fn builder() -> VmBuilder {
+    // The VMM's warnings (a guest that stopped answering) on stderr.
+    vmm::logging::log_to_stderr("", "CAPSULE_LOG");
     let flavor = KvmFlavor::detect();
     assert!(
         flavor.is_hardware(),

@@ -88,34 +88,6 @@ fn thread_report() -> String {
     report
 }
 
-/// Device and VMM warnings go to stderr, so a failing test shows them.
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            eprintln!("[{} {}] {}", record.level(), record.target(), record.args());
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn init_logging() {
-    static LOGGER: StderrLogger = StderrLogger;
-    if log::set_logger(&LOGGER).is_ok() {
-        // CAPSULE_TEST_LOG=debug for more.
-        let level = match std::env::var("CAPSULE_TEST_LOG").as_deref() {
-            Ok("debug") => log::LevelFilter::Debug,
-            Ok("trace") => log::LevelFilter::Trace,
-            _ => log::LevelFilter::Warn,
-        };
-        log::set_max_level(level);
-    }
-}
-
 impl Drop for Watchdog {
     fn drop(&mut self) {
         if let Some(tx) = self.0.take() {
@@ -125,7 +97,8 @@ impl Drop for Watchdog {
 }
 
 fn builder() -> VmBuilder {
-    init_logging();
+    // Device and VMM warnings on stderr; CAPSULE_TEST_LOG=debug for more.
+    vmm::logging::log_to_stderr("", "CAPSULE_TEST_LOG");
     let flavor = KvmFlavor::detect();
     assert!(
         flavor.is_hardware(),
@@ -249,8 +222,55 @@ fn boots_with_one_and_two_vcpus() {
         let expected = if cpus == 1 { "0" } else { "0-1" };
         assert_eq!(nproc.trim(), expected);
         assert_eq!(sh_ok(&mut vm, "hostname").trim(), "capsule");
+        check_stall_report(&vm, cpus);
         stop(vm);
     }
+}
+
+/// The report for a guest that stops answering names every vCPU thread
+/// and the device thread, and shows each ready queue's indices: the device
+/// never ahead of the guest, and an idle guest's vsock TX queue (requests
+/// to the device) fully taken (a packet in flight gets a second to be).
+fn check_stall_report(vm: &Vm, cpus: u8) {
+    for _ in 0..10 {
+        if stall_report_ok(vm, cpus) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = vm.stall_report();
+    panic!("vsock TX requests never taken\n{report}");
+}
+
+/// Checks the report's shape; whether the vsock TX queue is all taken.
+fn stall_report_ok(vm: &Vm, cpus: u8) -> bool {
+    let report = vm.stall_report();
+    for cpu in 0..cpus {
+        assert!(report.contains(&format!(" vcpu{cpu} ")), "{report}");
+    }
+    assert!(report.contains(" devices "), "{report}");
+    assert!(report.contains("vcpu0 at 0x"), "{report}");
+    let mut vsock_tx = None;
+    for line in report.lines().filter(|l| l.starts_with("virtio ")) {
+        let vsock = line.contains("(type 19)");
+        for entry in line.split(';').filter_map(|e| e.trim().strip_prefix('q')) {
+            // "<n> avail <a> seen <s> used <u>"
+            let words: Vec<&str> = entry.split_whitespace().collect();
+            let number = |i: usize| -> u16 {
+                words
+                    .get(i)
+                    .and_then(|w| w.parse().ok())
+                    .unwrap_or_else(|| panic!("{entry:?} in\n{report}"))
+            };
+            let (queue, avail, seen) = (number(0), number(2), number(4));
+            assert!(avail.wrapping_sub(seen) <= 256, "{entry:?} in\n{report}");
+            if vsock && queue == 1 {
+                vsock_tx = Some((avail, seen));
+            }
+        }
+    }
+    let (avail, seen) = vsock_tx.unwrap_or_else(|| panic!("no vsock TX queue in\n{report}"));
+    avail == seen
 }
 
 /// The same kernel as a bzImage boots through the 64-bit Linux boot

@@ -94,6 +94,16 @@ fn forks_get_their_own_identity_and_randomness() {
         };
         Vm::restore(&snap, options).expect("restore")
     };
+    // A guest given no time to come back fails the restore as a guest that
+    // did not answer (RestoreOptions::timeout is honoured).
+    let impatient = vmm::RestoreOptions {
+        timeout: Some(Duration::ZERO),
+        ..Default::default()
+    };
+    match Vm::restore(&snap, impatient) {
+        Err(e) => assert!(e.is_guest_unresponsive(), "{e}"),
+        Ok(_) => panic!("a restore with no time for the guest succeeded"),
+    }
     let mut a = restore("fork-a");
     let mut b = restore("fork-b");
     let probe = "hostname; cat /etc/machine-id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
@@ -152,7 +162,8 @@ fn capsule_ok(home: &std::path::Path, args: &[&str]) -> String {
 #[test]
 fn a_guest_resumes_in_a_new_vmm_process() {
     let _watchdog = Watchdog::arm(TEST_LIMIT);
-    init_logging();
+    // Device and VMM warnings on stderr; CAPSULE_TEST_LOG=debug for more.
+    vmm::logging::log_to_stderr("", "CAPSULE_TEST_LOG");
     let home = tempfile::tempdir().unwrap();
     let (_dir, disk) = scratch_file("data.img", 8 << 20);
     let snap = home.path().join("snap");

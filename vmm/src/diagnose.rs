@@ -8,6 +8,8 @@
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::mmio::MmioTransport;
+
+use crate::cpu::vcpu::VcpuHandle;
 use devices::GuestMemory;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -27,25 +29,29 @@ impl Threads {
         }
     }
 
-    /// One line: each thread's state and CPU time (user+system ticks).
+    /// One line: each thread's state and CPU time in clock ticks, user +
+    /// system, and of that how much ran the guest: a vCPU thread busy in
+    /// the guest is a guest spinning, busy outside it is KVM looping.
     pub fn report(&self) -> String {
-        let mut line = String::from("threads:");
+        let mut line = String::from("threads (cpu ticks, guest):");
         for (name, tid) in lock(&self.0).iter() {
             let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"));
             let (state, cpu) = match stat {
                 Ok(stat) => {
-                    // After the parenthesised name: state first, utime
-                    // and stime 12th and 13th.
+                    // After the parenthesised name (proc(5) field 2):
+                    // state is field 3, utime 14, stime 15, guest_time 43.
                     let rest = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
                     let fields: Vec<&str> = rest.split_whitespace().collect();
-                    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-                    let cpu = ticks(11).zip(ticks(12)).map(|(u, s)| u + s);
+                    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+                    let cpu = field(14)
+                        .zip(field(15))
+                        .map(|(u, s)| format!("{} {}", u + s, field(43).unwrap_or(0)));
                     (fields.first().copied().unwrap_or("?").to_string(), cpu)
                 }
                 Err(_) => ("gone".to_string(), None),
             };
-            let cpu = cpu.map_or("?".to_string(), |t| t.to_string());
-            line.push_str(&format!(" {name} {state} cpu {cpu};"));
+            let cpu = cpu.unwrap_or_else(|| "?".to_string());
+            line.push_str(&format!(" {name} {state} {cpu};"));
         }
         line
     }
@@ -79,6 +85,40 @@ pub(crate) fn queue_report(mem: &GuestMemory, transports: &[Arc<Mutex<MmioTransp
                 " q{q} avail {avail} seen {} used {};",
                 queue.next_avail, queue.next_used
             ));
+        }
+        report.push('\n');
+    }
+    report
+}
+
+/// Where each vCPU is, sampled `samples` times 20 ms apart: instruction
+/// pointer, privilege level and whether interrupts are enabled. The same
+/// address every time with interrupts off is a guest stuck in a loop; a
+/// `hlt` with them on is an idle guest waiting for an interrupt.
+pub(crate) fn vcpu_positions(vcpus: &[VcpuHandle], samples: usize) -> String {
+    const RFLAGS_IF: u64 = 1 << 9;
+    let mut report = String::new();
+    for (i, vcpu) in vcpus.iter().enumerate() {
+        report.push_str(&format!("vcpu{i} at"));
+        for n in 0..samples {
+            if n > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let state = vcpu.pause().and_then(|()| vcpu.save_state());
+            let _ = vcpu.resume();
+            match state {
+                Ok(s) => report.push_str(&format!(
+                    " {:#x} (cpl {}, interrupts {});",
+                    s.regs.rip,
+                    s.sregs.cs.selector & 3,
+                    if s.regs.rflags & RFLAGS_IF != 0 {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                )),
+                Err(e) => report.push_str(&format!(" ? ({e});")),
+            }
         }
         report.push('\n');
     }

@@ -14,6 +14,7 @@ mod exit;
 mod gate;
 pub mod host;
 pub mod layout;
+pub mod logging;
 pub mod memory;
 pub mod persist;
 mod vm;

@@ -278,14 +278,16 @@ impl MutEventSubscriber for Control {
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// How a restored VM's memory is backed. The default is the one that
-/// restores to a first command fastest (`benches/snapshot.rs`): userfaultfd
-/// with prefetch. Forks that should share memory want `File`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// restores to a first command fastest (`benches/snapshot.rs`, see
+/// docs/PERFORMANCE.md): the file mapping, which also lets forks share
+/// memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum MemoryBackend {
     /// A private copy-on-write mapping of the memory file: pages come from
     /// the page cache on first touch, shared by every VM restored from the
     /// same file.
+    #[default]
     File,
     /// Anonymous memory filled on first touch by a userfaultfd handler
     /// thread, a chunk at a time, from the memory file. Touched pages are
@@ -293,12 +295,6 @@ pub enum MemoryBackend {
     /// chunks recorded in the snapshot's working set
     /// ([`Vm::save_working_set`]) are copied in before the guest runs.
     Uffd { prefetch: bool },
-}
-
-impl Default for MemoryBackend {
-    fn default() -> Self {
-        MemoryBackend::Uffd { prefetch: true }
-    }
 }
 
 /// How to restore a snapshot.
@@ -1137,11 +1133,17 @@ impl Vm {
     /// What the VM is doing, for a guest that stopped answering: every
     /// virtio queue's indices and pending interrupt (a queue whose avail
     /// index is ahead of what the device has seen lost a notification),
-    /// the vCPU and device threads' state and CPU time, and the console's
-    /// last lines.
+    /// where each vCPU is (sampled by pausing it for a moment), the vCPU
+    /// and device threads' state and CPU time, and the console's last
+    /// lines.
     pub fn stall_report(&self) -> String {
+        let positions = if self.paused {
+            String::new()
+        } else {
+            crate::diagnose::vcpu_positions(&self.vcpus, 3)
+        };
         format!(
-            "{}{}\nconsole:\n{}",
+            "{}{positions}{}\nconsole:\n{}",
             crate::diagnose::queue_report(&self.mem, &self.transports),
             self.vcpu_ctx.threads.report(),
             self.console_tail(10)

@@ -1,0 +1,58 @@
+//! A plain stderr logger for programs built on this library (the capsule
+//! CLI, the guest tests, the benchmarks), so that the VMM's warnings, such
+//! as the report on a guest that stopped answering, reach someone.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+struct StderrLogger {
+    prefix: &'static str,
+    start: Instant,
+}
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        // Debugging wants to see when: seconds since the logger started.
+        let when = if log::max_level() >= log::LevelFilter::Debug {
+            format!("{:.3}s ", self.start.elapsed().as_secs_f64())
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "{}[{when}{} {}] {}",
+            self.prefix,
+            record.level(),
+            record.target(),
+            record.args()
+        );
+    }
+
+    fn flush(&self) {}
+}
+
+/// Logs to stderr, each line starting with `prefix`, at the level named by
+/// the environment variable `level_var` (`info`, `debug` or `trace`;
+/// warnings and errors otherwise). Does nothing if a logger is already set.
+pub fn log_to_stderr(prefix: &'static str, level_var: &str) {
+    static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
+    let logger = LOGGER.get_or_init(|| StderrLogger {
+        prefix,
+        start: Instant::now(),
+    });
+    if log::set_logger(logger).is_ok() {
+        let level = match std::env::var(level_var).as_deref() {
+            Ok("info") => log::LevelFilter::Info,
+            Ok("debug") => log::LevelFilter::Debug,
+            Ok("trace") => log::LevelFilter::Trace,
+            _ => log::LevelFilter::Warn,
+        };
+        log::set_max_level(level);
+    }
+}
