@@ -275,7 +275,15 @@ fn run_fork(i: usize, args: &ForkArgs) -> Result<ForkResult> {
         .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;
     let ready = t0.elapsed();
     let request = args.command_args.request(&args.command, false);
-    let out = vm.agent()?.exec(request)?.output()?;
+    let out = match vm.agent().and_then(|a| Ok(a.exec(request)?.output()?)) {
+        Ok(out) => out,
+        // A guest that dies mid-command closes the agent connection: say
+        // how the VM ended rather than just that.
+        Err(e) => match vm.wait(Some(Duration::from_millis(200))) {
+            Some(exit) => bail!("the VM ended while running the command: {exit} ({e})"),
+            None => return Err(e.into()),
+        },
+    };
     let ran = Instant::now();
     // A fork's disk writes live in a layer in its runtime directory, which
     // goes with it: nothing is worth a clean power-off.

@@ -161,6 +161,38 @@ fn guest_ok_doing<T, E: Into<vmm::Error>>(vm: &mut Vm, what: &str, result: Resul
     })
 }
 
+/// Unwraps a restore. Inside the nested test host, a guest that reset
+/// without a word or stopped answering while it resumed ends the test with
+/// the status scripts/test-guest.sh runs once more, as for a running guest.
+fn restore_ok(what: &str, result: vmm::Result<Vm>) -> Vm {
+    let e = match result {
+        Ok(vm) => return vm,
+        Err(e) => e,
+    };
+    let status = match &e {
+        vmm::Error::StoppedBeforeReady { exit, console }
+            if *exit == VmExit::GuestReset.to_string() && died_without_a_word(console) =>
+        {
+            Some(GUEST_DIED_IN_TESTHOST)
+        }
+        e if e.is_guest_unresponsive() && std::env::var_os("CAPSULE_IN_TESTHOST").is_some() => {
+            Some(GUEST_STALLED_IN_TESTHOST)
+        }
+        _ => None,
+    };
+    match status {
+        Some(status) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "{what}: {e}\nthe guest died or stalled while it resumed, without a word on its \
+                 console, in the nested test host (docs/TESTING.md)"
+            );
+            std::process::exit(status);
+        }
+        None => panic!("{what}: {e}"),
+    }
+}
+
 /// Exit status of a test whose guest stopped answering inside the nested
 /// test host, the same as the watchdog's: scripts/test-guest.sh runs it
 /// once more and reports it.

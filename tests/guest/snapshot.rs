@@ -57,7 +57,10 @@ fn a_restored_guest_continues_where_it_was() {
         before
     };
 
-    let mut restored = Vm::restore(&snap, vmm::RestoreOptions::default()).expect("restore");
+    let mut restored = restore_ok(
+        "restore",
+        Vm::restore(&snap, vmm::RestoreOptions::default()),
+    );
     let after = count(&mut restored);
     assert!(
         after >= at_snapshot && after < at_snapshot + 50,
@@ -92,7 +95,7 @@ fn forks_get_their_own_identity_and_randomness() {
             identity: vmm::fork_identity(name).unwrap(),
             ..Default::default()
         };
-        Vm::restore(&snap, options).expect("restore")
+        restore_ok("restore", Vm::restore(&snap, options))
     };
     // A guest given no time to come back fails the restore as a guest that
     // did not answer (RestoreOptions::timeout is honoured).
@@ -315,7 +318,7 @@ fn twenty_forks_share_memory_and_keep_their_disk_writes_apart() {
                         identity: vmm::fork_identity(format!("fork-{i}")).unwrap(),
                         ..Default::default()
                     };
-                    Vm::restore(snap, options).expect("restore")
+                    restore_ok("restore", Vm::restore(snap, options))
                 })
             })
             .collect();
@@ -416,11 +419,17 @@ fn a_diff_snapshot_writes_only_what_changed_and_restores_through_its_parent() {
     vm.kill();
 
     // The diff restores through its parent: the data is there, intact.
-    let mut restored = Vm::restore(&diff, vmm::RestoreOptions::default()).expect("restore diff");
+    let mut restored = restore_ok(
+        "restore diff",
+        Vm::restore(&diff, vmm::RestoreOptions::default()),
+    );
     assert_eq!(sh_ok(&mut restored, "md5sum < /tmp/touched"), sum);
     stop(restored);
     // The parent alone is the guest before the change.
-    let mut before = Vm::restore(&full, vmm::RestoreOptions::default()).expect("restore full");
+    let mut before = restore_ok(
+        "restore full",
+        Vm::restore(&full, vmm::RestoreOptions::default()),
+    );
     assert_eq!(
         sh_ok(&mut before, "ls /tmp/touched 2>/dev/null; echo end"),
         "end\n"
@@ -446,7 +455,7 @@ fn userfaultfd_restores_lazily_and_prefetches_the_recorded_working_set() {
         ..Default::default()
     };
     // Lazily: only what the guest touches is copied in.
-    let mut lazy = Vm::restore(&snap, uffd(false)).expect("restore with userfaultfd");
+    let mut lazy = restore_ok("restore with userfaultfd", Vm::restore(&snap, uffd(false)));
     assert_eq!(sh_ok(&mut lazy, "md5sum < /tmp/data"), sum);
     let recorded = lazy.save_working_set(&snap).expect("save working set");
     let first = lazy.uffd_stats().unwrap();
@@ -460,7 +469,7 @@ fn userfaultfd_restores_lazily_and_prefetches_the_recorded_working_set() {
 
     // Again with the working set: the chunks come in before the guest
     // runs, and far fewer faults are left.
-    let mut warm = Vm::restore(&snap, uffd(true)).expect("restore with prefetch");
+    let mut warm = restore_ok("restore with prefetch", Vm::restore(&snap, uffd(true)));
     assert_eq!(sh_ok(&mut warm, "md5sum < /tmp/data"), sum);
     let second = warm.uffd_stats().unwrap();
     stop(warm);
