@@ -6,9 +6,11 @@
 # time. QEMU's emulated SVM occasionally freezes the whole test host (seen
 # as soft lockups), and under load it sometimes makes a guest triple-fault
 # or stall without a word: QEMU's own guests there do it as often as ours
-# (scripts/nested-control.py, docs/TESTING.md). A test that hangs or whose
-# guest dies that way is run once more, and the retry is reported. A test
-# that fails otherwise is never retried.
+# (scripts/nested-control.py, docs/TESTING.md), and many concurrent guests
+# have made the test host's own kernel panic. A test that hangs, whose
+# guest dies that way, or whose test host dies, is run again, up to three
+# attempts in all, and every retry is reported. A test that fails
+# otherwise is never retried.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=$(scripts/kvm-mode.sh)
@@ -34,35 +36,42 @@ tests=$("$bin" --list --format terse | sed -n 's/: test$//p')
 [ -n "$tests" ] || { echo "test-guest: no guest tests found" >&2; exit 1; }
 # A test's output without the harness's filler lines.
 shown() { printf '%s\n' "$1" | grep -vE '^running 1 test$|^$' || true; }
-passed=0; failed=0; retried=()
+passed=0; failed=0; retried=(); failures=()
 for t in $tests; do
-    for attempt in 1 2; do
+    for attempt in 1 2 3; do
         set +e
         out=$(testhost/run.sh --timeout 300 \
             --env CAPSULE_KERNEL --env CAPSULE_INITRAMFS --env CAPSULE_ROOTFS --env CAPSULE_BZIMAGE \
             -- "$bin" --exact "$t" --test-threads=1 --color never 2>&1)
         rc=$?
         set -e
-        # 124: the test host stopped responding; 3: the guest stopped
-        # answering (the test's watchdog fired, or a request timed out while
-        # the VM ran with nothing on its console); 4: the guest reset
-        # mid-command with nothing on its console. Retried once and reported; a test that
-        # fails an assertion is never retried.
-        case "$rc" in 124|3|4) ;; *) break ;; esac
-        [ "$attempt" = 1 ] || break
-        echo "test-guest: $t: the nested test host failed it (exit $rc); running it again; it said:" >&2
+        # 124: the test host stopped responding; 125: the test host died
+        # (its kernel panicked); 3: the guest stopped answering (the test's
+        # watchdog fired, or a request timed out while the VM ran with
+        # nothing on its console); 4: the guest reset mid-command with
+        # nothing on its console. Retried and reported; a test that fails
+        # an assertion is never retried.
+        case "$rc" in 124|125|3|4) ;; *) break ;; esac
+        [ "$attempt" -lt 3 ] || break
+        echo "test-guest: $t: the nested test host failed it (exit $rc, attempt $attempt of 3); running it again; it said:" >&2
         shown "$out" | tail -n 12 | sed 's/^/  | /' >&2
         retried+=("$t")
     done
+    # Attempts that all failed the same nested way are named as such.
+    case "$rc" in 124|125|3|4) echo "test-guest: $t: the nested test host failed it three times (last exit $rc)" >&2 ;; esac
     shown "$out"
     if [ "$rc" = 0 ] && grep -q '^test result: ok. 1 passed' <<< "$out"; then
         passed=$((passed + 1))
     else
         failed=$((failed + 1))
         echo "test-guest: $t FAILED (exit $rc)" >&2
+        failures+=("$t (exit $rc); its last lines:
+$(shown "$out" | tail -n 15 | sed 's/^/  | /')")
     fi
 done
 [ ${#retried[@]} -eq 0 ] || echo "guest tier: retried after the nested test host hung or crashed the guest: ${retried[*]}"
+# CI shows only the end of the log: name what failed here too.
+[ ${#failures[@]} -eq 0 ] || printf 'guest tier: failed: %s\n' "${failures[@]}"
 echo "guest tier: $passed real-guest tests passed, $failed failed, each inside its own nested test host"
 echo "guest: $passed passed, $failed failed"
 [ "$failed" = 0 ] && [ "$passed" -gt 0 ] || { echo "guest tier: FAILED" >&2; exit 1; }

@@ -13,7 +13,9 @@
 # usage: testhost/run.sh [--timeout SECONDS] [--env NAME]... -- command [args...]
 # Exits with the command's status; 124 if the test host timed out or its
 # heartbeat (written every 5 s) stopped for CAPSULE_TESTHOST_STALL seconds
-# (60): its kernel locked up, which QEMU's emulated SVM does now and then.
+# (60): its kernel locked up, which QEMU's emulated SVM does now and then;
+# 125 if the test host itself died before the command finished (its kernel
+# panicked, or QEMU was killed).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/capsule/testhost"
@@ -130,7 +132,8 @@ timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 \
     -kernel "$vmlinuz" -initrd "$initrd" -append "$append" \
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
     -virtfs "local,path=$scratch,mount_tag=scratch,security_model=none,multidevs=remap" \
-    < /dev/null | sed -u -e 's/\r//g; s/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g; s/\x1b(B//g; s/\x0f//g' -e '/^SeaBIOS (version/d; /^Booting from ROM/d; /^$/d'
+    < /dev/null | sed -u -e 's/\r//g; s/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g; s/\x1b(B//g; s/\x0f//g' -e '/^SeaBIOS (version/d; /^Booting from ROM/d; /^$/d' \
+    | tee "$scratch/console"
 qemu_rc=${PIPESTATUS[0]}
 set -e
 if [ -f "$scratch/stalled" ]; then
@@ -142,6 +145,18 @@ if [ "$qemu_rc" = 124 ]; then
     exit 124
 fi
 if [ ! -f "$scratch/rc" ]; then
+    # The test host's own kernel panicked (QEMU's emulated SVM has made it
+    # do so under many concurrent guests, see docs/TESTING.md), or QEMU
+    # was killed: the test host died, whatever the command was doing.
+    panic=$(grep -m 1 'Kernel panic' "$scratch/console" || true)
+    if [ -n "$panic" ]; then
+        log "the test host's kernel panicked: $panic"
+        exit 125
+    fi
+    if [ "$qemu_rc" -gt 128 ]; then
+        log "QEMU running the test host was killed by signal $((qemu_rc - 128))"
+        exit 125
+    fi
     log "the test host stopped without running the command (qemu exit $qemu_rc)"
     exit 1
 fi
