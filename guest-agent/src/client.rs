@@ -32,7 +32,9 @@ pub enum ClientError {
     Refused(String),
     #[error("timed out waiting for the agent")]
     Timeout,
-    #[error("the agent did not answer the connection's hello (the guest stopped responding)")]
+    #[error(
+        "the agent did not answer the connection's hello in time (the guest is not responding)"
+    )]
     NoHello,
     #[error("unexpected reply from the agent: {0:?}")]
     UnexpectedReply(Reply),

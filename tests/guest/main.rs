@@ -175,7 +175,9 @@ fn restore_ok(what: &str, result: vmm::Result<Vm>) -> Vm {
         {
             Some(GUEST_DIED_IN_TESTHOST)
         }
-        e if e.is_guest_unresponsive() && std::env::var_os("CAPSULE_IN_TESTHOST").is_some() => {
+        // A restore names a guest that stopped answering this way, with
+        // its console (and logs what the VM was doing).
+        vmm::Error::NotReady { console, .. } if died_without_a_word(console) => {
             Some(GUEST_STALLED_IN_TESTHOST)
         }
         _ => None,

@@ -67,7 +67,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) fn queue_report(mem: &GuestMemory, transports: &[Arc<Mutex<MmioTransport>>]) -> String {
     let mut report = String::new();
     for (i, transport) in transports.iter().enumerate() {
-        let t = devices::bus::lock(transport);
+        // A report on a stuck VM must not get stuck itself behind a device
+        // that holds its lock.
+        let t = match transport.try_lock() {
+            Ok(t) => t,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                report.push_str(&format!("virtio {i}: busy (its lock is held)\n"));
+                continue;
+            }
+        };
         let state = t.state();
         report.push_str(&format!(
             "virtio {i} (type {}): status {:#x}, interrupt {:#x}{};",
@@ -94,7 +103,8 @@ pub(crate) fn queue_report(mem: &GuestMemory, transports: &[Arc<Mutex<MmioTransp
 /// Where each vCPU is, sampled `samples` times 20 ms apart: instruction
 /// pointer, privilege level and whether interrupts are enabled. The same
 /// address every time with interrupts off is a guest stuck in a loop; a
-/// `hlt` with them on is an idle guest waiting for an interrupt.
+/// `hlt` with them on is an idle guest waiting for an interrupt. A vCPU
+/// that does not answer is not asked again.
 pub(crate) fn vcpu_positions(vcpus: &[VcpuHandle], samples: usize) -> String {
     const RFLAGS_IF: u64 = 1 << 9;
     let mut report = String::new();
@@ -117,7 +127,10 @@ pub(crate) fn vcpu_positions(vcpus: &[VcpuHandle], samples: usize) -> String {
                         "off"
                     }
                 )),
-                Err(e) => report.push_str(&format!(" ? ({e});")),
+                Err(e) => {
+                    report.push_str(&format!(" ? ({e});"));
+                    break;
+                }
             }
         }
         report.push('\n');

@@ -57,7 +57,8 @@ pub enum Error {
     SnapshotIncompatible(String),
     #[error("the VM is not running ({0})")]
     NotRunning(String),
-    /// Its messages name the agent already.
+    /// Not prefixed: the client's own messages name the agent, and a
+    /// protocol error names the frame or connection at fault.
     #[error(transparent)]
     Agent(#[from] guest_agent::ClientError),
 }

@@ -2,6 +2,7 @@
 //! CLI, the guest tests, the benchmarks), so that the VMM's warnings, such
 //! as the report on a guest that stopped answering, reach someone.
 
+use std::io::Write;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -25,7 +26,11 @@ impl log::Log for StderrLogger {
         } else {
             String::new()
         };
-        eprintln!(
+        // Straight to the descriptor, not through eprintln!, which a test
+        // harness captures: a test that ends the process (a guest that
+        // died in the nested test host) would lose the report.
+        let _ = writeln!(
+            std::io::stderr().lock(),
             "{}[{when}{} {}] {}",
             self.prefix,
             record.level(),

@@ -1022,11 +1022,22 @@ impl Vm {
                 if let Some(exit) = vm.exit.wait(Some(Duration::from_millis(200))) {
                     return Err(vm.exit_error(exit));
                 }
+                if !e.is_guest_unresponsive() {
+                    return Err(e);
+                }
                 log::warn!(
-                    "restore: the resumed guest did not take its identity ({e}); the VM:\n{}",
+                    "restore: the resumed guest stopped answering ({e}); the VM:\n{}",
                     vm.stall_report()
                 );
-                return Err(e);
+                // Said as for a boot that never got ready, with the
+                // console, which tells a stalled guest from a crashed one.
+                return Err(match e {
+                    e @ Error::NotReady { .. } => e,
+                    e => Error::NotReady {
+                        seconds: started.elapsed().as_secs_f64(),
+                        console: format!("({e})\n{}", vm.console_tail(20)),
+                    },
+                });
             }
         }
         Ok(vm)
@@ -1595,11 +1606,17 @@ pub fn connect_agent(vsock_path: &Path) -> Result<AgentClient> {
     connect_agent_within(vsock_path, AGENT_CONNECT_TIMEOUT)
 }
 
+/// Connects and reads the agent's hello, both within `timeout`.
 fn connect_agent_within(vsock_path: &Path, timeout: Duration) -> Result<AgentClient> {
+    let deadline = Instant::now() + timeout;
     // A zero timeout would mean "wait forever" to the socket.
-    let timeout = timeout.max(Duration::from_millis(1));
-    let stream = connect_to_guest(vsock_path, AGENT_PORT, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let stream = connect_to_guest(vsock_path, AGENT_PORT, left())?;
+    stream.set_read_timeout(Some(left()))?;
     Ok(AgentClient::handshake(stream)?)
 }
 

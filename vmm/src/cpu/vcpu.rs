@@ -1,7 +1,7 @@
 //! The vCPU thread: run the vCPU, dispatch port and MMIO exits to the
 //! buses, and turn the ways a guest can stop into a [`VmExit`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
@@ -43,11 +43,16 @@ enum Reply {
     Resumed,
 }
 
+/// Each request carries a number its reply repeats, so an answer that
+/// arrives after its caller gave up is never taken for a later one's.
+type Seq = u64;
+
 /// A running vCPU thread and the line to it.
 pub struct VcpuHandle {
     thread: JoinHandle<()>,
-    requests: Sender<Request>,
-    replies: Receiver<Reply>,
+    requests: Sender<(Seq, Request)>,
+    replies: Receiver<(Seq, Reply)>,
+    next_seq: AtomicU64,
     index: u8,
 }
 
@@ -60,54 +65,60 @@ impl VcpuHandle {
     /// MMIO access it was in the middle of completed, so its registers
     /// are a consistent state to save.
     pub fn pause(&self) -> Result<()> {
-        self.drain_stale_replies();
-        self.requests
-            .send(Request::Pause)
-            .map_err(|_| self.gone())?;
-        // The kick can land just before the thread enters KVM_RUN; repeat
-        // it until the thread answers.
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
-        loop {
-            kick(&self.thread);
-            match self.replies.recv_timeout(Duration::from_millis(1)) {
-                Ok(Reply::Paused) => return Ok(()),
-                Ok(_) => return Err(self.confused()),
-                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
-                Err(_) => return Err(self.gone()),
-            }
+        match self.ask(Request::Pause)? {
+            Reply::Paused => Ok(()),
+            _ => Err(self.confused()),
         }
     }
 
     /// The state of a paused vCPU.
     pub fn save_state(&self) -> Result<VcpuState> {
-        self.drain_stale_replies();
-        self.requests
-            .send(Request::SaveState)
-            .map_err(|_| self.gone())?;
-        match self.replies.recv_timeout(ANSWER_TIMEOUT) {
-            Ok(Reply::State(state)) => *state,
-            Ok(_) => Err(self.confused()),
-            Err(_) => Err(self.gone()),
+        match self.ask(Request::SaveState)? {
+            Reply::State(state) => *state,
+            _ => Err(self.confused()),
         }
     }
 
     pub fn resume(&self) -> Result<()> {
-        self.drain_stale_replies();
-        self.requests
-            .send(Request::Resume)
-            .map_err(|_| self.gone())?;
-        match self.replies.recv_timeout(ANSWER_TIMEOUT) {
-            Ok(Reply::Resumed) => Ok(()),
-            Ok(_) => Err(self.confused()),
-            Err(_) => Err(self.gone()),
+        match self.ask(Request::Resume)? {
+            Reply::Resumed => Ok(()),
+            _ => Err(self.confused()),
         }
     }
 
-    /// Drops answers to requests whose caller gave up waiting (a pause
-    /// that timed out is answered late): each request then gets its own
-    /// answer.
-    fn drain_stale_replies(&self) {
-        while self.replies.try_recv().is_ok() {}
+    /// Sends `request` and waits for its own reply, dropping late replies
+    /// to earlier requests.
+    fn ask(&self, request: Request) -> Result<Reply> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        // Only a running vCPU needs knocking out of KVM_RUN, and the kick
+        // can land just before the thread enters it: repeat it until the
+        // thread answers.
+        let kicking = matches!(request, Request::Pause);
+        self.requests
+            .send((seq, request))
+            .map_err(|_| self.gone())?;
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        loop {
+            let wait = if kicking {
+                kick(&self.thread);
+                Duration::from_millis(1)
+            } else {
+                deadline.saturating_duration_since(Instant::now())
+            };
+            match self.replies.recv_timeout(wait) {
+                Ok((answered, reply)) if answered == seq => return Ok(reply),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(Error::NotRunning(format!(
+                        "vCPU {} did not answer within {}s",
+                        self.index,
+                        ANSWER_TIMEOUT.as_secs()
+                    )))
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(self.gone()),
+            }
+        }
     }
 
     pub fn is_finished(&self) -> bool {
@@ -161,7 +172,7 @@ pub fn spawn(
     let (request_tx, requests) = channel();
     let (replies, reply_rx) = channel();
     if paused {
-        let _ = request_tx.send(Request::Pause);
+        let _ = request_tx.send((0, Request::Pause));
     }
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
@@ -172,7 +183,7 @@ pub fn spawn(
     if paused {
         // Swallow the thread's answer to the pause queued above.
         match reply_rx.recv_timeout(ANSWER_TIMEOUT) {
-            Ok(Reply::Paused) => {}
+            Ok((0, Reply::Paused)) => {}
             _ => log::warn!("vCPU {index} did not start paused"),
         }
     }
@@ -180,6 +191,7 @@ pub fn spawn(
         thread,
         requests: request_tx,
         replies: reply_rx,
+        next_seq: AtomicU64::new(1),
         index,
     })
 }
@@ -190,11 +202,13 @@ fn kick(handle: &JoinHandle<()>) {
 
 /// Parks a vCPU thread that was asked to pause and serves requests until
 /// it is resumed. Returns false if the VM is stopping instead.
+/// `seq` numbers the pause request that parked it.
 fn paused(
     vcpu: &mut VcpuFd,
     ctx: &VcpuContext,
-    requests: &Receiver<Request>,
-    replies: &Sender<Reply>,
+    seq: Seq,
+    requests: &Receiver<(Seq, Request)>,
+    replies: &Sender<(Seq, Reply)>,
 ) -> bool {
     // An exit to userspace for port or MMIO I/O is only finished (the
     // value read written to the guest's register) on the next KVM_RUN.
@@ -203,26 +217,26 @@ fn paused(
     vcpu.set_kvm_immediate_exit(1);
     let _ = vcpu.run();
     vcpu.set_kvm_immediate_exit(0);
-    if replies.send(Reply::Paused).is_err() {
+    if replies.send((seq, Reply::Paused)).is_err() {
         return false;
     }
     loop {
         match requests.recv_timeout(Duration::from_millis(50)) {
-            Ok(Request::SaveState) => {
+            Ok((seq, Request::SaveState)) => {
                 let saved = state::save(vcpu, &ctx.msrs_to_save);
-                if replies.send(Reply::State(Box::new(saved))).is_err() {
+                if replies.send((seq, Reply::State(Box::new(saved)))).is_err() {
                     return false;
                 }
             }
-            Ok(Request::Pause) => {
-                let _ = replies.send(Reply::Paused);
+            Ok((seq, Request::Pause)) => {
+                let _ = replies.send((seq, Reply::Paused));
             }
-            Ok(Request::Resume) => {
+            Ok((seq, Request::Resume)) => {
                 // Tell the guest it was stopped, so its watchdogs do not
                 // count the pause as a lockup (fails harmlessly on a
                 // guest without kvmclock).
                 let _ = vcpu.kvmclock_ctrl();
-                return replies.send(Reply::Resumed).is_ok();
+                return replies.send((seq, Reply::Resumed)).is_ok();
             }
             Err(RecvTimeoutError::Timeout) if !ctx.stop.load(Ordering::Acquire) => {}
             Err(_) => return false,
@@ -234,26 +248,25 @@ fn run(
     vcpu: &mut VcpuFd,
     index: u8,
     ctx: &VcpuContext,
-    requests: &Receiver<Request>,
-    replies: &Sender<Reply>,
+    requests: &Receiver<(Seq, Request)>,
+    replies: &Sender<(Seq, Reply)>,
 ) {
     while !ctx.stop.load(Ordering::Acquire) {
-        if let Ok(request) = requests.try_recv() {
+        if let Ok((seq, request)) = requests.try_recv() {
             match request {
                 Request::Pause => {
-                    if !paused(vcpu, ctx, requests, replies) {
+                    if !paused(vcpu, ctx, seq, requests, replies) {
                         return;
                     }
                     continue;
                 }
                 // Only a paused vCPU can be saved or resumed.
                 Request::SaveState => {
-                    let _ = replies.send(Reply::State(Box::new(Err(Error::NotRunning(format!(
-                        "vCPU {index} was not paused"
-                    ))))));
+                    let error = Error::NotRunning(format!("vCPU {index} was not paused"));
+                    let _ = replies.send((seq, Reply::State(Box::new(Err(error)))));
                 }
                 Request::Resume => {
-                    let _ = replies.send(Reply::Resumed);
+                    let _ = replies.send((seq, Reply::Resumed));
                 }
             }
         }

@@ -23,8 +23,13 @@ fn lock(m: &Mutex<HashMap<u32, Stream>>) -> std::sync::MutexGuard<'_, HashMap<u3
 }
 
 pub fn serve(conn: File) {
-    if let Err(e) = serve_inner(conn) {
-        eprintln!("capsule-agent: connection closed: {e}");
+    match serve_inner(conn) {
+        Ok(()) => {}
+        // The host reset it: every connection is reset after a restore,
+        // and a host process that exits drops its own. Not worth a line on
+        // the console, which the host reads for the guest's troubles.
+        Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => eprintln!("capsule-agent: connection closed: {e}"),
     }
 }
 
