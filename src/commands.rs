@@ -223,9 +223,11 @@ pub fn fork(args: ForkArgs) -> Result<u8> {
     let mut worst = 0u8;
     let mut slowest = Duration::ZERO;
     let mut all_ran = Duration::ZERO;
+    let mut ran_count = 0;
     for (i, result) in results.into_iter().enumerate() {
         match result {
             Ok(ForkResult { out, ready, ran }) => {
+                ran_count += 1;
                 slowest = slowest.max(ready);
                 all_ran = all_ran.max(ran.duration_since(t0));
                 for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -242,10 +244,15 @@ pub fn fork(args: ForkArgs) -> Result<u8> {
             }
         }
     }
-    if args.timings {
+    if args.timings && ran_count == 0 {
         eprintln!(
-            "capsule: {} forks restored and ran their command in {:.1} ms (slowest restore {:.1} ms); \
-             all stopped after {:.1} ms",
+            "capsule: no fork ran its command; all stopped after {:.1} ms",
+            wall.as_secs_f64() * 1e3
+        );
+    } else if args.timings {
+        eprintln!(
+            "capsule: {ran_count} of {} forks restored and ran their command in {:.1} ms \
+             (slowest restore {:.1} ms); all stopped after {:.1} ms",
             args.count,
             all_ran.as_secs_f64() * 1e3,
             slowest.as_secs_f64() * 1e3,
