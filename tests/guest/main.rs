@@ -85,7 +85,32 @@ fn thread_report() -> String {
             syscall
         ));
     }
+    report.push_str(&testhost_modules());
     report
+}
+
+/// Inside the nested test host, where its KVM modules sit: a stalled
+/// guest's instruction pointer has been seen in that range, where the
+/// guest kernel maps nothing (docs/TESTING.md).
+fn testhost_modules() -> String {
+    if std::env::var_os("CAPSULE_IN_TESTHOST").is_none() {
+        return String::new();
+    }
+    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    let kvm: Vec<String> = modules
+        .lines()
+        .filter(|l| l.starts_with("kvm"))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(format!(
+                "{} at {} ({} bytes)",
+                f.first()?,
+                f.get(5)?,
+                f.get(1)?
+            ))
+        })
+        .collect();
+    format!("the test host's KVM modules: {}\n", kvm.join(", "))
 }
 
 impl Drop for Watchdog {
@@ -187,7 +212,8 @@ fn restore_ok(what: &str, result: vmm::Result<Vm>) -> Vm {
             let _ = writeln!(
                 std::io::stderr(),
                 "{what}: {e}\nthe guest died or stalled while it resumed, without a word on its \
-                 console, in the nested test host (docs/TESTING.md)"
+                 console, in the nested test host (docs/TESTING.md)\n{}",
+                testhost_modules()
             );
             std::process::exit(status);
         }
