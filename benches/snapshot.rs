@@ -132,8 +132,17 @@ fn fork_all(dir: &Path, n: usize) -> vmm::Result<Vec<Vm>> {
                         ..Default::default()
                     };
                     let mut vm = Vm::restore(dir, options)?;
-                    vm.exec(["true"])?;
-                    Ok(vm)
+                    let started = Instant::now();
+                    match vm.exec(["true"]) {
+                        Ok(_) => Ok(vm),
+                        // Said as a restore says it, with the console,
+                        // which tells a stalled guest from a crashed one.
+                        Err(e) if e.is_guest_unresponsive() => Err(vmm::Error::NotReady {
+                            seconds: started.elapsed().as_secs_f64(),
+                            console: format!("({e})\n{}", vm.console_tail(20)),
+                        }),
+                        Err(e) => Err(e),
+                    }
                 })
             })
             .collect();
@@ -192,6 +201,12 @@ fn fork_n(c: &mut Criterion) {
     primed_snapshot(&dir);
     let mut group = c.benchmark_group("fork_to_first_exec");
     for n in [1usize, 10, 50] {
+        if n == 50 && std::env::var_os("CAPSULE_IN_TESTHOST").is_some() {
+            // Its kernel panicked every time under 50 guests (TESTING.md);
+            // scripts/compare-qemu-snapshot.py measures fork 50 there.
+            eprintln!("fork_to_first_exec/50: not run inside the nested test host");
+            continue;
+        }
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;

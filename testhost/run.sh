@@ -106,7 +106,7 @@ trap 'rm -rf "$scratch"' EXIT
 
 # The guest's console is our stdout; the kernel stays quiet unless asked.
 append="console=ttyS0 panic=-1 quiet capsule.scratch=$scratch"
-[ -n "${CAPSULE_TESTHOST_VERBOSE:-}" ] && append="console=ttyS0 panic=-1 capsule.scratch=$scratch"
+[ -n "${CAPSULE_TESTHOST_VERBOSE:-}" ] && append="console=ttyS0 panic=-1 capsule.verbose capsule.scratch=$scratch"
 # Watch the heartbeat the test host writes every 5 s; kill QEMU if it
 # stops changing (checked against the host's clock, not the test host's).
 (
@@ -126,6 +126,7 @@ append="console=ttyS0 panic=-1 quiet capsule.scratch=$scratch"
 watcher=$!
 trap 'kill "$watcher" 2>/dev/null || true; rm -rf "$scratch"' EXIT
 set +e
+started=$(date +%s)
 timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 \
     -accel tcg,thread=multi -M q35 -cpu max -smp "$cpus" -m "$mem" \
     -nographic -no-reboot -nic none -pidfile "$scratch/qemu.pid" \
@@ -140,7 +141,8 @@ if [ -f "$scratch/stalled" ]; then
     log "the test host stopped responding (no heartbeat for ${stall_s}s); stopped it"
     exit 124
 fi
-if [ "$qemu_rc" = 124 ]; then
+# 137: QEMU ignored the time limit's TERM and got its KILL.
+if [ "$qemu_rc" = 124 ] || { [ "$qemu_rc" = 137 ] && [ $(($(date +%s) - started)) -ge "$timeout_s" ]; }; then
     log "the test host timed out after ${timeout_s}s"
     exit 124
 fi
@@ -148,7 +150,8 @@ if [ ! -f "$scratch/rc" ]; then
     # The test host's own kernel panicked (QEMU's emulated SVM has made it
     # do so under many concurrent guests, see docs/TESTING.md), or QEMU
     # was killed: the test host died, whatever the command was doing.
-    panic=$(grep -m 1 'Kernel panic' "$scratch/console" || true)
+    # Its last lines: a guest's panic the test printed earlier is not it.
+    panic=$(tail -n 60 "$scratch/console" | grep -m 1 'Kernel panic - not syncing' || true)
     if [ -n "$panic" ]; then
         log "the test host's kernel panicked: $panic"
         exit 125

@@ -5,7 +5,8 @@
 //! burn no CPU, point at the guest (or, in the nested test host, at the
 //! machine under it).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use devices::virtio::mmio::MmioTransport;
 
@@ -61,6 +62,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The lock, if it comes free within `patience`: a vCPU holds a device's
+/// lock only for one register access.
+fn lock_within<T>(m: &Mutex<T>, patience: Duration) -> Option<MutexGuard<'_, T>> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match m.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(TryLockError::WouldBlock) => return None,
+        }
+    }
+}
+
 /// One line per virtio device: its pending interrupt status, then per
 /// queue the guest's avail index against how far the device has taken
 /// (`seen`) and what it has returned (`used`).
@@ -69,13 +86,9 @@ pub(crate) fn queue_report(mem: &GuestMemory, transports: &[Arc<Mutex<MmioTransp
     for (i, transport) in transports.iter().enumerate() {
         // A report on a stuck VM must not get stuck itself behind a device
         // that holds its lock.
-        let t = match transport.try_lock() {
-            Ok(t) => t,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                report.push_str(&format!("virtio {i}: busy (its lock is held)\n"));
-                continue;
-            }
+        let Some(t) = lock_within(transport, Duration::from_millis(20)) else {
+            report.push_str(&format!("virtio {i}: busy (its lock is held)\n"));
+            continue;
         };
         let state = t.state();
         report.push_str(&format!(
@@ -112,10 +125,19 @@ pub(crate) fn vcpu_positions(vcpus: &[VcpuHandle], samples: usize) -> String {
         report.push_str(&format!("vcpu{i} at"));
         for n in 0..samples {
             if n > 0 {
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(20));
             }
-            let state = vcpu.pause().and_then(|()| vcpu.save_state());
-            let _ = vcpu.resume();
+            let state = match vcpu.pause() {
+                Ok(()) => {
+                    let state = vcpu.save_state();
+                    let _ = vcpu.resume();
+                    state
+                }
+                Err(e) => {
+                    vcpu.resume_unanswered();
+                    Err(e)
+                }
+            };
             match state {
                 Ok(s) => report.push_str(&format!(
                     " {:#x} (cpl {}, interrupts {});",

@@ -86,6 +86,14 @@ impl VcpuHandle {
         }
     }
 
+    /// Queues a resume without waiting for its answer: for a vCPU whose
+    /// pause was not answered, which must still run again once it takes
+    /// that pause. Its late replies are dropped by the next request.
+    pub fn resume_unanswered(&self) {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let _ = self.requests.send((seq, Request::Resume));
+    }
+
     /// Sends `request` and waits for its own reply, dropping late replies
     /// to earlier requests.
     fn ask(&self, request: Request) -> Result<Reply> {

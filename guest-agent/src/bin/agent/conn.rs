@@ -28,7 +28,13 @@ pub fn serve(conn: File) {
         // The host reset it: every connection is reset after a restore,
         // and a host process that exits drops its own. Not worth a line on
         // the console, which the host reads for the guest's troubles.
-        Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(ProtocolError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::NotConnected
+                    | std::io::ErrorKind::BrokenPipe
+            ) => {}
         Err(e) => eprintln!("capsule-agent: connection closed: {e}"),
     }
 }
