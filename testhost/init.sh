@@ -5,8 +5,10 @@
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+kvm_amd_opts=$(sed -n 's/.*capsule.kvm_amd=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
 for m in $(cat /modules/order); do
-    insmod "/modules/$m.ko" 2>/dev/null || echo "testhost: cannot load $m" >&2
+    opts=""; [ "$m" = kvm-amd ] && opts=$kvm_amd_opts
+    insmod "/modules/$m.ko" $opts 2>/dev/null || echo "testhost: cannot load $m" >&2
 done
 scratch=$(sed -n 's/.*capsule.scratch=\([^ ]*\).*/\1/p' /proc/cmdline)
 fail() { echo "testhost: $*" >&2; poweroff -f; }

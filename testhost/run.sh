@@ -107,6 +107,9 @@ trap 'rm -rf "$scratch"' EXIT
 # The guest's console is our stdout; the kernel stays quiet unless asked.
 append="console=ttyS0 panic=-1 quiet capsule.scratch=$scratch"
 [ -n "${CAPSULE_TESTHOST_VERBOSE:-}" ] && append="console=ttyS0 panic=-1 capsule.verbose capsule.scratch=$scratch"
+# More words for the test host's kernel command line, for experiments
+# (capsule.kvm_amd=opt=val,... loads kvm_amd with those options).
+append="$append ${CAPSULE_TESTHOST_APPEND:-}"
 # Watch the heartbeat the test host writes every 5 s; kill QEMU if it
 # stops changing (checked against the host's clock, not the test host's).
 (
