@@ -34,6 +34,16 @@ fi
 
 tests=$("$bin" --list --format terse | sed -n 's/: test$//p')
 [ -n "$tests" ] || { echo "test-guest: no guest tests found" >&2; exit 1; }
+# CAPSULE_GUEST_TESTS="name ..." runs only those (exact names).
+if [ -n "${CAPSULE_GUEST_TESTS:-}" ]; then
+    for t in $CAPSULE_GUEST_TESTS; do
+        grep -qxF "$t" <<< "$tests" || { echo "test-guest: no guest test named $t" >&2; exit 1; }
+    done
+    tests=$CAPSULE_GUEST_TESTS
+fi
+# Every failed attempt's whole output is kept here; the log shows its end.
+failures_dir=target/guest-failures
+rm -rf "$failures_dir"
 # A test's output without the harness's filler lines.
 shown() { printf '%s\n' "$1" | grep -vE '^running 1 test$|^$' || true; }
 passed=0; failed=0; retried=(); failures=()
@@ -54,13 +64,17 @@ for t in $tests; do
         # nothing on its console); 4: the guest reset mid-command with
         # nothing on its console. Retried and reported; a test that fails
         # an assertion is never retried.
+        if [ "$rc" != 0 ]; then
+            mkdir -p "$failures_dir"
+            printf '%s\n' "$out" > "$failures_dir/${t//::/-}.$attempt.log"
+        fi
         case "$rc" in 124|125|3|4) ;; *) break ;; esac
         [ "$attempt" -lt 3 ] || break
         if [ "${#retried[@]}" -ge "$retry_budget" ]; then
             echo "test-guest: $t: the nested test host failed it (exit $rc), and the run has used its $retry_budget retries" >&2
             break
         fi
-        echo "test-guest: $t: the nested test host failed it (exit $rc, attempt $attempt of 3); running it again; it said:" >&2
+        echo "test-guest: $t: the nested test host failed it (exit $rc, attempt $attempt of 3; all of its output in $failures_dir); running it again; it said:" >&2
         shown "$out" | tail -n 12 | sed 's/^/  | /' >&2
         retried+=("$t")
     done
