@@ -161,6 +161,26 @@ fn capsule(home: &std::path::Path, args: &[&str]) -> (i32, String, String) {
 
 fn capsule_ok(home: &std::path::Path, args: &[&str]) -> String {
     let (code, stdout, stderr) = capsule(home, args);
+    if code != 0 && died_without_a_word(&stderr) {
+        // In the nested test host, a restored guest that stalled or reset
+        // without a word ends the test as restore_ok does for the library.
+        let status = if stderr.contains("the guest did not become ready within") {
+            Some(GUEST_STALLED_IN_TESTHOST)
+        } else if stderr.contains(&format!("({})", VmExit::GuestReset)) {
+            Some(GUEST_DIED_IN_TESTHOST)
+        } else {
+            None
+        };
+        if let Some(status) = status {
+            let _ = writeln!(
+                std::io::stderr(),
+                "capsule {args:?}: the guest died or stalled without a word on its console, in \
+                 the nested test host (docs/TESTING.md):\n{stderr}\n{}",
+                thread_report()
+            );
+            std::process::exit(status);
+        }
+    }
     assert_eq!(code, 0, "capsule {args:?} failed:\n{stdout}\n{stderr}");
     stdout
 }
