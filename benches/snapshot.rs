@@ -174,17 +174,7 @@ fn fork_all(dir: &Path, n: usize) -> vmm::Result<Vec<Vm>> {
 fn nested_host_failure(e: &vmm::Error) -> bool {
     // A guest that said something (a panic, an oops, the agent) failed
     // for a reason of its own.
-    let silent = |console: &str| {
-        ![
-            "Kernel panic",
-            "Oops",
-            "BUG:",
-            "general protection",
-            "capsule-agent",
-        ]
-        .iter()
-        .any(|sign| console.contains(sign))
-    };
+    let silent = |console: &str| !vmm::console_shows_guest_failure(console);
     std::env::var_os("CAPSULE_IN_TESTHOST").is_some()
         && match e {
             vmm::Error::NotReady { console, .. } => silent(console),

@@ -42,14 +42,13 @@ impl Watchdog {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                // Straight to the descriptor: eprintln! from a thread the
-                // test spawned is captured, and exit() would discard it.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "guest test {name} still running after {limit:?}: aborting the run\n{}",
-                    thread_report()
+                end_test(
+                    GUEST_STALLED_IN_TESTHOST,
+                    format_args!(
+                        "guest test {name} still running after {limit:?}: aborting the run\n{}",
+                        thread_report()
+                    ),
                 );
-                std::process::exit(GUEST_STALLED_IN_TESTHOST);
             }
         });
         Watchdog(Some(tx))
@@ -157,26 +156,27 @@ fn guest_ok_doing<T, E: Into<vmm::Error>>(vm: &mut Vm, what: &str, result: Resul
     result.map_err(Into::into).unwrap_or_else(|e| {
         let exit = vm.wait(Some(Duration::from_secs(2)));
         let console = vm.console_tail(40);
-        // Straight to the descriptor below: exit() discards captured output.
         if exit == Some(VmExit::GuestReset) && died_without_a_word(&console) {
-            let _ = writeln!(
-                std::io::stderr(),
-                "{what}: {e}\nthe guest reset mid-command without a word on its console (a triple \
-                 fault); the nested test host does this to QEMU's guests as often \
-                 (scripts/nested-control.py)\nconsole:\n{console}"
+            end_test(
+                GUEST_DIED_IN_TESTHOST,
+                format_args!(
+                    "{what}: {e}\nthe guest reset mid-command without a word on its console (a \
+                     triple fault); the nested test host does this to QEMU's guests as often \
+                     (scripts/nested-control.py)\nconsole:\n{console}"
+                ),
             );
-            std::process::exit(GUEST_DIED_IN_TESTHOST);
         }
         if exit.is_none() && e.is_guest_unresponsive() && died_without_a_word(&console) {
-            let _ = writeln!(
-                std::io::stderr(),
-                "{what}: {e}\nthe guest stopped answering while its VM runs, without a word on its \
-                 console; the nested test host stalls QEMU's guests this way too \
-                 (docs/TESTING.md)\n{}{}",
-                thread_report(),
-                vm.stall_report()
+            end_test(
+                GUEST_STALLED_IN_TESTHOST,
+                format_args!(
+                    "{what}: {e}\nthe guest stopped answering while its VM runs, without a word on \
+                     its console; the nested test host stalls QEMU's guests this way too \
+                     (docs/TESTING.md)\n{}{}",
+                    thread_report(),
+                    vm.stall_report()
+                ),
             );
-            std::process::exit(GUEST_STALLED_IN_TESTHOST);
         }
         let state = match exit {
             Some(exit) => format!("the VM ended: {exit}"),
@@ -208,17 +208,24 @@ fn restore_ok(what: &str, result: vmm::Result<Vm>) -> Vm {
         _ => None,
     };
     match status {
-        Some(status) => {
-            let _ = writeln!(
-                std::io::stderr(),
+        Some(status) => end_test(
+            status,
+            format_args!(
                 "{what}: {e}\nthe guest died or stalled while it resumed, without a word on its \
                  console, in the nested test host (docs/TESTING.md)\n{}",
                 thread_report()
-            );
-            std::process::exit(status);
-        }
+            ),
+        ),
         None => panic!("{what}: {e}"),
     }
+}
+
+/// Ends the test run with `status` after writing `message` straight to
+/// the descriptor: eprintln! is captured by the harness (in threads the
+/// test spawned too), and exit() would discard it.
+fn end_test(status: i32, message: std::fmt::Arguments) -> ! {
+    let _ = writeln!(std::io::stderr(), "{message}");
+    std::process::exit(status);
 }
 
 /// Exit status of a test whose guest stopped answering inside the nested
@@ -233,16 +240,7 @@ const GUEST_DIED_IN_TESTHOST: i32 = 4;
 /// Only inside the nested test host, and only when the guest said nothing:
 /// a kernel panic or oops (ours to fix) is always a plain failure.
 fn died_without_a_word(console: &str) -> bool {
-    std::env::var_os("CAPSULE_IN_TESTHOST").is_some()
-        && ![
-            "Kernel panic",
-            "Oops",
-            "BUG:",
-            "general protection",
-            "capsule-agent",
-        ]
-        .iter()
-        .any(|sign| console.contains(sign))
+    std::env::var_os("CAPSULE_IN_TESTHOST").is_some() && !vmm::console_shows_guest_failure(console)
 }
 
 fn sh(vm: &mut Vm, script: &str) -> vmm::Output {

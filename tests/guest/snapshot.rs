@@ -172,13 +172,14 @@ fn capsule_ok(home: &std::path::Path, args: &[&str]) -> String {
             None
         };
         if let Some(status) = status {
-            let _ = writeln!(
-                std::io::stderr(),
-                "capsule {args:?}: the guest died or stalled without a word on its console, in \
-                 the nested test host (docs/TESTING.md):\n{stderr}\n{}",
-                thread_report()
+            end_test(
+                status,
+                format_args!(
+                    "capsule {args:?}: the guest died or stalled without a word on its console, \
+                     in the nested test host (docs/TESTING.md):\n{stderr}\n{}",
+                    thread_report()
+                ),
             );
-            std::process::exit(status);
         }
     }
     assert_eq!(code, 0, "capsule {args:?} failed:\n{stdout}\n{stderr}");

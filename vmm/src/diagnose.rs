@@ -14,6 +14,22 @@ use crate::cpu::vcpu::VcpuHandle;
 use devices::GuestMemory;
 use vm_memory::{Bytes, GuestAddress};
 
+/// Whether a guest's console shows it failed for a reason of its own: a
+/// kernel panic, an oops, a BUG, a protection fault, or a message from
+/// its agent. A guest that died or stalled without any of these said
+/// nothing about why.
+pub fn console_shows_guest_failure(console: &str) -> bool {
+    [
+        "Kernel panic",
+        "Oops",
+        "BUG:",
+        "general protection",
+        "capsule-agent",
+    ]
+    .iter()
+    .any(|sign| console.contains(sign))
+}
+
 /// The kernel thread ids of a VM's threads, for reading their state from
 /// /proc. Each thread registers itself.
 #[derive(Default)]

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod persist;
 mod vm;
 
+pub use diagnose::console_shows_guest_failure;
 pub use error::{Error, Result, PVM_HINT};
 pub use exit::VmExit;
 pub use guest_agent::{
