@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod disk;
 pub mod legacy;
+pub mod ratelimit;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

@@ -35,7 +35,7 @@ impl BusDevice for I8042 {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == COMMAND && data.first() == Some(&CMD_RESET_CPU) {
             if let Err(e) = self.reset.write(1) {
-                log::error!("i8042: cannot signal reset: {e}");
+                crate::guest_error!("i8042: cannot signal reset: {e}");
             }
         }
     }

@@ -170,19 +170,19 @@ impl Request {
         let mut reader = match chain.clone().reader(mem) {
             Ok(r) => r,
             Err(e) => {
-                log::warn!("virtio-blk: bad request chain: {e:?}");
+                crate::guest_warn!("virtio-blk: bad request chain: {e:?}");
                 return 0;
             }
         };
         let mut writer = match chain.writer(mem) {
             Ok(w) => w,
             Err(e) => {
-                log::warn!("virtio-blk: bad request chain: {e:?}");
+                crate::guest_warn!("virtio-blk: bad request chain: {e:?}");
                 return 0;
             }
         };
         let Some(data_len) = writer.available_bytes().checked_sub(1) else {
-            log::warn!("virtio-blk: request without room for a status byte");
+            crate::guest_warn!("virtio-blk: request without room for a status byte");
             return 0;
         };
         let mut status_writer = match writer.split_at(data_len) {

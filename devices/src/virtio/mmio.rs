@@ -248,7 +248,7 @@ impl MmioTransport {
 
     fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
         if !self.queue_configurable() {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: queue register written in status {:#x}",
                 self.device_status
             );
@@ -266,7 +266,7 @@ impl MmioTransport {
         }
         // The driver may only add bits, except through a reset.
         if status & self.device_status != self.device_status {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: status {:#x} clears bits of {:#x}",
                 status,
                 self.device_status
@@ -282,7 +282,7 @@ impl MmioTransport {
         }
         if added & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK == 0 {
             // Queues can only have been set up after FEATURES_OK.
-            log::warn!("virtio-mmio: DRIVER_OK without FEATURES_OK");
+            crate::guest_warn!("virtio-mmio: DRIVER_OK without FEATURES_OK");
             self.fail();
             return;
         }
@@ -298,7 +298,7 @@ impl MmioTransport {
             .iter()
             .all(|q| !q.ready() || q.is_valid(&self.mem));
         if !valid {
-            log::error!("virtio-mmio: a ready queue lies outside guest memory");
+            crate::guest_error!("virtio-mmio: a ready queue lies outside guest memory");
             self.fail();
             return;
         }
@@ -307,7 +307,7 @@ impl MmioTransport {
         let queue_events = match queue_events {
             Ok(e) => e,
             Err(e) => {
-                log::error!("virtio-mmio: {e}");
+                crate::guest_error!("virtio-mmio: {e}");
                 self.fail();
                 return;
             }
@@ -342,7 +342,7 @@ impl MmioTransport {
         match result {
             Ok(()) => self.activated = true,
             Err(e) => {
-                log::error!("virtio-mmio: activation failed: {e}");
+                crate::guest_error!("virtio-mmio: activation failed: {e}");
                 self.fail();
             }
         }

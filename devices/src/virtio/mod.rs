@@ -58,7 +58,7 @@ impl Interrupt {
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
-            log::error!("virtio: cannot raise interrupt: {e}");
+            crate::guest_error!("virtio: cannot raise interrupt: {e}");
         }
     }
 
@@ -94,7 +94,7 @@ impl Interrupt {
         self.failed.store(failed, Ordering::SeqCst);
         if status != 0 {
             if let Err(e) = self.irqfd.write(1) {
-                log::error!("virtio: cannot raise interrupt: {e}");
+                crate::guest_error!("virtio: cannot raise interrupt: {e}");
             }
         }
     }
@@ -202,7 +202,7 @@ impl ActivationSlot {
     pub(crate) fn init(&self, ops: &mut event_manager::EventOps) {
         use event_manager::{EventSet, Events};
         if let Err(e) = ops.add(Events::with_data(&self.event, ACTIVATE_TOKEN, EventSet::IN)) {
-            log::error!("virtio: cannot watch the activation event: {e:?}");
+            crate::guest_error!("virtio: cannot watch the activation event: {e:?}");
         }
     }
 
@@ -230,7 +230,7 @@ impl ActivationSlot {
         if let Some(active) = &self.active {
             for (i, evt) in active.queue_events.iter().enumerate() {
                 if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                    log::error!("virtio: cannot watch queue {i}: {e:?}");
+                    crate::guest_error!("virtio: cannot watch queue {i}: {e:?}");
                 }
                 if active.restored {
                     let _ = evt.write(1);
@@ -259,7 +259,7 @@ impl ActivationSlot {
                 };
                 let _ = active.queue_events[0].read();
                 if let Err(e) = serve(active) {
-                    log::error!("{device}: queue is malformed, stopping the device: {e:?}");
+                    crate::guest_error!("{device}: queue is malformed, stopping the device: {e:?}");
                     self.fail(ops);
                 }
             }

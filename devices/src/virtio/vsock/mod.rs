@@ -132,12 +132,12 @@ impl Vsock {
                 interrupt.signal_used_queue()
             }
             Ok(false) => {
-                log::warn!("vsock: no usable event buffer for the transport reset");
+                crate::guest_warn!("vsock: no usable event buffer for the transport reset");
                 self.reset_sent_at = None;
                 self.reset_done.store(true, Ordering::Release);
             }
             Err(e) => {
-                log::error!("vsock: event queue is malformed: {e:?}");
+                crate::guest_error!("vsock: event queue is malformed: {e:?}");
                 self.broken = true;
             }
         }
@@ -175,13 +175,13 @@ impl Vsock {
             |mut chain| {
                 match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                     Ok(pkt) => muxer.handle_guest_packet(&pkt, ops),
-                    Err(e) => log::warn!("vsock: dropping malformed TX packet: {e}"),
+                    Err(e) => crate::guest_warn!("vsock: dropping malformed TX packet: {e}"),
                 }
                 0
             },
         );
         if let Err(e) = result {
-            log::error!("vsock: TX queue is malformed, stopping the device: {e:?}");
+            crate::guest_error!("vsock: TX queue is malformed, stopping the device: {e:?}");
             self.broken = true;
         }
     }
@@ -216,7 +216,7 @@ impl Vsock {
                         }
                     }
                     Err(e) => {
-                        log::warn!("vsock: unusable RX buffer: {e}");
+                        crate::guest_warn!("vsock: unusable RX buffer: {e}");
                         queue.add_used(&*mem, head, 0)?;
                         used += 1;
                     }
@@ -225,7 +225,7 @@ impl Vsock {
             Ok(())
         })();
         if let Err(e) = result {
-            log::error!("vsock: RX queue is malformed, stopping the device: {e:?}");
+            crate::guest_error!("vsock: RX queue is malformed, stopping the device: {e:?}");
             self.broken = true;
             return;
         }

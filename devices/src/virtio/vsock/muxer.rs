@@ -93,7 +93,7 @@ fn token(fd: RawFd) -> u32 {
 fn watch(ops: &mut EventOps, stream: &UnixStream) {
     let set = EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
     if let Err(e) = ops.add(Events::with_data(stream, token(stream.as_raw_fd()), set)) {
-        log::error!("vsock: cannot watch a host socket: {e:?}");
+        crate::guest_error!("vsock: cannot watch a host socket: {e:?}");
     }
 }
 
@@ -185,7 +185,9 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.open_count() >= MAX_CONNECTIONS {
-                        log::warn!("vsock: too many connections; refusing a host connection");
+                        crate::guest_warn!(
+                            "vsock: too many connections; refusing a host connection"
+                        );
                         continue;
                     }
                     if stream.set_nonblocking(true).is_err() {
@@ -203,7 +205,7 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    log::warn!("vsock: accept: {e}");
+                    crate::guest_warn!("vsock: accept: {e}");
                     return;
                 }
             }
@@ -285,7 +287,7 @@ impl Muxer {
 
     fn push_control(&mut self, key: ConnKey, op: u16, flags: u32) {
         if self.control.len() >= MAX_CONTROL {
-            log::warn!("vsock: guest is not taking packets; dropping a control packet");
+            crate::guest_warn!("vsock: guest is not taking packets; dropping a control packet");
             return;
         }
         self.control.push_back(Control { key, op, flags });
@@ -459,7 +461,7 @@ impl Muxer {
             return;
         }
         if self.open_count() >= MAX_CONNECTIONS {
-            log::warn!("vsock: too many connections; refusing a guest connection");
+            crate::guest_warn!("vsock: too many connections; refusing a guest connection");
             self.push_control(key, OP_RST, 0);
             return;
         }
