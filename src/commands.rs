@@ -190,7 +190,9 @@ pub struct ForkArgs {
     memory_backend: Backend,
     #[command(flatten)]
     command_args: CommandArgs,
-    /// The command each replica runs.
+    /// The command each replica runs. Its output is shown once every
+    /// replica is done; together they may keep 256 MiB of it (at least
+    /// 1 MiB each).
     #[arg(required = true, last = true)]
     command: Vec<String>,
 }
@@ -262,6 +264,9 @@ pub fn fork(args: ForkArgs) -> Result<u8> {
     Ok(worst)
 }
 
+/// Output all replicas of one `capsule fork` may hold between them.
+const FORK_OUTPUT_BUDGET: usize = 256 << 20;
+
 /// What one fork did.
 struct ForkResult {
     out: vmm::Output,
@@ -282,7 +287,12 @@ fn run_fork(i: usize, args: &ForkArgs) -> Result<ForkResult> {
         .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;
     let ready = t0.elapsed();
     let request = args.command_args.request(&args.command, false);
-    let out = match vm.agent().and_then(|a| Ok(a.exec(request)?.output()?)) {
+    // Every replica's output is held until all are done: share a budget.
+    let limit = (FORK_OUTPUT_BUDGET / args.count).max(1 << 20);
+    let out = match vm
+        .agent()
+        .and_then(|a| Ok(a.exec(request)?.output_with_limit(limit)?))
+    {
         Ok(out) => out,
         // A guest that dies mid-command closes the agent connection: say
         // how the VM ended rather than just that.

@@ -5,5 +5,7 @@
 pub mod client;
 pub mod protocol;
 
-pub use client::{AgentClient, ClientError, ExecEvent, ExecHandle, ExecInput, Output};
+pub use client::{
+    AgentClient, ClientError, ClientOptions, ExecEvent, ExecHandle, ExecInput, Output,
+};
 pub use protocol::{ExecRequest, ExitStatus, Identity};

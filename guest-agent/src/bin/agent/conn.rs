@@ -1,24 +1,30 @@
 //! One host connection: hello exchange, then a loop routing frames to the
-//! streams they belong to. Each connection can run many execs at once.
+//! streams they belong to. The loop never waits on a stream: stdin goes
+//! into the stream's bounded buffer, credit and signals take effect at
+//! once, so a stuck process never stops the connection.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use guest_agent::protocol::{Frame, FrameKind, Hello, ProtocolError, Reply, Request, Signal};
+use guest_agent::protocol::{
+    channel, Control, ErrorCode, Frame, FrameKind, FrameReader, Hello, Open, Poll, ProtocolError,
+    Reply, AGENT_MAX_STREAMS, AGENT_WINDOW,
+};
 
-use crate::exec::{self, send, Writer};
+use crate::exec;
+use crate::stream::{send, ExecStream, Writer};
 use crate::sys;
 
-struct Stream {
+/// An exec stream and its process.
+struct Running {
+    stream: Arc<ExecStream>,
     pid: i32,
-    stdin: Option<SyncSender<Vec<u8>>>,
 }
 
-type Streams = Arc<Mutex<HashMap<u32, Stream>>>;
+type Streams = Arc<Mutex<HashMap<u32, Running>>>;
 
-fn lock(m: &Mutex<HashMap<u32, Stream>>) -> std::sync::MutexGuard<'_, HashMap<u32, Stream>> {
+fn lock(m: &Mutex<HashMap<u32, Running>>) -> MutexGuard<'_, HashMap<u32, Running>> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -39,89 +45,163 @@ pub fn serve(conn: File) {
     }
 }
 
+pub fn hello() -> Hello {
+    Hello::new(
+        concat!("capsule-agent ", env!("CARGO_PKG_VERSION")),
+        AGENT_WINDOW,
+        AGENT_MAX_STREAMS,
+    )
+}
+
+fn read(reader: &mut FrameReader<File>) -> Result<Option<Frame>, ProtocolError> {
+    loop {
+        match reader.poll()? {
+            Poll::Frame(f) => return Ok(Some(f)),
+            Poll::Closed => return Ok(None),
+            // No read timeout is set: only a signal gets here.
+            Poll::Pending => {}
+        }
+    }
+}
+
 fn serve_inner(conn: File) -> Result<(), ProtocolError> {
-    let mut reader = conn.try_clone()?;
-    let writer: Writer = Arc::new(Mutex::new(conn));
-    match Frame::read_from(&mut reader)? {
-        Some(f) if f.kind == FrameKind::Hello => f.parse::<Hello>()?.check()?,
+    let writer: Writer = Arc::new(Mutex::new(conn.try_clone()?));
+    let mut reader = FrameReader::new(conn);
+    let host = match read(&mut reader)? {
+        Some(f) if f.kind == FrameKind::Hello => f.parse::<Hello>()?,
         Some(f) => return Err(ProtocolError::Unexpected(f.kind)),
         None => return Ok(()),
-    }
-    send(&writer, &Frame::json(FrameKind::Hello, 0, &Hello::ours()));
+    };
+    // Ours goes out even to a host of another version, which can then
+    // say which versions differ.
+    send(&writer, &Frame::json(FrameKind::Hello, 0, &hello()));
+    host.check()?;
+    let host_window = host.usable_window();
 
     let streams: Streams = Arc::default();
-    while let Some(frame) = Frame::read_from(&mut reader)? {
+    let result = route(&mut reader, &writer, &streams, host_window);
+    // The host is gone: its streams' output goes nowhere, their processes
+    // carry on (a restored VM's are from before the snapshot).
+    for (_, running) in lock(&streams).drain() {
+        running.stream.abandon();
+    }
+    result
+}
+
+fn route(
+    reader: &mut FrameReader<File>,
+    writer: &Writer,
+    streams: &Streams,
+    host_window: u32,
+) -> Result<(), ProtocolError> {
+    while let Some(frame) = read(reader)? {
+        let id = frame.stream;
+        let stream = || lock(streams).get(&id).map(|r| (r.stream.clone(), r.pid));
         match frame.kind {
-            FrameKind::Request => handle_request(&frame, &writer, &streams),
-            FrameKind::Stdin => {
-                let mut streams = lock(&streams);
-                if let Some(s) = streams.get_mut(&frame.stream) {
-                    let eof = frame.payload.is_empty();
-                    if let Some(tx) = &s.stdin {
-                        if tx.send(frame.payload).is_err() || eof {
-                            s.stdin = None;
-                        }
+            FrameKind::Open => open(&frame, writer, streams, host_window),
+            FrameKind::Data => {
+                if frame.channel()? != channel::STDIN {
+                    return Err(ProtocolError::Unexpected(FrameKind::Data));
+                }
+                // Data for a stream that just ended is nobody's.
+                if let Some((s, _)) = stream() {
+                    s.push_stdin(frame.into_data_bytes())
+                        .map_err(|m| ProtocolError::Io(std::io::Error::other(m)))?;
+                }
+            }
+            FrameKind::Eof => {
+                if frame.channel()? == channel::STDIN {
+                    if let Some((s, _)) = stream() {
+                        s.close_stdin();
                     }
                 }
             }
-            FrameKind::Signal => {
-                let sig: Signal = frame.parse()?;
-                if let Some(s) = lock(&streams).get(&frame.stream) {
-                    let _ = sys::kill(-s.pid, sig.signal);
+            FrameKind::Window => {
+                let grant = frame.window_bytes()?;
+                if let Some((s, _)) = stream() {
+                    s.add_credit(grant);
                 }
             }
+            FrameKind::Control => {
+                let Control::Signal { signal } = frame.parse()?;
+                if let Some((_, pid)) = stream().filter(|(_, pid)| *pid > 0) {
+                    let _ = sys::kill(-pid, signal);
+                }
+            }
+            FrameKind::Reset => {
+                if let Some(running) = lock(streams).remove(&id) {
+                    running.stream.abandon();
+                    // 0 would be our own process group.
+                    if running.pid > 0 {
+                        let _ = sys::kill(-running.pid, libc::SIGKILL);
+                    }
+                }
+            }
+            FrameKind::Ping => send(writer, &Frame::pong(frame.nonce()?)),
+            FrameKind::Pong => {}
             other => return Err(ProtocolError::Unexpected(other)),
         }
     }
     Ok(())
 }
 
-fn handle_request(frame: &Frame, writer: &Writer, streams: &Streams) {
+fn open(frame: &Frame, writer: &Writer, streams: &Streams, host_window: u32) {
     let id = frame.stream;
     let reply = |r: Reply| send(writer, &Frame::json(FrameKind::Reply, id, &r));
-    let request: Request = match frame.parse() {
+    let error = |code, message: String| reply(Reply::Error { code, message });
+    let request: Open = match frame.parse() {
         Ok(r) => r,
-        Err(e) => {
-            return reply(Reply::Error {
-                message: e.to_string(),
-            })
-        }
+        Err(e) => return error(ErrorCode::BadRequest, e.to_string()),
     };
     match request {
-        Request::Ping => reply(Reply::Pong),
-        Request::Restored(identity) => reply(Reply::Restored {
+        Open::Restored(identity) => reply(Reply::Restored {
             problems: crate::identity::apply(&identity),
         }),
-        Request::Shutdown { reboot } => {
+        Open::Shutdown { reboot } => {
             reply(Reply::ShuttingDown);
             crate::init::shutdown(if reboot { "reboot" } else { "poweroff" });
         }
-        Request::Exec(req) => {
-            if lock(streams).contains_key(&id) {
-                return reply(Reply::Error {
-                    message: format!("stream {id} is already in use"),
-                });
-            }
-            // Hold the table lock across the start so the exit cleanup
-            // cannot run before the stream is registered.
-            let mut table = lock(streams);
-            let cleanup_streams = streams.clone();
-            let on_exit = move || {
-                lock(&cleanup_streams).remove(&id);
-            };
-            match exec::start(id, req, writer.clone(), on_exit) {
-                Ok(started) => {
-                    table.insert(
-                        id,
-                        Stream {
-                            pid: started.pid,
-                            stdin: started.stdin,
-                        },
+        Open::Exec(req) => {
+            let stream = ExecStream::new(id, writer.clone(), host_window);
+            {
+                let mut table = lock(streams);
+                if table.contains_key(&id) {
+                    drop(table);
+                    return error(
+                        ErrorCode::StreamInUse,
+                        format!("stream {id} is already in use"),
                     );
                 }
-                Err(message) => {
+                if table.len() >= AGENT_MAX_STREAMS as usize {
                     drop(table);
-                    reply(Reply::Error { message })
+                    return error(
+                        ErrorCode::TooManyStreams,
+                        format!("{AGENT_MAX_STREAMS} streams are already open"),
+                    );
+                }
+                table.insert(
+                    id,
+                    Running {
+                        stream: stream.clone(),
+                        pid: 0,
+                    },
+                );
+            }
+            let cleanup = streams.clone();
+            let on_exit = move || {
+                lock(&cleanup).remove(&id);
+            };
+            match exec::start(stream, req, on_exit) {
+                Ok(pid) => {
+                    // Signals sent meanwhile reached pid 0, our own group:
+                    // none can have been, the host waits for Started.
+                    if let Some(r) = lock(streams).get_mut(&id) {
+                        r.pid = pid;
+                    }
+                }
+                Err(message) => {
+                    lock(streams).remove(&id);
+                    error(ErrorCode::SpawnFailed, message)
                 }
             }
         }

@@ -1,27 +1,21 @@
 //! Running one process for an exec stream: spawn, pump stdout and stderr
-//! as they are produced, feed stdin, enforce the timeout, report the exit.
+//! within the host's credit, feed stdin, enforce the timeout, report the
+//! exit.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use guest_agent::protocol::{ExecRequest, ExitStatus, Frame, FrameKind, Reply, MAX_PAYLOAD};
+use guest_agent::protocol::{
+    channel, ExecRequest, ExitStatus, Frame, FrameKind, Reply, DATA_CHUNK,
+};
 
 use crate::reaper::Reaper;
+use crate::stream::ExecStream;
 use crate::sys;
-
-pub type Writer = Arc<Mutex<File>>;
-
-/// Sends a frame to the host; a failed write means the host went away,
-/// which the connection's reader notices on its own.
-pub fn send(writer: &Writer, frame: &Frame) {
-    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = frame.write_to(&mut *w);
-}
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -72,20 +66,14 @@ fn resolve_user(spec: &str) -> Result<User, String> {
     })
 }
 
-/// A started process: what the connection needs to feed and signal it.
-pub struct Started {
-    pub pid: i32,
-    pub stdin: Option<SyncSender<Vec<u8>>>,
-}
-
 /// Spawns the process and the threads serving it, and sends the `Started`
-/// reply. The exit frame is sent after all output; `on_exit` runs after it.
+/// reply (before any output). The End frame follows all output;
+/// `on_exit` runs after it. Returns the process id.
 pub fn start(
-    stream: u32,
+    stream: Arc<ExecStream>,
     req: ExecRequest,
-    writer: Writer,
     on_exit: impl FnOnce() + Send + 'static,
-) -> Result<Started, String> {
+) -> Result<i32, String> {
     let Some(program) = req.argv.first() else {
         return Err("empty argv".into());
     };
@@ -130,26 +118,25 @@ pub fn start(
     })?;
     let pid = child.id() as i32;
     let mut child = child;
-    // The reply must precede any output frame of this stream.
-    send(
-        &writer,
-        &Frame::json(FrameKind::Reply, stream, &Reply::Started { pid }),
-    );
+    stream.send(&Frame::json(
+        FrameKind::Reply,
+        stream.id,
+        &Reply::Started { pid },
+    ));
 
-    let stdin = child.stdin.take().map(|pipe| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(256);
-        spawn_thread("stdin", move || feed_stdin(pipe, rx));
-        tx
-    });
+    if let Some(pipe) = child.stdin.take() {
+        let s = stream.clone();
+        spawn_thread("stdin", move || feed_stdin(pipe, &s));
+    }
     let pumps = [
         child
             .stdout
             .take()
-            .map(|p| pump(p, stream, FrameKind::Stdout, writer.clone())),
+            .map(|p| pump(p, stream.clone(), channel::STDOUT)),
         child
             .stderr
             .take()
-            .map(|p| pump(p, stream, FrameKind::Stderr, writer.clone())),
+            .map(|p| pump(p, stream.clone(), channel::STDERR)),
     ];
     let timeout = req.timeout_ms.map(Duration::from_millis);
     spawn_thread("exec-wait", move || {
@@ -157,10 +144,10 @@ pub fn start(
         for p in pumps.into_iter().flatten() {
             let _ = p.join();
         }
-        send(&writer, &Frame::json(FrameKind::Exit, stream, &status));
+        stream.send(&Frame::json(FrameKind::End, stream.id, &status));
         on_exit();
     });
-    Ok(Started { pid, stdin })
+    Ok(pid)
 }
 
 fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
@@ -200,30 +187,48 @@ fn wait(pid: i32, exited: &Receiver<sys::WaitStatus>, timeout: Option<Duration>)
     }
 }
 
+/// Forwards one pipe to the host, never more than the host's credit: a
+/// host that does not read stops this process's output, nothing else.
 fn pump(
     mut pipe: impl Read + Send + 'static,
-    stream: u32,
-    kind: FrameKind,
-    writer: Writer,
+    stream: Arc<ExecStream>,
+    channel: u8,
 ) -> std::thread::JoinHandle<()> {
     spawn_thread("pump", move || {
-        let mut buf = vec![0u8; MAX_PAYLOAD.min(64 * 1024)];
+        let mut buf = vec![0u8; DATA_CHUNK];
         loop {
-            match pipe.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => send(&writer, &Frame::new(kind, stream, buf[..n].to_vec())),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+            let reserved = stream.reserve(DATA_CHUNK);
+            let want = reserved.unwrap_or(DATA_CHUNK);
+            let read = loop {
+                match pipe.read(&mut buf[..want]) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    other => break other,
+                }
+            };
+            // A read error ends the pump like end-of-file.
+            let n: usize = read.unwrap_or_default();
+            if let Some(reserved) = reserved {
+                stream.unreserve(reserved - n);
+                if n > 0 {
+                    stream.send(&Frame::data(stream.id, channel, &buf[..n]));
+                }
+            }
+            if n == 0 {
+                break;
             }
         }
+        stream.send(&Frame::eof(stream.id, channel));
     })
 }
 
-fn feed_stdin(mut pipe: ChildStdin, rx: Receiver<Vec<u8>>) {
-    while let Ok(data) = rx.recv() {
-        if data.is_empty() || pipe.write_all(&data).is_err() {
-            break;
+fn feed_stdin(mut pipe: ChildStdin, stream: &ExecStream) {
+    while let Some(data) = stream.next_stdin() {
+        if pipe.write_all(&data).is_err() {
+            stream.stdin_taken(data.len());
+            stream.stdin_gone();
+            return;
         }
+        stream.stdin_taken(data.len());
     }
     // Dropping the pipe closes the process's stdin.
 }

@@ -9,12 +9,13 @@ mod exec;
 mod identity;
 mod init;
 mod reaper;
+mod stream;
 mod sys;
 mod vsock;
 
 use std::time::{Duration, Instant};
 
-use guest_agent::protocol::{Frame, FrameKind, Hello, AGENT_PORT, READY_PORT};
+use guest_agent::protocol::{Frame, FrameKind, AGENT_PORT, READY_PORT};
 
 fn main() {
     let pid1 = std::process::id() == 1;
@@ -71,7 +72,7 @@ fn announce_ready() {
     loop {
         match vsock::connect_host(READY_PORT) {
             Ok(mut conn) => {
-                let _ = Frame::json(FrameKind::Hello, 0, &Hello::ours()).write_to(&mut conn);
+                let _ = Frame::json(FrameKind::Hello, 0, &conn::hello()).write_to(&mut conn);
                 vsock::shutdown(&conn);
                 return;
             }
@@ -91,3 +92,6 @@ fn fatal(pid1: bool, message: &str) -> ! {
     }
     std::process::exit(1)
 }
+
+#[cfg(test)]
+mod tests;

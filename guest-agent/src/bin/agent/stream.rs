@@ -1,0 +1,189 @@
+//! One exec stream on the agent's side: the credit the host gave it for
+//! output, and the stdin the host sent that the process has not read.
+//!
+//! The connection's reader only ever appends to a stream (bounded by the
+//! agent's window) and never waits for one, so a process that does not
+//! read its stdin, or whose output the host does not take, stalls only
+//! its own threads. Once the host resets the stream or the connection
+//! goes, the stream is *abandoned*: output is read and dropped (so the
+//! process is not stuck on a full pipe) and stdin is closed.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use guest_agent::protocol::{channel, Frame, AGENT_WINDOW};
+
+/// The connection's sending half, shared by every stream's threads. Each
+/// frame is written whole under the lock.
+pub type Writer = Arc<Mutex<File>>;
+
+/// Sends a frame to the host; a failed write means the host went away,
+/// which the connection's reader notices on its own.
+pub fn send(writer: &Writer, frame: &Frame) {
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = frame.write_to(&mut *w);
+}
+
+pub struct ExecStream {
+    pub id: u32,
+    writer: Writer,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+struct State {
+    /// Output bytes the host will still take.
+    credit: u64,
+    /// False once abandoned (see the module comment).
+    live: bool,
+    stdin: VecDeque<Vec<u8>>,
+    /// Stdin bytes received and not yet granted back to the host.
+    stdin_outstanding: u64,
+    /// The host sent EOF on stdin.
+    stdin_eof: bool,
+    /// The process closed its end of stdin: what arrives is dropped.
+    stdin_gone: bool,
+}
+
+impl ExecStream {
+    pub fn new(id: u32, writer: Writer, credit: u32) -> Arc<Self> {
+        Arc::new(ExecStream {
+            id,
+            writer,
+            state: Mutex::new(State {
+                credit: u64::from(credit),
+                live: true,
+                stdin: VecDeque::new(),
+                stdin_outstanding: 0,
+                stdin_eof: false,
+                stdin_gone: false,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(guard).unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn send(&self, frame: &Frame) {
+        if self.lock().live {
+            send(&self.writer, frame);
+        }
+    }
+
+    /// The host granted more output credit.
+    pub fn add_credit(&self, bytes: u32) {
+        let mut s = self.lock();
+        s.credit = s.credit.saturating_add(u64::from(bytes));
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Waits for output credit and reserves up to `max` bytes of it;
+    /// `None` once abandoned (read and drop, then).
+    pub fn reserve(&self, max: usize) -> Option<usize> {
+        let mut s = self.lock();
+        loop {
+            if !s.live {
+                return None;
+            }
+            if s.credit > 0 {
+                let n = (max as u64).min(s.credit) as usize;
+                s.credit -= n as u64;
+                return Some(n);
+            }
+            s = self.wait(s);
+        }
+    }
+
+    /// Gives back credit reserved and not used.
+    pub fn unreserve(&self, bytes: usize) {
+        if bytes > 0 {
+            self.add_credit(bytes as u32);
+        }
+    }
+
+    /// Stdin from the host. An error is the host overrunning the window.
+    pub fn push_stdin(&self, data: Vec<u8>) -> Result<(), String> {
+        let mut s = self.lock();
+        let n = data.len() as u64;
+        if s.stdin_outstanding + n > u64::from(AGENT_WINDOW) {
+            return Err(format!(
+                "stream {}: the host sent stdin beyond the {AGENT_WINDOW}-byte window",
+                self.id
+            ));
+        }
+        if s.stdin_gone || !s.live || s.stdin_eof {
+            // Nobody will read it: give the credit straight back.
+            drop(s);
+            if n > 0 {
+                self.send(&Frame::window(self.id, n as u32));
+            }
+            return Ok(());
+        }
+        s.stdin_outstanding += n;
+        s.stdin.push_back(data);
+        drop(s);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    pub fn close_stdin(&self) {
+        self.lock().stdin_eof = true;
+        self.changed.notify_all();
+    }
+
+    /// The next stdin chunk for the process; `None` at EOF or once
+    /// abandoned.
+    pub fn next_stdin(&self) -> Option<Vec<u8>> {
+        let mut s = self.lock();
+        loop {
+            if !s.live {
+                return None;
+            }
+            if let Some(chunk) = s.stdin.pop_front() {
+                return Some(chunk);
+            }
+            if s.stdin_eof {
+                return None;
+            }
+            s = self.wait(s);
+        }
+    }
+
+    /// The process took `bytes` of stdin: the host may send as many more.
+    pub fn stdin_taken(&self, bytes: usize) {
+        self.lock().stdin_outstanding -= bytes as u64;
+        if bytes > 0 {
+            self.send(&Frame::window(self.id, bytes as u32));
+        }
+    }
+
+    /// The process closed its stdin: drop what is queued (granting it
+    /// back) and tell the host, whose writes would go nowhere.
+    pub fn stdin_gone(&self) {
+        let dropped = {
+            let mut s = self.lock();
+            s.stdin_gone = true;
+            let n: u64 = s.stdin.drain(..).map(|c| c.len() as u64).sum();
+            s.stdin_outstanding -= n;
+            n
+        };
+        if dropped > 0 {
+            self.send(&Frame::window(self.id, dropped as u32));
+        }
+        self.send(&Frame::eof(self.id, channel::STDIN));
+    }
+
+    /// The host reset the stream or the connection went.
+    pub fn abandon(&self) {
+        self.lock().live = false;
+        self.changed.notify_all();
+    }
+}
