@@ -17,6 +17,7 @@ pub mod layout;
 pub mod logging;
 pub mod memory;
 pub mod persist;
+mod ready;
 mod vm;
 
 pub use diagnose::console_shows_guest_failure;

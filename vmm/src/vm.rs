@@ -18,7 +18,6 @@
 //! ```
 
 use std::fs::File;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,7 +33,7 @@ use devices::virtio::{DeviceState, VirtioDevice};
 use devices::Bus;
 use devices::GuestMemory;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use guest_agent::protocol::{Frame, FrameKind, Hello, AGENT_PORT, READY_PORT};
+use guest_agent::protocol::AGENT_PORT;
 use guest_agent::{AgentClient, ExecRequest, Identity, Output};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
@@ -59,9 +58,13 @@ use crate::memory;
 use crate::persist::{
     self, DevicesState, SavedDisk, SavedRegion, Snapshot, SnapshotInfo, VirtioSnapshot, VmState,
 };
+use crate::ready::{ReadyListener, Waited};
 
 /// How long connecting to the agent may take once it said it is ready.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The least time a guest that just announced its agent gets to answer
+/// on the agent port, however late in the ready timeout it announced.
+const AGENT_ANSWER_MIN: Duration = Duration::from_secs(5);
 /// How long a restored guest may take, by default, to come back: take its
 /// vsock reset, accept the agent connection and apply its identity.
 /// Generous: dozens of forks resuming at once on a busy host all do this
@@ -552,7 +555,7 @@ pub struct Vm {
     vsock_path: PathBuf,
     /// Open until the agent announced itself, then closed so the guest
     /// cannot pile connections onto a socket nobody accepts from.
-    ready_listener: Option<UnixListener>,
+    ready_listener: Option<ReadyListener>,
     started: Instant,
     ready_after: Option<Duration>,
     agent: Option<AgentClient>,
@@ -671,9 +674,7 @@ impl Vm {
         boot::mptable::write(&mem, config.cpus)?;
 
         // The agent announces readiness on this port.
-        let ready_listener =
-            UnixListener::bind(format!("{}_{READY_PORT}", machine.vsock_path.display()))?;
-        ready_listener.set_nonblocking(true)?;
+        let ready_listener = ReadyListener::bind(&machine.vsock_path)?;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -991,9 +992,7 @@ impl Vm {
         let ready_listener = if info.agent_ready {
             None
         } else {
-            let l = UnixListener::bind(format!("{}_{READY_PORT}", machine.vsock_path.display()))?;
-            l.set_nonblocking(true)?;
-            Some(l)
+            Some(ReadyListener::bind(&machine.vsock_path)?)
         };
 
         let agent_ready = info.agent_ready;
@@ -1108,14 +1107,16 @@ impl Vm {
         }
         let left = || deadline.saturating_duration_since(Instant::now());
         if self.agent.is_none() {
-            self.agent = Some(connect_agent_within(&self.vsock_path, left())?);
+            self.agent = Some(connect_agent_by(&self.vsock_path, deadline)?);
             log::debug!("restore: the agent answered");
         }
         let agent = self.agent.as_ref().expect("just connected");
         let problems = agent.restored(identity, left())?;
         log::debug!("restore: the guest took its identity");
-        for p in problems {
-            log::warn!("restore: the guest could not apply its identity: {p}");
+        // The guest writes these: a few, each cut short.
+        for p in problems.iter().take(4) {
+            let p: String = p.chars().take(200).collect();
+            devices::guest_warn!("restore: the guest could not apply its identity: {p}");
         }
         Ok(())
     }
@@ -1463,47 +1464,20 @@ impl Vm {
         if let Some(d) = self.ready_after {
             return Ok(d);
         }
-        let after = self.accept_ready(timeout)?;
-        self.ready_after = Some(after);
-        self.ready_listener = None;
-        let _ = std::fs::remove_file(format!("{}_{READY_PORT}", self.vsock_path.display()));
-        Ok(after)
-    }
-
-    fn accept_ready(&self, timeout: Duration) -> Result<Duration> {
         let deadline = Instant::now() + timeout;
         let Some(listener) = self.ready_listener.as_ref() else {
             return Err(Error::Config(
                 "the ready signal was already consumed".into(),
             ));
         };
-        loop {
-            match listener.accept() {
-                Ok((mut conn, _)) => {
-                    conn.set_nonblocking(false)?;
-                    // The hello follows the connection at once; a guest
-                    // that connects and stalls must not outlast the
-                    // deadline.
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    conn.set_read_timeout(Some(
-                        left.clamp(Duration::from_millis(100), Duration::from_secs(5)),
-                    ))?;
-                    match Frame::read_from(&mut conn) {
-                        Ok(Some(f)) if f.kind == FrameKind::Hello => {
-                            let hello: Hello = f.parse().map_err(guest_agent::ClientError::from)?;
-                            hello.check().map_err(guest_agent::ClientError::from)?;
-                            return Ok(self.started.elapsed());
-                        }
-                        other => log::warn!("unexpected ready message: {other:?}"),
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.into()),
-            }
-            if let Some(exit) = self.exit.get() {
+        let exit = self.exit.clone();
+        match listener.wait(deadline, || exit.get().is_some())? {
+            Waited::Ready => {}
+            Waited::Stopped => {
+                let exit = self.exit.get().unwrap_or(VmExit::Stopped);
                 return Err(self.exit_error(exit));
             }
-            if Instant::now() >= deadline {
+            Waited::TimedOut => {
                 let hint = if self.flavor == KvmFlavor::Pvm {
                     format!("\n{PVM_HINT}")
                 } else {
@@ -1514,12 +1488,44 @@ impl Vm {
                     console: format!("{}{hint}", self.console_tail(20)),
                 });
             }
-            wait_readable(listener, Duration::from_millis(10));
         }
+        let after = self.started.elapsed();
+        // Closed now, so the guest cannot pile connections onto a socket
+        // nobody accepts from.
+        self.ready_listener = None;
+        // Ready means the agent answers: a guest that announces itself
+        // and then does not is refused here, not left for the first
+        // command to find out.
+        let by = deadline.max(Instant::now() + AGENT_ANSWER_MIN);
+        match connect_agent_by(&self.vsock_path, by) {
+            Ok(agent) => self.agent = Some(agent),
+            Err(e) => {
+                if let Some(exit) = self.exit.get() {
+                    return Err(self.exit_error(exit));
+                }
+                return Err(Error::NotReady {
+                    seconds: self.started.elapsed().as_secs_f64(),
+                    console: format!(
+                        "(the guest said its agent was ready, then the agent did not answer: {e})\n{}",
+                        self.console_tail(20)
+                    ),
+                });
+            }
+        }
+        self.ready_after = Some(after);
+        Ok(after)
     }
 
-    /// The connection to the guest agent (opened on first use).
+    /// The connection to the guest agent (opened on first use, and again
+    /// if the last one was lost).
     pub fn agent(&mut self) -> Result<&AgentClient> {
+        if self
+            .agent
+            .as_ref()
+            .is_some_and(|a| a.check_alive().is_err())
+        {
+            self.agent = None;
+        }
         if self.agent.is_none() {
             self.agent = Some(connect_agent(&self.vsock_path)?);
         }
@@ -1550,7 +1556,9 @@ impl Vm {
         // Only a guest whose agent announced itself can be asked; asking
         // one that never did would just wait for the connect timeout.
         if self.exit.get().is_none() && self.ready_after.is_some() {
-            let asked = self.agent().and_then(|a| Ok(a.shutdown(false)?));
+            let asked = self
+                .agent()
+                .and_then(|a| Ok(a.shutdown(false, Duration::from_secs(10).min(timeout))?));
             if let Err(e) = asked {
                 log::warn!("clean shutdown request failed: {e}");
             }
@@ -1603,21 +1611,17 @@ impl Drop for Vm {
 /// listens on `vsock_path` ([`Vm::vsock_path`]), possibly from another
 /// process than the one running the VM.
 pub fn connect_agent(vsock_path: &Path) -> Result<AgentClient> {
-    connect_agent_within(vsock_path, AGENT_CONNECT_TIMEOUT)
+    connect_agent_by(vsock_path, Instant::now() + AGENT_CONNECT_TIMEOUT)
 }
 
-/// Connects and reads the agent's hello, both within `timeout`.
-fn connect_agent_within(vsock_path: &Path, timeout: Duration) -> Result<AgentClient> {
-    let deadline = Instant::now() + timeout;
+/// Connects and reads the agent's hello, both before `deadline`.
+fn connect_agent_by(vsock_path: &Path, deadline: Instant) -> Result<AgentClient> {
     // A zero timeout would mean "wait forever" to the socket.
-    let left = || {
-        deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1))
-    };
-    let stream = connect_to_guest(vsock_path, AGENT_PORT, left())?;
-    stream.set_read_timeout(Some(left()))?;
-    Ok(AgentClient::handshake(stream)?)
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    let stream = connect_to_guest(vsock_path, AGENT_PORT, left)?;
+    Ok(AgentClient::connect(stream, deadline)?)
 }
 
 fn open_kvm() -> Result<Kvm> {
@@ -1629,22 +1633,6 @@ fn open_kvm() -> Result<Kvm> {
         }
         Err(e) => Err(Error::KvmOpen(e)),
     }
-}
-
-/// Sleeps until `listener` has a connection waiting or `timeout` passes:
-/// the ready signal is seen as soon as it arrives without spinning, and
-/// the caller still rechecks the VM's state every `timeout`.
-fn wait_readable(listener: &UnixListener, timeout: Duration) {
-    use std::os::fd::AsRawFd;
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfd` is one valid pollfd for the duration of the call; an
-    // error or EINTR just means the caller polls again.
-    unsafe { libc::poll(&mut pfd, 1, millis) };
 }
 
 /// Opens a snapshot's frozen disk again, checking it is the disk the

@@ -1,0 +1,239 @@
+//! The guest agent's ready signal. At boot the agent connects to host
+//! vsock port [`READY_PORT`] (the Unix socket `<vsock>_1025`) and sends
+//! its hello. Until it has, anything the guest does there is untrusted
+//! noise: each connection gets a short, whole-frame deadline, the socket's
+//! backlog is tiny (so a guest cannot park many connections, and the
+//! host memory their unread data holds, on it), and the socket is gone
+//! once the signal came.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use guest_agent::protocol::{FrameKind, FrameReader, Hello, Poll, READY_PORT};
+
+/// Connections the ready socket queues before the device's connects are
+/// refused (the guest then sees a reset).
+const BACKLOG: i32 = 4;
+/// How long one connection has to deliver the whole hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) struct ReadyListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// What waiting for the signal came to.
+pub(crate) enum Waited {
+    Ready,
+    /// The deadline passed.
+    TimedOut,
+    /// `stop` said to give up.
+    Stopped,
+}
+
+impl ReadyListener {
+    /// Listens where the vsock device at `vsock_path` sends the guest's
+    /// connections to port [`READY_PORT`].
+    pub fn bind(vsock_path: &Path) -> std::io::Result<Self> {
+        let path = PathBuf::from(format!("{}_{READY_PORT}", vsock_path.display()));
+        let listener = UnixListener::bind(&path)?;
+        listener.set_nonblocking(true)?;
+        // SAFETY: `listener` is a bound socket we own; listen() again on a
+        // listening socket only changes its backlog.
+        let rc = unsafe { libc::listen(listener.as_raw_fd(), BACKLOG) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(ReadyListener { listener, path })
+    }
+
+    /// Waits until a connection delivers a valid agent hello, `deadline`
+    /// passes, or `stop` (checked every few milliseconds) returns true.
+    /// Anything else on the socket is dropped.
+    pub fn wait(
+        &self,
+        deadline: Instant,
+        mut stop: impl FnMut() -> bool,
+    ) -> std::io::Result<Waited> {
+        loop {
+            match self.listener.accept() {
+                Ok((conn, _)) => {
+                    let until = deadline.min(Instant::now() + HELLO_TIMEOUT);
+                    match read_hello(conn, until) {
+                        Ok(()) => return Ok(Waited::Ready),
+                        Err(why) => devices::guest_warn!(
+                            "ignoring a connection on the guest's ready port: {why}"
+                        ),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            if stop() {
+                return Ok(Waited::Stopped);
+            }
+            if Instant::now() >= deadline {
+                return Ok(Waited::TimedOut);
+            }
+            wait_readable(&self.listener, Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads one hello from `conn`, all of it before `deadline`.
+fn read_hello(conn: UnixStream, deadline: Instant) -> Result<(), String> {
+    conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::unbuffered(conn);
+    let frame = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("no complete hello in time".into());
+        }
+        reader
+            .get_ref()
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        match reader.poll_once().map_err(|e| e.to_string())? {
+            Poll::Frame(frame) => break frame,
+            Poll::Closed => return Err("closed without a hello".into()),
+            Poll::Pending => {}
+        }
+    };
+    if frame.kind != FrameKind::Hello {
+        return Err(format!("a {:?} frame instead of a hello", frame.kind));
+    }
+    let hello: Hello = frame.parse().map_err(|e| e.to_string())?;
+    hello.check().map_err(|e| e.to_string())
+}
+
+/// Sleeps until `listener` has a connection waiting or `timeout` passes:
+/// the ready signal is seen as soon as it arrives without spinning, and
+/// the caller still rechecks the VM's state every `timeout`.
+fn wait_readable(listener: &UnixListener, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call; an
+    // error or EINTR just means the caller polls again.
+    unsafe { libc::poll(&mut pfd, 1, millis) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_agent::protocol::Frame;
+    use std::io::Write;
+
+    fn listener() -> (tempfile::TempDir, ReadyListener, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = dir.path().join("vsock.sock");
+        let ready = ReadyListener::bind(&vsock).unwrap();
+        let path = PathBuf::from(format!("{}_{READY_PORT}", vsock.display()));
+        (dir, ready, path)
+    }
+
+    #[test]
+    fn garbage_and_stalled_connections_do_not_hide_the_hello() {
+        let (_dir, ready, path) = listener();
+        // A connection that says nothing, one that sends junk, one that
+        // starts a frame and stops: then the real hello.
+        let silent = UnixStream::connect(&path).unwrap();
+        let mut junk = UnixStream::connect(&path).unwrap();
+        junk.write_all(b"\x05\0\0\0\x02\0\0\0\0").unwrap();
+        let mut partial = UnixStream::connect(&path).unwrap();
+        partial.write_all(&1000u32.to_le_bytes()).unwrap();
+        let hello = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut c = UnixStream::connect(&path).unwrap();
+            Frame::json(FrameKind::Hello, 0, &Hello::new("agent", 65536, 0))
+                .write_to(&mut c)
+                .unwrap();
+            c
+        });
+        let t = Instant::now();
+        let waited = ready
+            .wait(Instant::now() + Duration::from_secs(30), || false)
+            .unwrap();
+        assert!(matches!(waited, Waited::Ready));
+        // Two stalled connections at two seconds each, at most.
+        assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+        drop((silent, junk, partial, hello.join().unwrap()));
+    }
+
+    /// Connects without blocking, as the vsock device does.
+    fn connect_nonblocking(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nobody else owns.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_un is plain data, all-zero valid.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr
+            .sun_path
+            .iter_mut()
+            .zip(path.as_os_str().as_encoded_bytes())
+        {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: `addr` is a valid sockaddr_un of the length given.
+        let rc = unsafe {
+            libc::connect(
+                fd,
+                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(owned)
+    }
+
+    #[test]
+    fn the_backlog_is_small_and_the_socket_goes_with_the_listener() {
+        let (_dir, ready, path) = listener();
+        let mut held = Vec::new();
+        for _ in 0..64 {
+            match connect_nonblocking(&path) {
+                Ok(c) => held.push(c),
+                Err(_) => break,
+            }
+        }
+        // Linux queues backlog + 1.
+        assert!(held.len() <= BACKLOG as usize + 1, "{} queued", held.len());
+        drop(ready);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_stop_or_deadline_ends_the_wait() {
+        let (_dir, ready, _path) = listener();
+        let t = Instant::now();
+        let waited = ready
+            .wait(Instant::now() + Duration::from_millis(100), || false)
+            .unwrap();
+        assert!(matches!(waited, Waited::TimedOut));
+        assert!(t.elapsed() < Duration::from_secs(2));
+        let waited = ready
+            .wait(Instant::now() + Duration::from_secs(30), || true)
+            .unwrap();
+        assert!(matches!(waited, Waited::Stopped));
+    }
+}
