@@ -22,7 +22,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const MAGIC: [u8; 8] = *b"CAPLAYER";
@@ -305,6 +305,8 @@ impl Layer {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)?;
         let written = file
             .set_len(data_offset + size)
@@ -459,7 +461,12 @@ impl Layer {
     }
 
     fn copy_to(&self, dest: &Path) -> io::Result<()> {
-        let out = OpenOptions::new().write(true).create_new(true).open(dest)?;
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dest)?;
         out.set_len(self.data_offset + self.size)?;
         let mut meta = vec![0u8; self.data_offset as usize];
         self.file.read_exact_at(&mut meta, 0)?;

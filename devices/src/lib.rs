@@ -8,6 +8,7 @@
 
 pub mod bus;
 pub mod disk;
+pub mod host_socket;
 pub mod legacy;
 pub mod ratelimit;
 pub mod virtio;

@@ -314,7 +314,7 @@ fn driver_ok_without_features_ok_is_refused() {
     let mem = devices::GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
     let device = std::sync::Arc::new(std::sync::Mutex::new(Block::open(&path, false).unwrap()));
     let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut t = MmioTransport::new(device, mem, irq).unwrap();
+    let mut t = MmioTransport::new(device, mem, irq, devices::virtio::RingMap::new()).unwrap();
     t.write(0x70, &1u32.to_le_bytes());
     t.write(0x70, &3u32.to_le_bytes());
     t.write(0x70, &7u32.to_le_bytes()); // DRIVER_OK, skipping FEATURES_OK

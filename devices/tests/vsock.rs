@@ -406,7 +406,7 @@ fn a_full_host_backlog_refuses_instead_of_blocking() {
 }
 
 /// However many connections the guest opens, the host keeps at most a
-/// bounded number of descriptors for them.
+/// bounded number of descriptors (and buffers) for them.
 #[test]
 fn guest_connections_are_capped() {
     let mut g = Guest::new(false);
@@ -414,15 +414,18 @@ fn guest_connections_are_capped() {
     listener.set_nonblocking(true).unwrap();
     let mut accepted = Vec::new();
     let (mut responses, mut resets) = (0, 0);
-    for i in 0..1100u32 {
+    for i in 0..200u32 {
         g.send(&Pkt::from_guest(10000 + i, 7001, OP_REQUEST, &[]));
         count_answers(g.recv(), &mut responses, &mut resets);
         while let Ok((s, _)) = listener.accept() {
             accepted.push(s);
         }
     }
-    assert_eq!(responses, 1024, "the cap");
-    assert_eq!(resets, 1100 - 1024);
+    let cap = devices::virtio::vsock::muxer::MAX_GUEST_CONNECTIONS as u32;
+    assert_eq!(responses, cap, "the cap");
+    assert_eq!(resets, 200 - cap);
+    // Host connections are not held up by the guest's.
+    let (_host, _) = establish(&mut g);
 }
 
 /// Reads what the device forwards to `conn` until end-of-file, running the
@@ -523,4 +526,32 @@ fn a_host_half_close_leaves_the_guest_sending() {
     let mut rest = Vec::new();
     host.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
+}
+
+#[test]
+fn a_reset_device_drops_its_connections_and_starts_again() {
+    let mut g = Guest::new(false);
+    let (mut host, _) = establish(&mut g);
+    g.d.reset();
+    // The host side of the old connection sees the end.
+    host.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        host.read(&mut buf).unwrap(),
+        0,
+        "end-of-file after the reset"
+    );
+    // The driver sets the device up again; it works as new.
+    g.d.set_up(16, RINGS_BASE + 0x80_0000);
+    assert_eq!(g.d.status() & STATUS_NEEDS_RESET, 0);
+    g.rx_seen = 0;
+    for slot in 0..8 {
+        g.post_rx(slot);
+    }
+    let (mut host, local) = establish(&mut g);
+    g.send(&Pkt::from_guest(1024, local, OP_RW, b"again"));
+    let mut got = [0u8; 5];
+    host.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"again");
 }

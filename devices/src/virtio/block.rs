@@ -7,7 +7,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, DeviceState,
+    drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, DeviceState, Served,
     VirtioDevice, TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::disk::{DiskImage, DiskKind};
@@ -16,6 +16,7 @@ use crate::GuestMemory;
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
 
+const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
@@ -32,6 +33,14 @@ const STATUS_UNSUPP: u8 = 2;
 /// Bytes copied per step, so a huge guest buffer never means a huge host
 /// allocation.
 const COPY_CHUNK: usize = 128 * 1024;
+/// Largest segment the driver may use (announced as `size_max`).
+const SEGMENT_MAX: u32 = 256 * 1024;
+/// Segments per request (announced as `seg_max`).
+const SEGMENTS_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest request served: what `size_max` and `seg_max` allow. Anything
+/// bigger (a hostile driver's chain of huge descriptors) is refused, so
+/// one request is a bounded piece of work.
+const REQUEST_MAX: usize = SEGMENT_MAX as usize * SEGMENTS_MAX as usize;
 const ID_LEN: usize = 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -147,15 +156,15 @@ impl Block {
     fn config(&self) -> [u8; 16] {
         let mut c = [0u8; 16];
         c[..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
-        // size_max (unused, 0) then seg_max.
-        c[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes());
+        c[8..12].copy_from_slice(&SEGMENT_MAX.to_le_bytes());
+        c[12..16].copy_from_slice(&SEGMENTS_MAX.to_le_bytes());
         c
     }
 }
 
 /// One request, parsed and executed. Returns the bytes written into the
-/// chain (data read plus the status byte), or 0 if the chain had no room
-/// for a status byte at all.
+/// chain (data read plus the status byte; 0 if the chain had no room for
+/// a status byte at all) and the bytes moved.
 struct Request;
 
 impl Request {
@@ -166,29 +175,31 @@ impl Request {
         read_only: bool,
         capacity: u64,
         id: &[u8; ID_LEN],
-    ) -> u32 {
+    ) -> Served {
+        const NOTHING: Served = Served { len: 0, bytes: 0 };
         let mut reader = match chain.clone().reader(mem) {
             Ok(r) => r,
             Err(e) => {
                 crate::guest_warn!("virtio-blk: bad request chain: {e:?}");
-                return 0;
+                return NOTHING;
             }
         };
         let mut writer = match chain.writer(mem) {
             Ok(w) => w,
             Err(e) => {
                 crate::guest_warn!("virtio-blk: bad request chain: {e:?}");
-                return 0;
+                return NOTHING;
             }
         };
         let Some(data_len) = writer.available_bytes().checked_sub(1) else {
             crate::guest_warn!("virtio-blk: request without room for a status byte");
-            return 0;
+            return NOTHING;
         };
         let mut status_writer = match writer.split_at(data_len) {
             Ok(w) => w,
-            Err(_) => return 0,
+            Err(_) => return NOTHING,
         };
+        let moved = data_len.max(reader.available_bytes()) as u64;
         let mut header = [0u8; 16];
         let status = if reader.read_exact(&mut header).is_err() {
             STATUS_IOERR
@@ -196,6 +207,12 @@ impl Request {
             let kind = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
             let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
             match kind {
+                _ if data_len > REQUEST_MAX || reader.available_bytes() > REQUEST_MAX => {
+                    crate::guest_warn!(
+                        "virtio-blk: a request of more than {REQUEST_MAX} bytes (refused)"
+                    );
+                    STATUS_IOERR
+                }
                 REQ_IN => {
                     let len = writer.available_bytes();
                     read_disk(disk, sector, capacity, len, &mut writer)
@@ -221,9 +238,12 @@ impl Request {
             }
         };
         if status_writer.write_all(&[status]).is_err() {
-            return 0;
+            return NOTHING;
         }
-        u32::try_from(writer.bytes_written() + 1).unwrap_or(u32::MAX)
+        Served {
+            len: u32::try_from(writer.bytes_written() + 1).unwrap_or(u32::MAX),
+            bytes: moved,
+        }
     }
 }
 
@@ -302,7 +322,10 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | VIRTIO_RING_F_EVENT_IDX;
+        let mut f = VIRTIO_BLK_F_SIZE_MAX
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_RING_F_EVENT_IDX;
         if self.read_only {
             f |= VIRTIO_BLK_F_RO;
         }
@@ -315,6 +338,10 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         self.slot.activate(activation, 1)
+    }
+
+    fn reset(&mut self) {
+        self.slot.reset();
     }
 }
 
@@ -332,9 +359,10 @@ impl MutEventSubscriber for Block {
                     mem,
                     queues,
                     interrupt,
+                    rings,
                     ..
                 } = active;
-                drain_queue(mem, &mut queues[0], interrupt, |chain| {
+                drain_queue(mem, &mut queues[0], interrupt, rings, |chain| {
                     Request::execute(mem, chain, disk, read_only, capacity, id)
                 })
             });

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    Activation, Interrupt, RingMap, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::bus::{lock, BusDevice};
 use crate::GuestMemory;
 
@@ -117,6 +119,9 @@ impl QueueSnapshot {
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemory,
+    /// The VM's active rings, and this transport's name among them.
+    rings: Arc<RingMap>,
+    ring_owner: u64,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
@@ -132,12 +137,15 @@ pub struct MmioTransport {
 impl MmioTransport {
     /// Wraps `device`. `irqfd` raises its interrupt; the transport creates
     /// one ioeventfd per queue, which the VMM binds with
-    /// [`MmioTransport::queue_events`].
+    /// [`MmioTransport::queue_events`]. `rings` is shared by every
+    /// transport of the VM.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemory,
         irqfd: EventFd,
+        rings: Arc<RingMap>,
     ) -> std::io::Result<Self> {
+        static OWNERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let max_sizes = lock(&device).queue_max_sizes().to_vec();
         let mut queues = Vec::with_capacity(max_sizes.len());
         let mut queue_events = Vec::with_capacity(max_sizes.len());
@@ -150,6 +158,8 @@ impl MmioTransport {
         Ok(MmioTransport {
             device,
             mem,
+            rings,
+            ring_owner: OWNERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             interrupt: Arc::new(Interrupt::new(irqfd)),
             queues,
             queue_events,
@@ -170,9 +180,10 @@ impl MmioTransport {
         device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemory,
         irqfd: EventFd,
+        rings: Arc<RingMap>,
         state: &MmioState,
     ) -> Result<Self, RestoreError> {
-        let mut transport = MmioTransport::new(device, mem, irqfd)?;
+        let mut transport = MmioTransport::new(device, mem, irqfd, rings)?;
         if state.queues.len() != transport.queues.len() {
             return Err(RestoreError::QueueCount {
                 expected: transport.queues.len(),
@@ -302,6 +313,11 @@ impl MmioTransport {
             self.fail();
             return;
         }
+        if let Err(why) = self.rings.claim(self.ring_owner, &self.queues) {
+            crate::guest_error!("virtio-mmio: refusing to start the device: {why}");
+            self.fail();
+            return;
+        }
         let queue_events: Result<Vec<_>, _> =
             self.queue_events.iter().map(EventFd::try_clone).collect();
         let queue_events = match queue_events {
@@ -335,6 +351,7 @@ impl MmioTransport {
             queues,
             queue_events,
             interrupt: self.interrupt.clone(),
+            rings: self.rings.clone(),
             acked_features: self.acked_features,
             restored,
         };
@@ -353,15 +370,13 @@ impl MmioTransport {
         self.interrupt.signal_config_change();
     }
 
+    /// The driver wrote 0 to the status register: the device stops
+    /// serving, and everything the driver set up is forgotten, so it can
+    /// set the device up again (a driver rebind, a kexec, every guest
+    /// power-off).
     fn reset(&mut self) {
-        if self.activated && !lock(&self.device).reset() {
-            // The device cannot stop its queues; keep it running rather
-            // than hand the driver a half-reset device. Every guest
-            // power-off resets its devices, so this is not worth a warning.
-            log::debug!("virtio-mmio: device does not support reset");
-            self.device_status |= STATUS_NEEDS_RESET;
-            return;
-        }
+        lock(&self.device).reset();
+        self.rings.release(self.ring_owner);
         self.activated = false;
         self.device_status = 0;
         self.features_select = 0;

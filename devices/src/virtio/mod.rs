@@ -5,10 +5,17 @@
 //! arrive as ioeventfds (the guest's kick never leaves the kernel) and
 //! interrupts go out through an irqfd.
 
+mod activation;
 pub mod block;
+mod drain;
 pub mod mmio;
+pub mod rings;
 pub mod rng;
 pub mod vsock;
+
+pub(crate) use activation::{ActivationSlot, ACTIVATE_TOKEN};
+pub(crate) use drain::{drain_queue, Drained, QueueError, Served};
+pub use rings::RingMap;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -107,6 +114,9 @@ pub struct Activation {
     /// One ioeventfd per queue, signalled by the guest's notify write.
     pub queue_events: Vec<EventFd>,
     pub interrupt: std::sync::Arc<Interrupt>,
+    /// Every active ring of the VM: no buffer the device writes may lie
+    /// over one (see [`rings`]).
+    pub rings: std::sync::Arc<RingMap>,
     pub acked_features: u64,
     /// The queues come from a snapshot: the driver may have kicked them
     /// just before it was taken, so the device serves each queue once
@@ -155,11 +165,10 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts serving the queues.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
-    /// Stops the device and returns it to its initial state, handing back
-    /// nothing; returns false if the device cannot be reset.
-    fn reset(&mut self) -> bool {
-        false
-    }
+    /// Stops serving the queues and returns the device to its state
+    /// before activation (the driver wrote 0 to the status register).
+    /// Called with the device locked, so never while it serves a request.
+    fn reset(&mut self);
 }
 
 /// Copies `src[offset..]` into `data`, zero-filling past the end: how every
@@ -173,170 +182,4 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
         let n = data.len().min(src.len() - offset);
         data[..n].copy_from_slice(&src[offset..offset + n]);
     }
-}
-
-/// Event-loop token of a device's activation eventfd.
-pub(crate) const ACTIVATE_TOKEN: u32 = u32::MAX;
-
-/// The activation handshake shared by every device: the transport calls
-/// `activate` on a vCPU thread, the device stores its queues and pokes this
-/// eventfd, and the event loop (the only thread that may add epoll
-/// interests) then subscribes to the queue eventfds.
-pub(crate) struct ActivationSlot {
-    event: EventFd,
-    pub(crate) active: Option<Activation>,
-}
-
-impl ActivationSlot {
-    pub(crate) fn queues(&self) -> Option<&[Queue]> {
-        self.active.as_ref().map(|a| a.queues.as_slice())
-    }
-
-    pub(crate) fn new() -> std::io::Result<Self> {
-        Ok(ActivationSlot {
-            event: EventFd::new(libc::EFD_NONBLOCK)?,
-            active: None,
-        })
-    }
-
-    pub(crate) fn init(&self, ops: &mut event_manager::EventOps) {
-        use event_manager::{EventSet, Events};
-        if let Err(e) = ops.add(Events::with_data(&self.event, ACTIVATE_TOKEN, EventSet::IN)) {
-            crate::guest_error!("virtio: cannot watch the activation event: {e:?}");
-        }
-    }
-
-    /// Stores the activation and wakes the event loop.
-    pub(crate) fn activate(
-        &mut self,
-        activation: Activation,
-        expected_queues: usize,
-    ) -> Result<(), ActivateError> {
-        if activation.queues.len() != expected_queues {
-            return Err(ActivateError::QueueCount {
-                expected: expected_queues,
-                got: activation.queues.len(),
-            });
-        }
-        self.active = Some(activation);
-        self.event.write(1).map_err(ActivateError::EventFd)
-    }
-
-    /// Handles the activation token in the event loop: subscribes to every
-    /// queue eventfd, tagged with its queue index.
-    pub(crate) fn on_activated(&self, ops: &mut event_manager::EventOps) {
-        use event_manager::{EventSet, Events};
-        let _ = self.event.read();
-        if let Some(active) = &self.active {
-            for (i, evt) in active.queue_events.iter().enumerate() {
-                if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                    crate::guest_error!("virtio: cannot watch queue {i}: {e:?}");
-                }
-                if active.restored {
-                    let _ = evt.write(1);
-                }
-            }
-        }
-    }
-
-    /// Handles an event of a device with a single queue: the activation,
-    /// or a notification, which `serve` answers by draining the queue. A
-    /// queue that `serve` finds malformed stops the device.
-    pub(crate) fn on_single_queue_event<F>(
-        &mut self,
-        events: event_manager::Events,
-        ops: &mut event_manager::EventOps,
-        device: &str,
-        serve: F,
-    ) where
-        F: FnOnce(&mut Activation) -> Result<usize, virtio_queue::Error>,
-    {
-        match events.data() {
-            ACTIVATE_TOKEN => self.on_activated(ops),
-            0 => {
-                let Some(active) = self.active.as_mut() else {
-                    return;
-                };
-                let _ = active.queue_events[0].read();
-                if let Err(e) = serve(active) {
-                    crate::guest_error!("{device}: queue is malformed, stopping the device: {e:?}");
-                    self.fail(ops);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Stops a device whose queues are corrupt: reports the failure to the
-    /// driver and stops listening to the queues.
-    pub(crate) fn fail(&mut self, ops: &mut event_manager::EventOps) {
-        if let Some(active) = &self.active {
-            active.interrupt.signal_device_failure();
-        }
-        self.deactivate(ops);
-    }
-
-    /// Unsubscribes the queue eventfds and forgets the activation.
-    pub(crate) fn deactivate(&mut self, ops: &mut event_manager::EventOps) {
-        use event_manager::{EventSet, Events};
-        if let Some(active) = self.active.take() {
-            for (i, evt) in active.queue_events.iter().enumerate() {
-                let _ = ops.remove(Events::with_data(evt, i as u32, EventSet::IN));
-            }
-        }
-    }
-}
-
-/// Takes every available chain of `queue`, hands it to `handle` (which
-/// returns the number of bytes written into the chain), and puts it on the
-/// used ring; raises the interrupt if the driver wants one. Notifications
-/// are re-enabled only once the ring is empty, the standard race-free loop.
-/// A corrupt ring (an avail index running ahead of the ring size, a queue
-/// that was never made ready) is an error, never an endless loop.
-pub(crate) fn drain_queue<F>(
-    mem: &GuestMemory,
-    queue: &mut Queue,
-    interrupt: &Interrupt,
-    mut handle: F,
-) -> Result<usize, virtio_queue::Error>
-where
-    F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
-{
-    use virtio_queue::{QueueOwnedT, QueueT};
-    if !queue.ready() {
-        return Err(virtio_queue::Error::QueueNotReady);
-    }
-    let mut used = 0;
-    let mut empty_rounds = 0;
-    loop {
-        queue.disable_notification(mem)?;
-        // Collecting first lets `add_used` borrow the queue; `iter` checks
-        // the avail index against the ring size.
-        let chains: Vec<_> = queue.iter(mem)?.collect();
-        if chains.is_empty() {
-            // The ring keeps claiming work that cannot be read (an avail
-            // ring outside memory): give up instead of spinning. A few
-            // empty rounds are normal when the driver adds buffers while
-            // notifications are being re-enabled.
-            empty_rounds += 1;
-            if empty_rounds > 16 {
-                return Err(virtio_queue::Error::InvalidAvailRingIndex);
-            }
-        } else {
-            empty_rounds = 0;
-        }
-        for chain in chains {
-            let head = chain.head_index();
-            let len = handle(chain);
-            queue.add_used(mem, head, len)?;
-            used += 1;
-        }
-        if !queue.enable_notification(mem)? {
-            break;
-        }
-    }
-    if used > 0 && queue.needs_notification(mem)? {
-        interrupt.signal_used_queue();
-    }
-    Ok(used)
 }

@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::{
-    drain_queue, ActivateError, Activation, ActivationSlot, DeviceState, VirtioDevice, TYPE_RNG,
-    VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, ActivateError, Activation, ActivationSlot, DeviceState, Drained, QueueError,
+    Served, VirtioDevice, TYPE_RNG, VIRTIO_RING_F_EVENT_IDX,
 };
 
 const QUEUE_SIZE: u16 = 64;
@@ -30,23 +30,28 @@ impl Rng {
 }
 
 /// Fills each buffer with up to `MAX_REQUEST` random bytes.
-fn serve(source: &mut File, active: &mut Activation) -> Result<usize, virtio_queue::Error> {
+fn serve(source: &mut File, active: &mut Activation) -> Result<Drained, QueueError> {
     let Activation {
         mem,
         queues,
         interrupt,
+        rings,
         ..
     } = active;
     let mut buf = vec![0u8; MAX_REQUEST];
-    drain_queue(mem, &mut queues[0], interrupt, |chain| {
+    drain_queue(mem, &mut queues[0], interrupt, rings, |chain| {
+        const NOTHING: Served = Served { len: 0, bytes: 0 };
         let Ok(mut writer) = chain.writer(mem) else {
-            return 0;
+            return NOTHING;
         };
         let n = writer.available_bytes().min(MAX_REQUEST);
         if source.read_exact(&mut buf[..n]).is_err() || writer.write_all(&buf[..n]).is_err() {
-            return 0;
+            return NOTHING;
         }
-        n as u32
+        Served {
+            len: n as u32,
+            bytes: n as u64,
+        }
     })
 }
 
@@ -71,6 +76,9 @@ impl VirtioDevice for Rng {
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         self.slot.activate(activation, 1)
+    }
+    fn reset(&mut self) {
+        self.slot.reset();
     }
 }
 

@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::mmio::{MmioTransport, DRIVER_INIT_SEQUENCE, STATUS_ALL_OK};
-use devices::virtio::VirtioDevice;
+use devices::virtio::{RingMap, VirtioDevice};
 use devices::BusDevice;
 use devices::GuestMemory as GuestMemoryMmap;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -21,7 +21,7 @@ pub const VRING_DESC_F_WRITE: u16 = 2;
 pub const VRING_DESC_F_INDIRECT: u16 = 4;
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 pub struct QueueLayout {
     pub size: u16,
@@ -36,8 +36,12 @@ pub struct Driver {
     pub transport: MmioTransport,
     pub irq: EventFd,
     pub queues: Vec<QueueLayout>,
-    em: EventManager<Subscriber>,
+    pub rings: Arc<RingMap>,
+    em: Option<EventManager<Subscriber>>,
 }
+
+/// Where the first queue's rings go; each queue takes 0x4_0000 after it.
+pub const RINGS_BASE: u64 = 0x10_0000;
 
 impl Driver {
     /// Brings `device` up to DRIVER_OK with queues of `size` entries.
@@ -46,41 +50,90 @@ impl Driver {
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let driver = Driver::unstarted(device, mem, RingMap::new());
+        Driver::started(driver, size, RINGS_BASE)
+    }
+
+    /// A second device of the same VM: the same memory and ring map, its
+    /// rings from `base`. It may fail to start (check `status`).
+    pub fn sibling<D>(&self, device: D, size: u16, base: u64) -> Driver
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let mut d = Driver::unstarted(device, self.mem.clone(), self.rings.clone());
+        d.set_up(size, base);
+        d
+    }
+
+    fn started(mut driver: Driver, size: u16, base: u64) -> Driver {
+        driver.set_up(size, base);
+        assert_eq!(
+            driver.status() & STATUS_NEEDS_RESET,
+            0,
+            "activation succeeded"
+        );
+        driver
+    }
+
+    fn unstarted<D>(device: D, mem: GuestMemoryMmap, rings: Arc<RingMap>) -> Driver
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
         let device = Arc::new(Mutex::new(device));
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut transport =
-            MmioTransport::new(device.clone(), mem.clone(), irq.try_clone().unwrap()).unwrap();
+        let transport = MmioTransport::new(
+            device.clone(),
+            mem.clone(),
+            irq.try_clone().unwrap(),
+            rings.clone(),
+        )
+        .unwrap();
         let mut em = EventManager::<Subscriber>::new().unwrap();
         em.add_subscriber(device);
-
-        let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-        let r = |t: &mut MmioTransport, off: u64| {
-            let mut b = [0u8; 4];
-            t.read(off, &mut b);
-            u32::from_le_bytes(b)
-        };
-        assert_eq!(r(&mut transport, 0), 0x7472_6976, "magic");
-        assert_eq!(r(&mut transport, 4), 2, "version");
-        w(&mut transport, 0x70, DRIVER_INIT_SEQUENCE[0]);
-        w(&mut transport, 0x70, DRIVER_INIT_SEQUENCE[1]);
-        for sel in 0..2u32 {
-            w(&mut transport, 0x14, sel);
-            let offered = r(&mut transport, 0x10);
-            w(&mut transport, 0x24, sel);
-            w(&mut transport, 0x20, offered);
+        Driver {
+            mem,
+            transport,
+            irq,
+            queues: Vec::new(),
+            rings,
+            em: Some(em),
         }
-        w(&mut transport, 0x70, DRIVER_INIT_SEQUENCE[2]);
+    }
+
+    pub fn write_reg(&mut self, off: u64, v: u32) {
+        self.transport.write(off, &v.to_le_bytes());
+    }
+
+    pub fn read_reg(&mut self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.transport.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Negotiates exactly as Linux does and lays the queues out from
+    /// `base`, then sets DRIVER_OK and runs the event loop.
+    pub fn set_up(&mut self, size: u16, base: u64) {
+        assert_eq!(self.read_reg(0), 0x7472_6976, "magic");
+        assert_eq!(self.read_reg(4), 2, "version");
+        self.write_reg(0x70, DRIVER_INIT_SEQUENCE[0]);
+        self.write_reg(0x70, DRIVER_INIT_SEQUENCE[1]);
+        for sel in 0..2u32 {
+            self.write_reg(0x14, sel);
+            let offered = self.read_reg(0x10);
+            self.write_reg(0x24, sel);
+            self.write_reg(0x20, offered);
+        }
+        self.write_reg(0x70, DRIVER_INIT_SEQUENCE[2]);
         assert_eq!(
-            r(&mut transport, 0x70),
+            self.read_reg(0x70),
             DRIVER_INIT_SEQUENCE[2],
             "FEATURES_OK accepted"
         );
-
-        let mut queues = Vec::new();
-        let mut next = 0x10_0000u64;
-        for q in 0..transport.queue_events().len() as u32 {
-            w(&mut transport, 0x30, q);
-            assert!(r(&mut transport, 0x34) >= u32::from(size));
+        self.queues.clear();
+        let mut next = base;
+        for q in 0..self.transport.queue_events().len() as u32 {
+            self.write_reg(0x30, q);
+            assert!(self.read_reg(0x34) >= u32::from(size));
             let layout = QueueLayout {
                 size,
                 desc: next,
@@ -89,31 +142,33 @@ impl Driver {
                 next_avail: 0,
             };
             next += 0x4_0000;
-            w(&mut transport, 0x38, u32::from(size));
-            w(&mut transport, 0x80, layout.desc as u32);
-            w(&mut transport, 0x84, 0);
-            w(&mut transport, 0x90, layout.avail as u32);
-            w(&mut transport, 0x94, 0);
-            w(&mut transport, 0xa0, layout.used as u32);
-            w(&mut transport, 0xa4, 0);
-            w(&mut transport, 0x44, 1);
-            queues.push(layout);
+            self.write_reg(0x38, u32::from(size));
+            self.write_reg(0x80, layout.desc as u32);
+            self.write_reg(0x84, 0);
+            self.write_reg(0x90, layout.avail as u32);
+            self.write_reg(0x94, 0);
+            self.write_reg(0xa0, layout.used as u32);
+            self.write_reg(0xa4, 0);
+            self.write_reg(0x44, 1);
+            // A fresh ring: nothing available, nothing used.
+            self.mem
+                .write_obj(0u16, GuestAddress(layout.avail + 2))
+                .unwrap();
+            self.mem
+                .write_obj(0u16, GuestAddress(layout.used + 2))
+                .unwrap();
+            self.queues.push(layout);
         }
-        w(&mut transport, 0x70, STATUS_ALL_OK);
-        let mut driver = Driver {
-            mem,
-            transport,
-            irq,
-            queues,
-            em,
-        };
-        driver.run();
-        assert_eq!(
-            driver.status() & STATUS_NEEDS_RESET,
-            0,
-            "activation succeeded"
-        );
-        driver
+        self.write_reg(0x70, STATUS_ALL_OK);
+        self.run();
+    }
+
+    /// Resets the device the way a driver does (status 0), and checks the
+    /// device says it is reset.
+    pub fn reset(&mut self) {
+        self.write_reg(0x70, 0);
+        self.run();
+        assert_eq!(self.read_reg(0x70), 0, "the device reads as reset");
     }
 
     pub fn status(&mut self) -> u32 {
@@ -124,7 +179,20 @@ impl Driver {
 
     /// Runs the device's event loop until nothing is pending.
     pub fn run(&mut self) {
-        while self.em.run_with_timeout(1).unwrap() > 0 {}
+        if let Some(em) = self.em.as_mut() {
+            while em.run_with_timeout(1).unwrap() > 0 {}
+        }
+    }
+
+    /// One round of the event loop: what one epoll wake-up dispatches.
+    pub fn run_once(&mut self) -> i32 {
+        let em = self.em.as_mut().expect("the event loop was taken");
+        em.run_with_timeout(0).unwrap() as i32
+    }
+
+    /// Moves the event loop out, to run on a thread of the test's own.
+    pub fn take_event_loop(&mut self) -> EventManager<Subscriber> {
+        self.em.take().expect("the event loop was taken already")
     }
 
     pub fn write_desc(&self, q: usize, index: u16, addr: u64, len: u32, flags: u16, next: u16) {

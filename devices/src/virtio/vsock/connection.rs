@@ -48,6 +48,8 @@ pub struct Connection {
     pub host_gone: bool,
     /// The host has been sent end-of-file.
     host_write_ended: bool,
+    /// The guest opened it (rather than a host program).
+    pub from_guest: bool,
 }
 
 impl Connection {
@@ -66,6 +68,7 @@ impl Connection {
             peer_done_sending: false,
             host_gone: false,
             host_write_ended: false,
+            from_guest: false,
         }
     }
 

@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 
+use super::drain::{BYTES_PER_WAKE, CHAINS_PER_WAKE};
 use super::{
     drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, DeviceState,
-    VirtioDevice, ACTIVATE_TOKEN, TYPE_VSOCK,
+    Drained, QueueError, Served, VirtioDevice, ACTIVATE_TOKEN, TYPE_VSOCK,
 };
 pub use muxer::{connect_to_guest, Muxer};
 
@@ -51,6 +52,9 @@ pub struct Vsock {
     /// needed): a host connection made earlier could be reset with the
     /// stale ones.
     reset_done: Arc<AtomicBool>,
+    /// The driver reset the device: the event loop closes every
+    /// connection (it alone may change what epoll watches).
+    connections_to_reset: bool,
 }
 
 impl Vsock {
@@ -63,6 +67,7 @@ impl Vsock {
             broken: false,
             reset_sent_at: None,
             reset_done: Arc::new(AtomicBool::new(true)),
+            connections_to_reset: false,
         })
     }
 
@@ -104,17 +109,21 @@ impl Vsock {
             mem,
             queues,
             interrupt,
+            rings,
             ..
         }) = self.slot.active.as_mut()
         else {
             return;
         };
         let queue = &mut queues[EVENT_QUEUE as usize];
-        let sent: Result<bool, virtio_queue::Error> = (|| {
+        let sent: Result<bool, QueueError> = (|| {
             self.reset_sent_at = Some(queue.avail_idx(&*mem, Ordering::Acquire)?.0);
             let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
                 return Ok(false);
             };
+            if rings.chain_writes_rings(&chain) {
+                return Err(QueueError::WritesRings);
+            }
             let head = chain.head_index();
             let written = match chain.writer(&*mem) {
                 Ok(mut w) if w.available_bytes() >= 4 => {
@@ -137,7 +146,7 @@ impl Vsock {
                 self.reset_done.store(true, Ordering::Release);
             }
             Err(e) => {
-                crate::guest_error!("vsock: event queue is malformed: {e:?}");
+                crate::guest_error!("vsock: event queue is malformed: {e}");
                 self.broken = true;
             }
         }
@@ -161,7 +170,9 @@ impl Vsock {
         let Some(Activation {
             mem,
             queues,
+            queue_events,
             interrupt,
+            rings,
             ..
         }) = self.slot.active.as_mut()
         else {
@@ -172,17 +183,31 @@ impl Vsock {
             mem,
             &mut queues[TX_QUEUE as usize],
             interrupt,
+            rings,
             |mut chain| {
-                match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                    Ok(pkt) => muxer.handle_guest_packet(&pkt, ops),
-                    Err(e) => crate::guest_warn!("vsock: dropping malformed TX packet: {e}"),
-                }
-                0
+                let bytes = match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                    Ok(pkt) => {
+                        muxer.handle_guest_packet(&pkt, ops);
+                        PKT_HEADER_SIZE as u64 + u64::from(pkt.len())
+                    }
+                    Err(e) => {
+                        crate::guest_warn!("vsock: dropping malformed TX packet: {e}");
+                        PKT_HEADER_SIZE as u64
+                    }
+                };
+                Served { len: 0, bytes }
             },
         );
-        if let Err(e) = result {
-            crate::guest_error!("vsock: TX queue is malformed, stopping the device: {e:?}");
-            self.broken = true;
+        match result {
+            Ok(Drained::Done) => {}
+            // Back for the rest after whatever else is waiting.
+            Ok(Drained::More) => {
+                let _ = queue_events[TX_QUEUE as usize].write(1);
+            }
+            Err(e) => {
+                crate::guest_error!("vsock: TX queue is malformed, stopping the device: {e}");
+                self.broken = true;
+            }
         }
     }
 
@@ -190,7 +215,9 @@ impl Vsock {
         let Some(Activation {
             mem,
             queues,
+            queue_events,
             interrupt,
+            rings,
             ..
         }) = self.slot.active.as_mut()
         else {
@@ -198,11 +225,20 @@ impl Vsock {
         };
         let queue = &mut queues[RX_QUEUE as usize];
         let mut used = 0;
-        let result: Result<(), virtio_queue::Error> = (|| {
+        let mut bytes = 0u64;
+        let result: Result<(), QueueError> = (|| {
             while self.muxer.has_rx_work() {
+                if used >= CHAINS_PER_WAKE || bytes >= BYTES_PER_WAKE {
+                    // Back for the rest after whatever else is waiting.
+                    let _ = queue_events[RX_QUEUE as usize].write(1);
+                    break;
+                }
                 let Some(mut chain) = queue.pop_descriptor_chain(&*mem) else {
                     break;
                 };
+                if rings.chain_writes_rings(&chain) {
+                    return Err(QueueError::WritesRings);
+                }
                 let head = chain.head_index();
                 match VsockPacket::from_rx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA) {
                     Ok(mut pkt) => {
@@ -210,6 +246,7 @@ impl Vsock {
                             let len = PKT_HEADER_SIZE as u32 + pkt.len();
                             queue.add_used(&*mem, head, len)?;
                             used += 1;
+                            bytes += u64::from(len);
                         } else {
                             queue.go_to_previous_position();
                             break;
@@ -225,7 +262,7 @@ impl Vsock {
             Ok(())
         })();
         if let Err(e) = result {
-            crate::guest_error!("vsock: RX queue is malformed, stopping the device: {e:?}");
+            crate::guest_error!("vsock: RX queue is malformed, stopping the device: {e}");
             self.broken = true;
             return;
         }
@@ -257,6 +294,13 @@ impl VirtioDevice for Vsock {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         self.slot.activate(activation, 3)
     }
+    fn reset(&mut self) {
+        self.slot.reset();
+        self.connections_to_reset = true;
+        self.broken = false;
+        self.reset_sent_at = None;
+        self.reset_done.store(true, Ordering::Release);
+    }
 }
 
 impl MutEventSubscriber for Vsock {
@@ -269,8 +313,11 @@ impl MutEventSubscriber for Vsock {
         let token = events.data();
         match token {
             ACTIVATE_TOKEN => {
-                self.slot.on_activated(ops);
-                if self.slot.active.as_ref().is_some_and(|a| a.restored) {
+                if std::mem::take(&mut self.connections_to_reset) {
+                    self.muxer.reset_all(ops);
+                }
+                let started = self.slot.on_activated(ops);
+                if started && self.slot.active.as_ref().is_some_and(|a| a.restored) {
                     self.send_transport_reset();
                     if self.broken {
                         self.slot.fail(ops);

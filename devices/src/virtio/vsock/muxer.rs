@@ -46,6 +46,10 @@ const MAX_HANDSHAKE: usize = 32;
 /// Open connections (and pending host handshakes) allowed at once; beyond
 /// that new ones are refused, so a guest cannot exhaust host descriptors.
 const MAX_CONNECTIONS: usize = 1024;
+/// Of those, connections the guest opened. Each can hold up to
+/// `TX_BUF_SIZE` the host has not read, plus the socket's own buffer; the
+/// guest decides how many it opens, so they get a smaller share.
+pub const MAX_GUEST_CONNECTIONS: usize = 64;
 /// Data-less packets waiting for RX buffers. A guest that floods the TX
 /// queue without posting RX buffers loses the surplus, not host memory.
 const MAX_CONTROL: usize = 4096;
@@ -109,7 +113,7 @@ impl Muxer {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let listener = UnixListener::bind(path)?;
+        let listener = crate::host_socket::bind_private(path)?;
         listener.set_nonblocking(true)?;
         Ok(Muxer {
             guest_cid,
@@ -184,6 +188,12 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    // The socket is 0600 in a private directory; a peer of
+                    // another user got in some other way and is refused.
+                    if !crate::host_socket::peer_is_trusted(&stream) {
+                        crate::guest_warn!("vsock: refusing a connection from another user");
+                        continue;
+                    }
                     if self.open_count() >= MAX_CONNECTIONS {
                         crate::guest_warn!(
                             "vsock: too many connections; refusing a host connection"
@@ -460,7 +470,10 @@ impl Muxer {
             self.reset(key, "guest reopened a live connection", ops);
             return;
         }
-        if self.open_count() >= MAX_CONNECTIONS {
+        let from_guest = (self.conns.values().chain(self.lingering.values()))
+            .filter(|c| c.from_guest)
+            .count();
+        if self.open_count() >= MAX_CONNECTIONS || from_guest >= MAX_GUEST_CONNECTIONS {
             crate::guest_warn!("vsock: too many connections; refusing a guest connection");
             self.push_control(key, OP_RST, 0);
             return;
@@ -476,6 +489,7 @@ impl Muxer {
         };
         watch(ops, &stream);
         let mut conn = Connection::new(stream, State::Established);
+        conn.from_guest = true;
         conn.update_peer_credit(pkt.buf_alloc(), pkt.fwd_cnt());
         self.by_fd.insert(conn.stream.as_raw_fd(), key);
         self.conns.insert(key, conn);
@@ -695,6 +709,17 @@ pub fn connect_to_guest(
     timeout: std::time::Duration,
 ) -> io::Result<UnixStream> {
     let mut stream = UnixStream::connect(path)?;
+    // What goes over it reaches the guest's agent (commands, their input):
+    // only a VMM of this user's, or root's, may be on the other end.
+    if !crate::host_socket::peer_is_trusted(&stream) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is served by another user's process: refusing to use it",
+                path.display()
+            ),
+        ));
+    }
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
     // Read the reply a byte at a time: anything after the newline belongs

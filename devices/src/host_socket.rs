@@ -1,0 +1,56 @@
+//! Unix sockets the host side of a VM listens on. They hand out access to
+//! the guest (the vsock socket reaches the agent, which runs anything as
+//! root in the guest) or to the VM itself, so only the user running the
+//! VMM (or root) may use them: each is created 0600 inside a private
+//! directory, and every connection's peer is checked again on accept.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::unistd::Uid;
+
+/// Binds a listening socket at `path`, readable and writable by its
+/// owner only.
+pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Whether the process at the other end of `stream` runs as this
+/// process's user or as root.
+pub fn peer_is_trusted(stream: &UnixStream) -> bool {
+    match getsockopt(stream, PeerCredentials) {
+        Ok(cred) => cred.uid() == 0 || cred.uid() == Uid::effective().as_raw(),
+        Err(_) => false,
+    }
+}
+
+/// The uid of the process at the other end of `stream`.
+pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    getsockopt(stream, PeerCredentials)
+        .map(|c| c.uid())
+        .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_are_private_and_peers_are_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = bind_private(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let client = UnixStream::connect(&path).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        assert!(peer_is_trusted(&server));
+        assert!(peer_is_trusted(&client));
+        assert_eq!(peer_uid(&server).unwrap(), Uid::effective().as_raw());
+    }
+}
