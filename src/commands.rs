@@ -320,7 +320,7 @@ pub fn stop(args: StopArgs) -> Result<u8> {
 }
 
 pub fn ls() -> Result<u8> {
-    for (name, info) in sandbox::list() {
+    for (name, info) in sandbox::list()? {
         if let Reply::Info { pid, hostname, .. } = info {
             println!("{name}\tpid {pid}\thostname {hostname}");
         }

@@ -30,25 +30,36 @@ use crate::artifacts;
 
 /// Where named sandboxes live: `$CAPSULE_HOME`, else
 /// `$XDG_RUNTIME_DIR/capsule`, else `/run/capsule` for root and
-/// `/tmp/capsule-<uid>` for anyone else.
-pub fn home() -> PathBuf {
-    if let Some(h) = std::env::var_os("CAPSULE_HOME") {
-        return PathBuf::from(h);
-    }
-    if let Some(r) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(r).join("capsule");
-    }
-    // SAFETY: getuid cannot fail.
-    let uid = unsafe { libc::getuid() };
-    if uid == 0 {
-        PathBuf::from("/run/capsule")
+/// `/tmp/capsule-<uid>` for anyone else. It is made 0700 if missing, and
+/// refused if it is a symlink, someone else's, or writable by others: it
+/// holds the sockets that reach every sandbox's guest.
+pub fn home() -> Result<PathBuf> {
+    let home = if let Some(h) = std::env::var_os("CAPSULE_HOME") {
+        PathBuf::from(h)
+    } else if let Some(r) = std::env::var_os("XDG_RUNTIME_DIR") {
+        PathBuf::from(r).join("capsule")
     } else {
-        PathBuf::from(format!("/tmp/capsule-{uid}"))
-    }
+        let uid = nix::unistd::Uid::effective();
+        if uid.is_root() {
+            PathBuf::from("/run/capsule")
+        } else {
+            PathBuf::from(format!("/tmp/capsule-{uid}"))
+        }
+    };
+    vmm::private::ensure_private_dir(&home)
+        .context("the sandbox home (set CAPSULE_HOME to use another)")?;
+    Ok(home)
 }
 
-pub fn dir(name: &str) -> PathBuf {
-    home().join("sandboxes").join(name)
+fn sandboxes() -> Result<PathBuf> {
+    let dir = home()?.join("sandboxes");
+    vmm::private::ensure_private_dir(&dir)?;
+    Ok(dir)
+}
+
+pub fn dir(name: &str) -> Result<PathBuf> {
+    check_name(name)?;
+    Ok(sandboxes()?.join(name))
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -170,14 +181,13 @@ pub enum Reply {
 
 /// Starts a keeper for `name` and waits until its VM is ready.
 pub fn start(name: &str, origin: &Origin) -> Result<PathBuf> {
-    check_name(name)?;
-    let dir = dir(name);
+    let dir = dir(name)?;
     if dir.join("control.sock").exists() && request(name, &Request::Info).is_ok() {
         bail!("a sandbox named {name:?} is already running (capsule stop {name})");
     }
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let log = std::fs::File::create(dir.join("keeper.log"))?;
+    vmm::private::ensure_private_dir(&dir)?;
+    let log = vmm::private::create_log(&dir.join("keeper.log"))?;
     let exe = std::env::current_exe().context("locating the capsule executable")?;
     let mut child = Command::new(exe);
     child
@@ -219,13 +229,21 @@ pub fn start(name: &str, origin: &Origin) -> Result<PathBuf> {
 
 /// Sends one request to the keeper of `name`.
 pub fn request(name: &str, req: &Request) -> Result<Reply> {
-    let sock = dir(name).join("control.sock");
+    let sock = dir(name)?.join("control.sock");
     let mut stream = UnixStream::connect(&sock).map_err(|e| {
         anyhow!(
             "no sandbox named {name:?} is running ({}: {e})",
             sock.display()
         )
     })?;
+    // What we send may be secret (and the reply names sockets we then
+    // trust): only a keeper of ours, or root's, gets it.
+    if !devices::host_socket::peer_is_trusted(&stream) {
+        bail!(
+            "{} is served by another user's process: refusing to talk to it",
+            sock.display()
+        );
+    }
     stream.set_read_timeout(Some(Duration::from_secs(600)))?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
@@ -246,7 +264,7 @@ pub fn request(name: &str, req: &Request) -> Result<Reply> {
 /// stop or the VM ends.
 pub fn keep(name: &str, origin: &str) -> Result<u8> {
     let origin: Origin = serde_json::from_str(origin).context("bad keeper arguments")?;
-    let dir = dir(name);
+    let dir = dir(name)?;
     let runtime = dir.join("runtime");
     let console = dir.join("console.log");
     let mut vm = match &origin {
@@ -269,7 +287,7 @@ pub fn keep(name: &str, origin: &str) -> Result<u8> {
     };
     let sock = dir.join("control.sock");
     let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock)?;
+    let listener = devices::host_socket::bind_private(&sock)?;
     listener.set_nonblocking(true)?;
     println!("ready");
     // Nobody reads our stdout after this line.
@@ -292,11 +310,16 @@ fn serve(vm: &mut Vm, listener: &UnixListener) -> Result<u8> {
         let mut conn = match listener.accept() {
             Ok((conn, _)) => conn,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                cap_own_log();
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
             Err(e) => return Err(e.into()),
         };
+        if !devices::host_socket::peer_is_trusted(&conn) {
+            eprintln!("capsule keeper: refusing a request from another user");
+            continue;
+        }
         conn.set_nonblocking(false)?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut line = String::new();
@@ -358,11 +381,28 @@ fn answer(vm: &mut Vm, req: Request) -> (Reply, bool) {
     }
 }
 
+/// Most bytes of `keeper.log` kept: the keeper's stderr, where the VMM's
+/// (rate-limited) warnings about the guest go.
+const KEEPER_LOG_MAX: u64 = 4 << 20;
+
+/// Starts `keeper.log` (our stderr, opened for appending) over once it
+/// passes its cap: the guest must not be able to fill the disk through it.
+fn cap_own_log() {
+    use std::os::fd::AsFd;
+    let stderr = std::io::stderr();
+    let fd = stderr.as_fd();
+    if nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_size as u64 > KEEPER_LOG_MAX)
+        && nix::unistd::ftruncate(fd, 0).is_ok()
+    {
+        eprintln!("capsule keeper: keeper.log passed {KEEPER_LOG_MAX} bytes and was started over");
+    }
+}
+
 /// Names of the sandboxes whose keeper answers.
-pub fn list() -> Vec<(String, Reply)> {
+pub fn list() -> Result<Vec<(String, Reply)>> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(home().join("sandboxes")) else {
-        return out;
+    let Ok(entries) = std::fs::read_dir(sandboxes()?) else {
+        return Ok(out);
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -371,5 +411,5 @@ pub fn list() -> Vec<(String, Reply)> {
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    Ok(out)
 }

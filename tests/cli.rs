@@ -145,3 +145,68 @@ fn this_hosts_kvm_runs_the_guest_or_explains_why_not() {
         assert!(err.contains("/dev/kvm does not exist"), "{err}");
     }
 }
+
+/// `capsule ls` with `home` as CAPSULE_HOME: (exit code, stderr).
+fn ls_with_home(home: &std::path::Path) -> (i32, String) {
+    run(capsule().arg("ls").env("CAPSULE_HOME", home))
+}
+
+#[test]
+fn a_home_others_can_write_or_that_is_a_link_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let (code, err) = ls_with_home(&home);
+    assert_eq!(code, 0, "a missing home is made: {err}");
+    let mode = std::fs::metadata(&home).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, err) = ls_with_home(&home);
+    assert_eq!(code, 125, "{err}");
+    assert!(
+        err.contains("writable by others") && err.contains("CAPSULE_HOME"),
+        "{err}"
+    );
+
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&home, &link).unwrap();
+    let (code, err) = ls_with_home(&link);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+}
+
+/// Runs as root (the test tiers do): a home another user made, as one
+/// would in a shared /tmp before the victim's first run, is refused.
+#[test]
+fn a_home_another_user_made_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534))
+        .expect("this test needs root to give a directory to another user");
+    let (code, err) = ls_with_home(&home);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("belongs to uid 65534"), "{err}");
+
+    // The default home of an unprivileged user, planted in /tmp by root.
+    let planted = std::path::Path::new("/tmp/capsule-65534");
+    let _ = std::fs::remove_dir_all(planted);
+    std::fs::create_dir(planted).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_capsule"))
+        .arg("ls")
+        .env_remove("CAPSULE_HOME")
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let _ = std::fs::remove_dir_all(planted);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("/tmp/capsule-65534") && err.contains("belongs to uid 0"),
+        "{err}"
+    );
+}

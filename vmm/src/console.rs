@@ -1,13 +1,59 @@
 //! Where the guest's serial console goes: a log file, optionally the
 //! terminal, and always a small in-memory tail for error messages.
+//!
+//! The guest decides how much it prints, so the log file is capped: at
+//! [`CONSOLE_LOG_MAX`] bytes it moves to `<name>.1` (replacing the one
+//! before) and a new file starts. At most twice the cap is on disk, the
+//! newest output always among it.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// How much console output is kept in memory for error reports.
 const TAIL_BYTES: usize = 16 * 1024;
+
+/// Size at which a console log file is rotated.
+pub const CONSOLE_LOG_MAX: u64 = 1 << 20;
+
+/// A log file that rotates once it reaches its cap.
+pub struct RotatingLog {
+    path: PathBuf,
+    file: File,
+    written: u64,
+    limit: u64,
+}
+
+impl RotatingLog {
+    /// Starts `path` afresh (created 0600, never through a symlink).
+    pub fn create(path: &Path) -> io::Result<Self> {
+        Self::with_limit(path, CONSOLE_LOG_MAX)
+    }
+
+    pub fn with_limit(path: &Path, limit: u64) -> io::Result<Self> {
+        Ok(RotatingLog {
+            file: crate::private::create_file(path, true)?,
+            path: path.to_path_buf(),
+            written: 0,
+            limit,
+        })
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.written > 0 && self.written + data.len() as u64 > self.limit {
+            let mut old = self.path.clone().into_os_string();
+            old.push(".1");
+            std::fs::rename(&self.path, &old)?;
+            self.file = crate::private::create_file(&self.path, false)?;
+            self.written = 0;
+        }
+        self.file.write_all(data)?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+}
 
 /// The last bytes the guest printed, shared with the VM handle.
 #[derive(Clone, Default)]
@@ -39,14 +85,14 @@ impl ConsoleTail {
 /// The serial port's output sink. Serial output arrives a byte at a time;
 /// it is written out a line at a time.
 pub struct ConsoleSink {
-    file: Option<File>,
+    file: Option<RotatingLog>,
     echo: bool,
     tail: ConsoleTail,
     line: Vec<u8>,
 }
 
 impl ConsoleSink {
-    pub fn new(file: Option<File>, echo: bool, tail: ConsoleTail) -> Self {
+    pub fn new(file: Option<RotatingLog>, echo: bool, tail: ConsoleTail) -> Self {
         ConsoleSink {
             file,
             echo,
@@ -108,5 +154,27 @@ mod tests {
         write!(sink, "partial").unwrap();
         sink.flush().unwrap();
         assert_eq!(tail.last_lines(3), "line 1998\nline 1999\npartial");
+    }
+
+    #[test]
+    fn the_log_file_is_capped_and_keeps_the_newest_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let log = RotatingLog::with_limit(&path, 64 << 10).unwrap();
+        let mut sink = ConsoleSink::new(Some(log), false, ConsoleTail::default());
+        for i in 0..200_000 {
+            writeln!(sink, "guest line {i} with some padding to make it longer").unwrap();
+        }
+        sink.flush().unwrap();
+        let total: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(total <= 2 * (64 << 10), "{total} bytes on disk");
+        let newest = std::fs::read_to_string(&path).unwrap();
+        assert!(newest.ends_with("guest line 199999 with some padding to make it longer\n"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -39,6 +39,8 @@ pub enum Error {
     Device(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Private(#[from] crate::private::PrivateError),
     #[error("the guest kernel cannot run on this host's KVM ({flavor:?}): KVM reported an emulation failure. {hint}")]
     Unsupported { flavor: KvmFlavor, hint: String },
     #[error("the guest did not become ready within {seconds:.1}s. Last console lines:\n{console}")]

@@ -17,7 +17,9 @@ pub mod layout;
 pub mod logging;
 pub mod memory;
 pub mod persist;
+pub mod private;
 mod ready;
+mod threads;
 mod vm;
 
 pub use diagnose::console_shows_guest_failure;

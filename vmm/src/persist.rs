@@ -430,9 +430,14 @@ pub struct WorkingSet {
 pub fn write_working_set(dir: &Path, set: &WorkingSet) -> Result<()> {
     let mut w = StateWriter::new();
     w.section(TAG_WORKING_SET, encode("working set", set)?);
-    let tmp = dir.join(format!("{WORKING_SET_FILE}.tmp"));
-    std::fs::write(&tmp, w.to_bytes())?;
-    std::fs::rename(&tmp, dir.join(WORKING_SET_FILE))?;
+    // A fresh name made with O_EXCL (never a file or link already there),
+    // then renamed over the old set.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".workingset-")
+        .tempfile_in(dir)?;
+    std::io::Write::write_all(&mut tmp, &w.to_bytes())?;
+    tmp.persist(dir.join(WORKING_SET_FILE))
+        .map_err(|e| Error::Io(e.error))?;
     Ok(())
 }
 
@@ -511,4 +516,35 @@ pub fn open_memory_file(dir: &Path, info: &SnapshotInfo) -> Result<File> {
         )));
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shipped snapshot directory can hold links where the working set
+    /// (or its temporary file) goes: writing it replaces the link and
+    /// never writes through it.
+    #[test]
+    fn writing_a_working_set_never_follows_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let precious = dir.path().join("bashrc");
+        std::fs::write(&precious, b"precious").unwrap();
+        for name in ["workingset.tmp", WORKING_SET_FILE] {
+            std::os::unix::fs::symlink(&precious, dir.path().join(name)).unwrap();
+        }
+        let set = WorkingSet {
+            chunk: 65536,
+            offsets: vec![0, 65536],
+        };
+        write_working_set(dir.path(), &set).unwrap();
+        assert_eq!(std::fs::read(&precious).unwrap(), b"precious");
+        let written = dir.path().join(WORKING_SET_FILE);
+        let meta = std::fs::symlink_metadata(&written).unwrap();
+        assert!(meta.is_file(), "the link was replaced by the file");
+        let bytes = std::fs::read(&written).unwrap();
+        let sections = container::parse(&bytes).unwrap();
+        assert_eq!(sections.len(), 1);
+        assert_eq!(sections[0].tag, TAG_WORKING_SET);
+    }
 }

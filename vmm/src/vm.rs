@@ -29,7 +29,7 @@ use devices::virtio::block::{Block, BlockState};
 use devices::virtio::mmio::{MmioState, MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::{connect_to_guest, Vsock, VsockState};
-use devices::virtio::{DeviceState, VirtioDevice};
+use devices::virtio::{DeviceState, RingMap, VirtioDevice};
 use devices::Bus;
 use devices::GuestMemory;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -45,7 +45,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot;
-use crate::console::{ConsoleSink, ConsoleTail};
+use crate::console::{ConsoleSink, ConsoleTail, RotatingLog};
 use crate::cpu::state as cpu_state;
 use crate::cpu::vcpu::{self, VcpuHandle};
 use crate::cpu::{cpuid, regs};
@@ -221,20 +221,16 @@ struct RuntimeDir {
 impl RuntimeDir {
     fn new(requested: Option<&Path>) -> Result<Self> {
         if let Some(p) = requested {
-            std::fs::create_dir_all(p)?;
+            crate::private::ensure_private_dir(p)?;
             return Ok(RuntimeDir {
                 path: p.to_path_buf(),
                 owned: false,
             });
         }
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("capsule-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
-        Ok(RuntimeDir { path, owned: true })
+        Ok(RuntimeDir {
+            path: crate::private::temp_dir("capsule-")?,
+            owned: true,
+        })
     }
 }
 
@@ -374,7 +370,7 @@ struct Machine {
     wake: EventFd,
     exit: Arc<ExitState>,
     console: ConsoleTail,
-    console_file: Option<File>,
+    console_file: Option<RotatingLog>,
     console_to_stderr: bool,
     pio: Bus,
     mmio: Bus,
@@ -384,6 +380,8 @@ struct Machine {
     blocks: Vec<Arc<Mutex<Block>>>,
     vsock: Option<Arc<Mutex<Vsock>>>,
     vsock_path: PathBuf,
+    /// Every active virtqueue ring of the VM, shared by the transports.
+    rings: Arc<RingMap>,
 }
 
 impl Machine {
@@ -396,7 +394,7 @@ impl Machine {
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let exit = Arc::new(ExitState::new(wake.try_clone()?));
         let console_file =
-            File::create(console_log.unwrap_or_else(|| runtime.path.join("console.log")))?;
+            RotatingLog::create(&console_log.unwrap_or_else(|| runtime.path.join("console.log")))?;
         let vsock_path = runtime.path.join("vsock.sock");
         Ok(Machine {
             runtime,
@@ -413,6 +411,7 @@ impl Machine {
             blocks: Vec::new(),
             vsock: None,
             vsock_path,
+            rings: RingMap::new(),
         })
     }
 
@@ -479,9 +478,11 @@ impl Machine {
             .register_irqfd(&irqfd, irq)
             .map_err(Error::kvm("wiring a virtio interrupt"))?;
         let transport = match state {
-            None => MmioTransport::new(device, mem.clone(), irqfd)?,
-            Some(state) => MmioTransport::restore(device, mem.clone(), irqfd, state)
-                .map_err(|e| Error::Snapshot(format!("virtio device {i}: {e}")))?,
+            None => MmioTransport::new(device, mem.clone(), irqfd, self.rings.clone())?,
+            Some(state) => {
+                MmioTransport::restore(device, mem.clone(), irqfd, self.rings.clone(), state)
+                    .map_err(|e| Error::Snapshot(format!("virtio device {i}: {e}")))?
+            }
         };
         for (q, evt) in transport.queue_events().iter().enumerate() {
             vm_fd
@@ -955,7 +956,7 @@ impl Vm {
             options.console_to_stderr,
         )?;
         if let Some(dir) = &options.layer_dir {
-            std::fs::create_dir_all(dir)?;
+            crate::private::ensure_private_dir(dir)?;
         }
         machine.add_legacy(&vm_fd, Some(&snap.devices.serial))?;
         for (i, saved) in snap.devices.virtio.iter().enumerate() {
@@ -1053,7 +1054,7 @@ impl Vm {
             .clone()
             .unwrap_or_else(|| self.runtime.path.clone());
         if !self.blocks.is_empty() {
-            std::fs::create_dir_all(&layer_dir)?;
+            crate::private::ensure_private_dir(&layer_dir)?;
         }
         let mut saved = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
@@ -1318,7 +1319,14 @@ impl Vm {
         id: u64,
     ) -> Result<(u64, u64)> {
         let diff = parent.is_some();
-        std::fs::create_dir_all(dir)?;
+        // Guest memory is in there: the user's alone.
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
         let disks = self.freeze_disks(dir)?;
         let vcpus = self
             .vcpus
@@ -1356,7 +1364,7 @@ impl Vm {
         // The memory file first, under a temporary name: a state file
         // never points at a half-written memory file.
         let memory_tmp = dir.join(format!("{}.tmp", persist::MEMORY_FILE));
-        let file = File::create(&memory_tmp)?;
+        let file = crate::private::create_file(&memory_tmp, false)?;
         // From the first snapshot on, KVM logs the guest's writes; what is
         // logged before this point is in this snapshot.
         if !self.dirty_log {
@@ -1406,7 +1414,12 @@ impl Vm {
         }
         .to_bytes()?;
         let state_tmp = dir.join(format!("{}.tmp", persist::STATE_FILE));
-        std::fs::write(&state_tmp, bytes)?;
+        {
+            use std::io::Write;
+            let mut f = crate::private::create_file(&state_tmp, false)?;
+            f.write_all(&bytes)?;
+            f.sync_data()?;
+        }
         std::fs::rename(&memory_tmp, dir.join(persist::MEMORY_FILE))?;
         std::fs::rename(&state_tmp, dir.join(persist::STATE_FILE))?;
         Ok((stats.bytes_written, stats.zero_bytes_skipped))
@@ -1581,21 +1594,28 @@ impl Vm {
         self.stop.store(true, Ordering::Release);
         self.gate.release();
         let _ = self.wake.write(1);
+        let deadline = Instant::now() + crate::threads::STOP_TIMEOUT;
+        let mut all_stopped = true;
         // A kick can land just before a vCPU enters KVM_RUN; repeat until
         // every thread has noticed.
         for handle in self.vcpus.drain(..) {
-            while !handle.is_finished() {
-                handle.kick();
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            handle.join();
+            all_stopped &= handle.join_by(deadline);
         }
         if let Some(handle) = self.event_loop.take() {
-            let _ = handle.join();
+            let wake = &self.wake;
+            all_stopped &= crate::threads::join_by(handle, deadline, |_| {
+                let _ = wake.write(1);
+            });
         }
-        // Nothing touches guest memory any more.
         if let Some(mut server) = self.uffd.take() {
-            server.stop();
+            if all_stopped {
+                // Nothing touches guest memory any more.
+                server.stop();
+            } else {
+                // A thread left running may still fault on guest memory:
+                // keep serving it rather than leave it waiting forever.
+                std::mem::forget(server);
+            }
         }
     }
 }

@@ -138,8 +138,11 @@ impl VcpuHandle {
         kick(&self.thread);
     }
 
-    pub fn join(self) {
-        let _ = self.thread.join();
+    /// Stops the thread (it must have been told to through the stop
+    /// flag): kicks it out of KVM_RUN until it ends, or `deadline`
+    /// passes and it is left running. Returns whether it ended.
+    pub fn join_by(self, deadline: std::time::Instant) -> bool {
+        crate::threads::join_by(self.thread, deadline, kick)
     }
 
     fn gone(&self) -> Error {
