@@ -63,6 +63,7 @@ pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
         memory_bytes_written,
         memory_zero_bytes,
         paused_ms,
+        disks,
     } = reply
     {
         eprintln!(
@@ -71,6 +72,14 @@ pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
             dir.display(),
             memory_bytes_written as f64 / (1 << 20) as f64,
             memory_zero_bytes as f64 / (1 << 20) as f64,
+        );
+        let disks: String = disks
+            .iter()
+            .map(|d| format!(" --disk {}", d.display()))
+            .collect();
+        eprintln!(
+            "capsule: restore it with: capsule restore {}{disks} [-- COMMAND]",
+            dir.display()
         );
     }
     Ok(0)
@@ -95,10 +104,37 @@ impl Backend {
     }
 }
 
+/// The disks of a snapshot, named again.
+#[derive(Args, Debug, Clone)]
+pub struct SnapshotDisks {
+    /// The raw image under each of the snapshot's disks, in the order the
+    /// sandbox had them (its --rootfs first, then each --disk; repeat the
+    /// option). A snapshot never names files outside its own directory:
+    /// each is checked to be the image the snapshot was taken with.
+    #[arg(long = "disk", value_name = "IMAGE")]
+    pub disks: Vec<PathBuf>,
+}
+
+impl SnapshotDisks {
+    pub fn absolute(&self) -> Result<Vec<PathBuf>> {
+        self.disks.iter().map(|d| sandbox::absolute(d)).collect()
+    }
+}
+
+/// Adds what the CLI user should do to a snapshot's disk error.
+fn restore_error(e: vmm::Error, snapshot: &std::path::Path) -> anyhow::Error {
+    let hint = matches!(e, vmm::Error::DisksNotNamed { .. })
+        .then_some("\n(name each with --disk IMAGE, in that order)")
+        .unwrap_or_default();
+    anyhow::anyhow!("cannot restore {}: {e}{hint}", snapshot.display())
+}
+
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// The snapshot directory.
     snapshot: PathBuf,
+    #[command(flatten)]
+    disks: SnapshotDisks,
     /// New hostname for the restored guest (default: the snapshot's).
     #[arg(long)]
     hostname: Option<String>,
@@ -127,6 +163,7 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
         let origin = Origin::Restore {
             snapshot: sandbox::absolute(&args.snapshot)?,
             hostname: args.hostname.clone(),
+            disks: args.disks.absolute()?,
         };
         sandbox::start(name, &origin)?;
         let code = if args.command.is_empty() {
@@ -147,10 +184,11 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
             hostname: args.hostname.clone(),
             ..Default::default()
         },
+        disks: args.disks.absolute()?,
         ..Default::default()
     };
-    let mut vm = Vm::restore(&args.snapshot, options)
-        .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;
+    let mut vm =
+        Vm::restore(&args.snapshot, options).map_err(|e| restore_error(e, &args.snapshot))?;
     let restored = t0.elapsed();
     let t_exec = Instant::now();
     let status = exec::stream(vm.agent()?, &args.command, &args.command_args)?;
@@ -178,6 +216,8 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
 pub struct ForkArgs {
     /// The snapshot directory.
     snapshot: PathBuf,
+    #[command(flatten)]
+    disks: SnapshotDisks,
     /// How many replicas to start.
     #[arg(long, default_value_t = 2)]
     count: usize,
@@ -281,10 +321,11 @@ fn run_fork(i: usize, args: &ForkArgs) -> Result<ForkResult> {
     let options = RestoreOptions {
         memory: args.memory_backend.memory(),
         identity: vmm::fork_identity(format!("fork-{i}"))?,
+        disks: args.disks.absolute()?,
         ..Default::default()
     };
-    let mut vm = Vm::restore(&args.snapshot, options)
-        .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;
+    let mut vm =
+        Vm::restore(&args.snapshot, options).map_err(|e| restore_error(e, &args.snapshot))?;
     let ready = t0.elapsed();
     let request = args.command_args.request(&args.command, false);
     // Every replica's output is held until all are done: share a budget.

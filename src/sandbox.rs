@@ -82,6 +82,9 @@ pub enum Origin {
     Restore {
         snapshot: PathBuf,
         hostname: Option<String>,
+        /// The raw images under the snapshot's disks, in order.
+        #[serde(default)]
+        disks: Vec<PathBuf>,
     },
 }
 
@@ -172,6 +175,9 @@ pub enum Reply {
         memory_bytes_written: u64,
         memory_zero_bytes: u64,
         paused_ms: f64,
+        /// The raw images a restore names again, in order.
+        #[serde(default)]
+        disks: Vec<PathBuf>,
     },
     Stopped,
     Error {
@@ -269,7 +275,11 @@ pub fn keep(name: &str, origin: &str) -> Result<u8> {
     let console = dir.join("console.log");
     let mut vm = match &origin {
         Origin::Boot(spec) => spec.boot(Some(&runtime), Some(&console))?,
-        Origin::Restore { snapshot, hostname } => {
+        Origin::Restore {
+            snapshot,
+            hostname,
+            disks,
+        } => {
             let options = RestoreOptions {
                 runtime_dir: Some(runtime.clone()),
                 console_log: Some(console.clone()),
@@ -279,6 +289,7 @@ pub fn keep(name: &str, origin: &str) -> Result<u8> {
                 },
                 // A kept sandbox is suspended again later: let that be a diff.
                 track_dirty: true,
+                disks: disks.clone(),
                 ..Default::default()
             };
             Vm::restore(snapshot, options)
@@ -363,6 +374,7 @@ fn answer(vm: &mut Vm, req: Request) -> (Reply, bool) {
                         memory_bytes_written: stats.memory_bytes_written,
                         memory_zero_bytes: stats.memory_zero_bytes,
                         paused_ms: stats.paused_for.as_secs_f64() * 1e3,
+                        disks: vm.config().disks.iter().map(|d| d.path.clone()).collect(),
                     },
                     false,
                 ),

@@ -9,32 +9,46 @@
 //!
 //! ```text
 //! 0      header (4 KiB): magic "CAPLAYER" | version u32 | block size u32
-//!        | size u64 | base size u64 | base mtime ns u64 | base kind u32
-//!        | base path len u32 | base path | CRC-32 of all of the above
+//!        | size u64 | layer id [16] | base kind u32 | base id [16]
+//!        | base size u64 | base mtime ns u64 | base name len u32
+//!        | base name | CRC-32 of all of the above
 //! 4 KiB  allocation bitmap: bit i set = block i lives in this file
 //! data   block i at data + i * block size (the file is sparse)
 //! ```
 //!
-//! Layer files are untrusted: every header field is checked, the base
-//! chain is bounded in depth, and a base that changed since the layer was
-//! made (size or modification time) is refused rather than read.
+//! A layer never opens anything by itself: whoever opens it hands it the
+//! base it must sit on, and the layer checks that base is the one it was
+//! made over (a layer base by its random id, a raw base by its size and
+//! modification time). So a layer file, which may come from a snapshot
+//! someone else made, cannot make the VMM open any other file. The base
+//! name in the header is a hint for messages only. Every header field is
+//! checked, and chains are bounded in depth.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const MAGIC: [u8; 8] = *b"CAPLAYER";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_SIZE: u64 = 4096;
 /// Copy-on-write granularity: a first write to a block copies the rest of
 /// it up from the base.
 pub const BLOCK_SIZE: u32 = 64 * 1024;
-/// Longest base chain accepted (also what stops a layer that is its own
-/// base).
+/// Longest chain of layers over a raw image.
 pub const MAX_DEPTH: usize = 32;
-const MAX_BASE_PATH: usize = 2048;
+const MAX_BASE_NAME: usize = 255;
+/// Where the header's fields sit.
+const AT_LAYER_ID: usize = 24;
+const AT_BASE_KIND: usize = 40;
+const AT_BASE_ID: usize = 44;
+const AT_BASE_SIZE: usize = 60;
+const AT_BASE_MTIME: usize = 68;
+const AT_NAME_LEN: usize = 76;
+const AT_NAME: usize = 80;
+
+/// A layer's identity: random, made with the layer, kept by copies.
+pub type LayerId = [u8; 16];
 
 fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
@@ -42,8 +56,7 @@ fn invalid(message: String) -> io::Error {
 
 /// What a disk file is. Always known from where it came from, never
 /// guessed from its contents: the guest writes a raw disk's first bytes
-/// and could otherwise make it look like a layer naming any host file as
-/// its base.
+/// and could otherwise make it look like a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DiskKind {
     /// A raw image, as a user supplies it.
@@ -72,6 +85,7 @@ pub enum DiskImage {
 pub struct Layer {
     file: File,
     path: PathBuf,
+    id: LayerId,
     base: DiskImage,
     block_size: u64,
     size: u64,
@@ -79,50 +93,79 @@ pub struct Layer {
     data_offset: u64,
 }
 
-/// What identifies a frozen image: its size and modification time (ns).
-/// A layer refuses a base whose fingerprint differs from when it was
+/// What identifies a raw image: its size and modification time (ns). A
+/// layer refuses a raw base whose fingerprint differs from when it was
 /// made; a snapshot refuses a disk that changed since it was taken.
 pub fn fingerprint(path: &Path) -> io::Result<(u64, u64)> {
-    let meta = std::fs::metadata(path)?;
+    Ok(fingerprint_of(&std::fs::metadata(path)?))
+}
+
+fn fingerprint_of(meta: &std::fs::Metadata) -> (u64, u64) {
     let mtime = (meta.mtime() as u64)
         .wrapping_mul(1_000_000_000)
         .wrapping_add(meta.mtime_nsec() as u64);
-    Ok((meta.len(), mtime))
+    (meta.len(), mtime)
+}
+
+fn random_id() -> io::Result<LayerId> {
+    use std::io::Read;
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut id)?;
+    Ok(id)
+}
+
+/// Opens a file Capsule made (a layer, maybe from someone else's
+/// snapshot): never through a symlink, and only a regular file.
+fn open_own(path: &Path, writable: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(invalid(format!("{} is not a regular file", path.display())));
+    }
+    Ok(file)
 }
 
 impl DiskImage {
-    /// Opens `path` as an image of `kind`. A layer's base chain is always
-    /// opened read-only.
-    pub fn open(path: &Path, kind: DiskKind, writable: bool) -> io::Result<DiskImage> {
-        Self::open_at_depth(path, kind, writable, 0)
-    }
-
-    fn open_at_depth(
-        path: &Path,
-        kind: DiskKind,
-        writable: bool,
-        depth: usize,
-    ) -> io::Result<DiskImage> {
-        if depth > MAX_DEPTH {
-            return Err(invalid(format!(
-                "{}: more than {MAX_DEPTH} layers deep (or a layer is its own base)",
-                path.display()
-            )));
-        }
+    /// Opens a raw image the user named.
+    pub fn open_raw(path: &Path, writable: bool) -> io::Result<DiskImage> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        if kind == DiskKind::Layer {
-            return Ok(DiskImage::Layer(Box::new(Layer::open(
-                file,
-                path.to_path_buf(),
-                depth,
-            )?)));
-        }
         let size = file.metadata()?.len();
         Ok(DiskImage::Raw {
             file,
             path: path.to_path_buf(),
             size,
         })
+    }
+
+    /// Opens the layer file at `path` over `base`, which must be the image
+    /// the layer was made over.
+    pub fn open_layer(path: &Path, base: DiskImage, writable: bool) -> io::Result<DiskImage> {
+        if base.depth() > MAX_DEPTH {
+            return Err(invalid(format!(
+                "{}: more than {MAX_DEPTH} layers deep",
+                path.display()
+            )));
+        }
+        let file = open_own(path, writable)?;
+        Ok(DiskImage::Layer(Box::new(Layer::open(
+            file,
+            path.to_path_buf(),
+            base,
+        )?)))
+    }
+
+    /// Opens a raw image and the layers over it, bottom first. Only the
+    /// top is writable, and only if `writable`.
+    pub fn open_chain(raw: &Path, layers: &[PathBuf], writable: bool) -> io::Result<DiskImage> {
+        let mut image = DiskImage::open_raw(raw, writable && layers.is_empty())?;
+        for (i, layer) in layers.iter().enumerate() {
+            let top = i + 1 == layers.len();
+            image = DiskImage::open_layer(layer, image, writable && top)?;
+        }
+        Ok(image)
     }
 
     pub fn kind(&self) -> DiskKind {
@@ -153,6 +196,27 @@ impl DiskImage {
         match self {
             DiskImage::Raw { path, .. } => path,
             DiskImage::Layer(l) => &l.path,
+        }
+    }
+
+    /// The raw image at the bottom of the chain.
+    pub fn raw_base(&self) -> &DiskImage {
+        match self {
+            DiskImage::Raw { .. } => self,
+            DiskImage::Layer(l) => l.base.raw_base(),
+        }
+    }
+
+    /// The fingerprint of the raw image at the bottom, from its open file.
+    pub fn raw_fingerprint(&self) -> io::Result<(u64, u64)> {
+        Ok(fingerprint_of(&self.raw_base().file().metadata()?))
+    }
+
+    /// The top layer's id, if the top is a layer.
+    pub fn layer_id(&self) -> Option<LayerId> {
+        match self {
+            DiskImage::Raw { .. } => None,
+            DiskImage::Layer(l) => Some(l.id),
         }
     }
 
@@ -198,7 +262,7 @@ impl DiskImage {
     /// created at `top`, which becomes the image. From now on nothing
     /// writes the frozen files. On error the image is unchanged.
     pub fn push_layer(&mut self, top: &Path) -> io::Result<()> {
-        let (file, data_offset, bitmap_len) = Layer::create_file(top, self)?;
+        let (file, id, data_offset, bitmap_len) = Layer::create_file(top, self)?;
         let placeholder = match self.file().try_clone() {
             Ok(f) => DiskImage::Raw {
                 file: f,
@@ -214,6 +278,7 @@ impl DiskImage {
         *self = DiskImage::Layer(Box::new(Layer {
             file,
             path: top.to_path_buf(),
+            id,
             block_size: u64::from(BLOCK_SIZE),
             size: base.size(),
             base,
@@ -223,81 +288,66 @@ impl DiskImage {
         Ok(())
     }
 
-    /// Gives this image's top file a second home at `dest` (a hard link,
-    /// or a sparse copy across filesystems) and uses that path from now
-    /// on: a snapshot keeps the layers it needs with it. The top must not
-    /// be written meanwhile or after (it is about to be frozen).
-    /// An existing `dest` is an error, never replaced: it may be some
-    /// other image's base.
-    pub fn relocate_top(&mut self, dest: &Path) -> io::Result<()> {
-        match std::fs::hard_link(self.path(), dest) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
-            Err(_) => self.copy_top_to(dest)?,
-        }
+    /// Gives every layer file of the chain a home in `dir` (a hard link,
+    /// or a sparse copy across filesystems), named by `name(j)` for the
+    /// j-th layer from the bottom, and uses those files from now on: a
+    /// snapshot keeps the layers it needs with it. With `skip_top`, the
+    /// top layer (the one the VM writes) stays where it is. Returns the
+    /// names, bottom first. The layers moved must not be written again.
+    /// An existing destination is an error, never replaced.
+    pub fn keep_layers_in(
+        &mut self,
+        dir: &Path,
+        skip_top: bool,
+        name: &dyn Fn(usize) -> String,
+    ) -> io::Result<Vec<String>> {
         match self {
-            DiskImage::Raw { path, .. } => *path = dest.to_path_buf(),
-            DiskImage::Layer(l) => l.path = dest.to_path_buf(),
-        }
-        Ok(())
-    }
-
-    /// The image under this one's top layer, if it is a layer.
-    pub fn base(&self) -> Option<&DiskImage> {
-        match self {
-            DiskImage::Raw { .. } => None,
-            DiskImage::Layer(l) => Some(&l.base),
-        }
-    }
-
-    /// Whether this image's top level is a layer file (as opposed to a raw
-    /// image the user supplied).
-    pub fn is_layer(&self) -> bool {
-        matches!(self, DiskImage::Layer(_))
-    }
-
-    /// Copies this image's top level to `dest`, sparsely: for a layer only
-    /// its header, bitmap and allocated blocks are written.
-    pub fn copy_top_to(&self, dest: &Path) -> io::Result<()> {
-        match self {
-            DiskImage::Raw { .. } => std::fs::copy(self.path(), dest).map(|_| ()),
-            DiskImage::Layer(l) => l.copy_to(dest),
+            DiskImage::Raw { .. } => Ok(Vec::new()),
+            DiskImage::Layer(l) => {
+                let mut names = l.base.keep_layers_in(dir, false, name)?;
+                if !skip_top {
+                    let file_name = name(names.len());
+                    l.relocate(&dir.join(&file_name))?;
+                    names.push(file_name);
+                }
+                Ok(names)
+            }
         }
     }
 }
 
 impl Layer {
     /// Creates an empty layer file at `path` over `base`; returns it with
-    /// its data offset and bitmap length.
-    fn create_file(path: &Path, base: &DiskImage) -> io::Result<(File, u64, usize)> {
-        let base_path = std::path::absolute(base.path())?;
-        let base_path_bytes = base_path.as_os_str().as_encoded_bytes();
-        if base_path_bytes.len() > MAX_BASE_PATH {
-            return Err(invalid(format!(
-                "base path {} is too long",
-                base_path.display()
-            )));
-        }
+    /// its id, data offset and bitmap length.
+    fn create_file(path: &Path, base: &DiskImage) -> io::Result<(File, LayerId, u64, usize)> {
+        let name = base
+            .path()
+            .file_name()
+            .map(|n| n.as_encoded_bytes())
+            .unwrap_or_default();
+        let name = &name[..name.len().min(MAX_BASE_NAME)];
         let size = base.size();
         let block_size = u64::from(BLOCK_SIZE);
         let bitmap_len = size.div_ceil(block_size).div_ceil(8);
         let data_offset = HEADER_SIZE + bitmap_len.div_ceil(4096) * 4096;
-        let (base_size, base_mtime) = fingerprint(&base_path)?;
+        let id = random_id()?;
+        let (base_kind, base_id, (base_size, base_mtime)) = match base {
+            DiskImage::Raw { file, .. } => (0u32, [0u8; 16], fingerprint_of(&file.metadata()?)),
+            DiskImage::Layer(l) => (1u32, l.id, (l.size, 0)),
+        };
 
         let mut header = Vec::with_capacity(HEADER_SIZE as usize);
         header.extend_from_slice(&MAGIC);
         header.extend_from_slice(&VERSION.to_le_bytes());
         header.extend_from_slice(&BLOCK_SIZE.to_le_bytes());
         header.extend_from_slice(&size.to_le_bytes());
+        header.extend_from_slice(&id);
+        header.extend_from_slice(&base_kind.to_le_bytes());
+        header.extend_from_slice(&base_id);
         header.extend_from_slice(&base_size.to_le_bytes());
         header.extend_from_slice(&base_mtime.to_le_bytes());
-        let base_kind: u32 = match base.kind() {
-            DiskKind::Raw => 0,
-            DiskKind::Layer => 1,
-        };
-        header.extend_from_slice(&base_kind.to_le_bytes());
-        header.extend_from_slice(&(base_path_bytes.len() as u32).to_le_bytes());
-        header.extend_from_slice(base_path_bytes);
+        header.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        header.extend_from_slice(name);
         let crc = crc32fast::hash(&header);
         header.extend_from_slice(&crc.to_le_bytes());
 
@@ -315,10 +365,10 @@ impl Layer {
             let _ = std::fs::remove_file(path);
             return Err(e);
         }
-        Ok((file, data_offset, bitmap_len as usize))
+        Ok((file, id, data_offset, bitmap_len as usize))
     }
 
-    fn open(file: File, path: PathBuf, depth: usize) -> io::Result<Layer> {
+    fn open(file: File, path: PathBuf, base: DiskImage) -> io::Result<Layer> {
         let bad = |what: &str| invalid(format!("{}: {what}", path.display()));
         let mut header = vec![0u8; HEADER_SIZE as usize];
         file.read_exact_at(&mut header, 0)
@@ -327,33 +377,48 @@ impl Layer {
             |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().unwrap_or([0; 4]));
         let u64_at =
             |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
+        let id_at = |at: usize| -> LayerId { header[at..at + 16].try_into().unwrap_or([0; 16]) };
+        if header[..8] != MAGIC {
+            return Err(bad("not a Capsule layer (bad magic)"));
+        }
         let version = u32_at(8);
         if version != VERSION {
             return Err(bad(&format!(
                 "layer format version {version} is not supported"
             )));
         }
-        let block_size = u64::from(u32_at(12));
-        let size = u64_at(16);
-        let (base_size, base_mtime) = (u64_at(24), u64_at(32));
-        let base_kind = match u32_at(40) {
-            0 => DiskKind::Raw,
-            1 => DiskKind::Layer,
-            _ => return Err(bad("corrupt layer header (base kind)")),
-        };
-        let path_len = u32_at(44) as usize;
-        if path_len == 0 || path_len > MAX_BASE_PATH {
-            return Err(bad("corrupt layer header (base path length)"));
+        let name_len = u32_at(AT_NAME_LEN) as usize;
+        if name_len > MAX_BASE_NAME {
+            return Err(bad("corrupt layer header (base name length)"));
         }
-        let crc_at = 48 + path_len;
+        let crc_at = AT_NAME + name_len;
         if crc32fast::hash(&header[..crc_at]) != u32_at(crc_at) {
             return Err(bad("corrupt layer header (checksum mismatch)"));
         }
+        let block_size = u64::from(u32_at(12));
+        let size = u64_at(16);
         if !block_size.is_power_of_two() || !(4096..=(1 << 20)).contains(&block_size) {
             return Err(bad(&format!("unsupported block size {block_size}")));
         }
         if size == 0 || size % 512 != 0 || size > (1 << 50) {
             return Err(bad(&format!("unsupported disk size {size}")));
+        }
+        let base_name = String::from_utf8_lossy(&header[AT_NAME..crc_at]).into_owned();
+        // The base handed to us must be the one this layer was made over.
+        let matches = match (u32_at(AT_BASE_KIND), &base) {
+            (0, DiskImage::Raw { file, .. }) => {
+                fingerprint_of(&file.metadata()?) == (u64_at(AT_BASE_SIZE), u64_at(AT_BASE_MTIME))
+            }
+            (1, DiskImage::Layer(l)) => l.id == id_at(AT_BASE_ID),
+            (0 | 1, _) => false,
+            _ => return Err(bad("corrupt layer header (base kind)")),
+        };
+        if !matches || base.size() != size {
+            return Err(bad(&format!(
+                "its base {} is not the image it was made over (another disk, a layer of \
+                 another chain, or a raw image that changed since; it was made over {base_name:?})",
+                base.path().display()
+            )));
         }
         let bitmap_len = size.div_ceil(block_size).div_ceil(8);
         if bitmap_len > MAX_BITMAP {
@@ -367,31 +432,28 @@ impl Layer {
         }
         let mut bitmap = vec![0u8; bitmap_len as usize];
         file.read_exact_at(&mut bitmap, HEADER_SIZE)?;
-
-        let base_path = PathBuf::from(std::ffi::OsStr::from_bytes(&header[48..crc_at]));
-        let base =
-            DiskImage::open_at_depth(&base_path, base_kind, false, depth + 1).map_err(|e| {
-                invalid(format!(
-                    "{}: cannot open its base {}: {e}",
-                    path.display(),
-                    base_path.display()
-                ))
-            })?;
-        if fingerprint(&base_path)? != (base_size, base_mtime) || base.size() != size {
-            return Err(bad(&format!(
-                "its base {} changed since the layer was made",
-                base_path.display()
-            )));
-        }
         Ok(Layer {
             file,
             path,
+            id: id_at(AT_LAYER_ID),
             base,
             block_size,
             size,
             bitmap,
             data_offset,
         })
+    }
+
+    /// Keeps this layer's file at `dest` too (a hard link, or a sparse copy
+    /// across filesystems) and uses that path from now on.
+    fn relocate(&mut self, dest: &Path) -> io::Result<()> {
+        match std::fs::hard_link(&self.path, dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
+            Err(_) => self.copy_to(dest)?,
+        }
+        self.path = dest.to_path_buf();
+        Ok(())
     }
 
     fn allocated(&self, block: u64) -> bool {
@@ -495,6 +557,10 @@ mod tests {
         path
     }
 
+    fn over_raw(base: &Path, layer: &Path, writable: bool) -> io::Result<DiskImage> {
+        DiskImage::open_layer(layer, DiskImage::open_raw(base, false)?, writable)
+    }
+
     #[test]
     fn a_layer_reads_through_and_keeps_writes_to_itself() {
         let dir = tempfile::tempdir().unwrap();
@@ -503,7 +569,7 @@ mod tests {
         let base_before = std::fs::read(&base_path).unwrap();
         let mut expected = base_before.clone();
 
-        let mut disk = DiskImage::open(&base_path, DiskKind::Raw, true).unwrap();
+        let mut disk = DiskImage::open_raw(&base_path, true).unwrap();
         let top = dir.path().join("top.layer");
         disk.push_layer(&top).unwrap();
         assert_eq!(disk.size(), size as u64);
@@ -529,11 +595,11 @@ mod tests {
             "the base changed"
         );
 
-        // Reopened from its file, the layer finds its base and its blocks.
+        // Reopened from its file over its base, the layer has its blocks.
         disk.sync_data().unwrap();
         drop(disk);
-        let disk = DiskImage::open(&top, DiskKind::Layer, true).unwrap();
-        assert!(disk.is_layer());
+        let mut disk = over_raw(&base_path, &top, true).unwrap();
+        assert_eq!(disk.kind(), DiskKind::Layer);
         let mut again = vec![0u8; size];
         disk.read_exact_at(&mut again, 0).unwrap();
         assert!(again == expected);
@@ -547,13 +613,26 @@ mod tests {
         let used = std::fs::metadata(&top).unwrap().blocks() * 512;
         assert!(used < 6 * u64::from(BLOCK_SIZE), "layer uses {used} bytes");
 
-        // A sparse copy reads the same.
-        let copy = dir.path().join("copy.layer");
-        disk.copy_top_to(&copy).unwrap();
-        let copied = DiskImage::open(&copy, DiskKind::Layer, false).unwrap();
-        let mut from_copy = vec![0u8; size];
-        copied.read_exact_at(&mut from_copy, 0).unwrap();
-        assert!(from_copy == expected);
+        // Kept elsewhere (a link, or a copy), it reads the same.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let names = disk
+            .keep_layers_in(elsewhere.path(), false, &|j| format!("disk0.{j}.layer"))
+            .unwrap();
+        assert_eq!(names, ["disk0.0.layer"]);
+        drop(disk);
+        let kept = over_raw(&base_path, &elsewhere.path().join(&names[0]), false).unwrap();
+        let mut from_kept = vec![0u8; size];
+        kept.read_exact_at(&mut from_kept, 0).unwrap();
+        assert!(from_kept == expected);
+        let mut copy = kept;
+        if let DiskImage::Layer(l) = &mut copy {
+            let dest = elsewhere.path().join("copy.layer");
+            l.copy_to(&dest).unwrap();
+            let copied = over_raw(&base_path, &dest, false).unwrap();
+            let mut from_copy = vec![0u8; size];
+            copied.read_exact_at(&mut from_copy, 0).unwrap();
+            assert!(from_copy == expected, "a sparse copy reads the same");
+        }
     }
 
     #[test]
@@ -561,13 +640,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let size = 2 * BLOCK_SIZE as usize;
         let base_path = raw(dir.path(), "base.img", size, |_| b'b');
-        let mut mid = DiskImage::open(&base_path, DiskKind::Raw, true).unwrap();
+        let mut mid = DiskImage::open_raw(&base_path, true).unwrap();
         mid.push_layer(&dir.path().join("mid.layer")).unwrap();
         mid.write_all_at(b"mid", 0).unwrap();
         let mid_path = mid.path().to_path_buf();
         drop(mid);
         let open_fork = |name: &str| {
-            let mut d = DiskImage::open(&mid_path, DiskKind::Layer, false).unwrap();
+            let mut d =
+                DiskImage::open_chain(&base_path, std::slice::from_ref(&mid_path), false).unwrap();
             d.push_layer(&dir.path().join(name)).unwrap();
             d
         };
@@ -584,6 +664,13 @@ mod tests {
         assert_eq!(&read(&b, 0), b"midb");
         assert_eq!(&read(&a, 4000), b"bbbb");
         assert_eq!(&read(&b, 4000), b"BBbb");
+        assert_eq!(a.depth(), 3);
+        // The whole chain under a, kept elsewhere by name, opens again.
+        let kept = tempfile::tempdir().unwrap();
+        let names = a
+            .keep_layers_in(kept.path(), true, &|j| format!("disk0.{j}.layer"))
+            .unwrap();
+        assert_eq!(names, ["disk0.0.layer"], "the top stays where it is");
     }
 
     /// A raw one-block image of ones and an empty layer file over it.
@@ -591,7 +678,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base_path = raw(dir.path(), "base.img", BLOCK_SIZE as usize, |_| 1);
         let top = dir.path().join("top.layer");
-        DiskImage::open(&base_path, DiskKind::Raw, true)
+        DiskImage::open_raw(&base_path, true)
             .unwrap()
             .push_layer(&top)
             .unwrap();
@@ -600,7 +687,8 @@ mod tests {
 
     /// Recomputes the header checksum of a layer file edited by a test.
     fn reseal(bytes: &mut [u8]) {
-        let end = 48 + u32::from_le_bytes(bytes[44..48].try_into().unwrap()) as usize;
+        let end =
+            AT_NAME + u32::from_le_bytes(bytes[AT_NAME_LEN..AT_NAME].try_into().unwrap()) as usize;
         let crc = crc32fast::hash(&bytes[..end]);
         bytes[end..end + 4].copy_from_slice(&crc.to_le_bytes());
     }
@@ -611,38 +699,87 @@ mod tests {
         let good = std::fs::read(&top).unwrap();
         let reopen = |bytes: &[u8]| {
             std::fs::write(&top, bytes).unwrap();
-            DiskImage::open(&top, DiskKind::Layer, false)
+            over_raw(&base_path, &top, false)
                 .map(|_| ())
                 .unwrap_err()
                 .to_string()
         };
         // Any flipped header byte, and truncation.
-        for at in (8..60).step_by(3) {
+        for at in 0..AT_NAME + 8 {
             let mut bad = good.clone();
             bad[at] ^= 0x40;
             let e = reopen(&bad);
             assert!(
-                e.contains("corrupt") || e.contains("version"),
+                e.contains("corrupt") || e.contains("version") || e.contains("magic"),
                 "byte {at}: {e}"
             );
         }
         assert!(reopen(&good[..100]).contains("truncated"));
-        // A base that changed under the layer.
+        // A raw base that changed under the layer.
         std::fs::write(&top, &good).unwrap();
-        assert!(DiskImage::open(&top, DiskKind::Layer, false).is_ok());
+        assert!(over_raw(&base_path, &top, false).is_ok());
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&base_path, vec![2u8; BLOCK_SIZE as usize]).unwrap();
-        let e = DiskImage::open(&top, DiskKind::Layer, false)
+        let e = over_raw(&base_path, &top, false).unwrap_err().to_string();
+        assert!(e.contains("is not the image it was made over"), "{e}");
+    }
+
+    #[test]
+    fn a_layer_over_another_base_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = BLOCK_SIZE as usize;
+        let a = raw(dir.path(), "a.img", size, |_| 1);
+        let b = raw(dir.path(), "b.img", size, |_| 2);
+        // Raw images are told apart by size and modification time: give b
+        // another time (two files written at once can share one).
+        std::fs::File::options()
+            .write(true)
+            .open(&b)
+            .unwrap()
+            .set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1))
+            .unwrap();
+        let mut over_a = DiskImage::open_raw(&a, true).unwrap();
+        over_a.push_layer(&dir.path().join("x.layer")).unwrap();
+        let mut over_x = over_a;
+        over_x.push_layer(&dir.path().join("y.layer")).unwrap();
+        drop(over_x);
+        // A raw image of the same size is not the one.
+        let e = over_raw(&b, &dir.path().join("x.layer"), false)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("changed since the layer was made"), "{e}");
+        assert!(e.contains("not the image it was made over"), "{e}");
+        // A layer of another chain is not the one either.
+        let mut other = DiskImage::open_raw(&a, true).unwrap();
+        other.push_layer(&dir.path().join("z.layer")).unwrap();
+        let e = DiskImage::open_layer(&dir.path().join("y.layer"), other, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not the image it was made over"), "{e}");
+        // The right chain opens.
+        DiskImage::open_chain(
+            &a,
+            &[dir.path().join("x.layer"), dir.path().join("y.layer")],
+            true,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_layer_file_that_is_a_link_is_refused() {
+        let (dir, base_path, top) = one_block_layer();
+        let link = dir.path().join("link.layer");
+        std::os::unix::fs::symlink(&top, &link).unwrap();
+        assert!(over_raw(&base_path, &link, false).is_err());
+        let fifo_like = dir.path().join("a-dir.layer");
+        std::fs::create_dir(&fifo_like).unwrap();
+        assert!(over_raw(&base_path, &fifo_like, false).is_err());
     }
 
     #[test]
     fn a_raw_disk_holding_a_layer_header_stays_raw() {
         // What a guest could write to its disk's first sector.
         let (_dir, _, top) = one_block_layer();
-        let disk = DiskImage::open(&top, DiskKind::Raw, false).unwrap();
+        let disk = DiskImage::open_raw(&top, false).unwrap();
         assert_eq!(disk.kind(), DiskKind::Raw);
         let mut magic = [0u8; 8];
         disk.read_exact_at(&mut magic, 0).unwrap();
@@ -651,47 +788,33 @@ mod tests {
 
     #[test]
     fn a_layer_claiming_a_huge_disk_is_refused_before_allocating() {
-        let (_dir, _, top) = one_block_layer();
+        let (_dir, base, top) = one_block_layer();
         let mut bytes = std::fs::read(&top).unwrap();
         bytes[12..16].copy_from_slice(&4096u32.to_le_bytes());
         bytes[16..24].copy_from_slice(&(1u64 << 50).to_le_bytes());
         reseal(&mut bytes);
         std::fs::write(&top, bytes).unwrap();
-        let e = DiskImage::open(&top, DiskKind::Layer, false)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("too large an allocation map"), "{e}");
+        let e = over_raw(&base, &top, false).unwrap_err().to_string();
+        assert!(
+            e.contains("too large an allocation map") || e.contains("not the image"),
+            "{e}"
+        );
     }
 
     #[test]
-    fn relocating_never_replaces_a_file() {
+    fn keeping_layers_never_replaces_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let base_path = raw(dir.path(), "base.img", BLOCK_SIZE as usize, |_| 1);
-        let mut disk = DiskImage::open(&base_path, DiskKind::Raw, true).unwrap();
+        let mut disk = DiskImage::open_raw(&base_path, true).unwrap();
         disk.push_layer(&dir.path().join("top.layer")).unwrap();
         let taken = dir.path().join("taken");
         std::fs::write(&taken, b"someone else's").unwrap();
-        assert!(disk.relocate_top(&taken).is_err());
+        assert!(disk
+            .keep_layers_in(dir.path(), false, &|_| "taken".into())
+            .is_err());
         assert_eq!(std::fs::read(&taken).unwrap(), b"someone else's");
-        disk.relocate_top(&dir.path().join("kept.layer")).unwrap();
+        disk.keep_layers_in(dir.path(), false, &|_| "kept.layer".into())
+            .unwrap();
         assert_eq!(disk.path(), dir.path().join("kept.layer"));
-    }
-
-    #[test]
-    fn a_layer_that_is_its_own_base_is_refused() {
-        let (_dir, _, top) = one_block_layer();
-        // Point the layer at itself (with a valid checksum).
-        let mut bytes = std::fs::read(&top).unwrap();
-        let top_abs = std::path::absolute(&top).unwrap();
-        let p = top_abs.as_os_str().as_encoded_bytes();
-        bytes[40..44].copy_from_slice(&1u32.to_le_bytes());
-        bytes[44..48].copy_from_slice(&(p.len() as u32).to_le_bytes());
-        bytes[48..48 + p.len()].copy_from_slice(p);
-        reseal(&mut bytes);
-        std::fs::write(&top, bytes).unwrap();
-        let e = DiskImage::open(&top, DiskKind::Layer, false)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("layers deep") || e.contains("changed"), "{e}");
     }
 }

@@ -4,6 +4,7 @@
 //! is mostly zeros), so the file costs disk only for what the guest used.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
@@ -253,8 +254,74 @@ fn write_non_zero_runs(file: &File, chunk: &[u8], at: u64) -> std::io::Result<Wr
     Ok(stats)
 }
 
+/// Copies `src` into `dst` (which ends up the same length), reading and
+/// writing only the data ranges: holes stay holes (zero pages of a memory
+/// file are holes).
+pub fn copy_sparse(src: &File, dst: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let len = src.metadata()?.len();
+    dst.set_len(len)?;
+    let seek = |offset: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        // SAFETY: plain syscall on a descriptor `src` owns; the result is
+        // checked.
+        let at = unsafe { libc::lseek(src.as_raw_fd(), offset, whence) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        let e = io::Error::last_os_error();
+        // ENXIO: no data past `offset`.
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        let Some(data) = seek(pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let mut at = data;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at)?;
+            dst.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_sparse_copy_keeps_data_and_holes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        let src = File::create(&src_path).unwrap();
+        src.set_len(64 << 20).unwrap();
+        src.write_all_at(b"start", 0).unwrap();
+        src.write_all_at(&[7u8; 8192], 40 << 20).unwrap();
+        src.write_all_at(b"end", (64 << 20) - 3).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let dst_path = dir.path().join("dst");
+        let dst = File::create(&dst_path).unwrap();
+        copy_sparse(&src, &dst).unwrap();
+        drop(dst);
+        let copied = std::fs::read(&dst_path).unwrap();
+        let original = std::fs::read(&src_path).unwrap();
+        assert!(copied == original);
+        let used = std::fs::metadata(&dst_path).unwrap().blocks() * 512;
+        assert!(used < 1 << 20, "the copy uses {used} bytes");
+    }
+
     use super::*;
     use std::os::unix::fs::MetadataExt;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

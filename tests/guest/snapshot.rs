@@ -57,10 +57,13 @@ fn a_restored_guest_continues_where_it_was() {
         before
     };
 
-    let mut restored = restore_ok(
-        "restore",
-        Vm::restore(&snap, vmm::RestoreOptions::default()),
-    );
+    // The snapshot holds only its own files: the disk under it is named
+    // again.
+    let options = vmm::RestoreOptions {
+        disks: vec![disk.clone()],
+        ..Default::default()
+    };
+    let mut restored = restore_ok("restore", Vm::restore(&snap, options));
     let after = count(&mut restored);
     assert!(
         after >= at_snapshot && after < at_snapshot + 50,
@@ -228,6 +231,8 @@ fn a_guest_resumes_in_a_new_vmm_process() {
         &[
             "restore",
             snap_s,
+            "--disk",
+            disk,
             "--hostname",
             "resumed",
             "--",
@@ -251,7 +256,12 @@ fn a_guest_resumes_in_a_new_vmm_process() {
     // against the first snapshot, stopped, resumed once more.
     let snap2 = home.path().join("snap2");
     let snap2_s = snap2.to_str().unwrap();
-    capsule_ok(h, &["restore", snap_s, "--keep", "--name", "again"]);
+    capsule_ok(
+        h,
+        &[
+            "restore", snap_s, "--disk", disk, "--keep", "--name", "again",
+        ],
+    );
     capsule_ok(
         h,
         &[
@@ -267,11 +277,25 @@ fn a_guest_resumes_in_a_new_vmm_process() {
     let (_, _, said) = capsule(h, &["snapshot", "again", "--to", snap2_s, "--diff"]);
     assert!(said.contains("MiB of memory written"), "{said}");
     capsule_ok(h, &["stop", "again"]);
+    // The diff holds what it needs of its parent: moved elsewhere, with
+    // the first snapshot gone, it restores all the same.
+    let moved = home.path().join("moved");
+    std::fs::rename(&snap2, &moved).unwrap();
+    std::fs::remove_dir_all(&snap).unwrap();
+    let moved_s = moved.to_str().unwrap();
+    let (code, _, said) = capsule(h, &["restore", moved_s, "--", "true"]);
+    assert_eq!(code, 125, "{said}");
+    assert!(
+        said.contains("--disk"),
+        "the error says how to name the disk: {said}"
+    );
     let out = capsule_ok(
         h,
         &[
             "restore",
-            snap2_s,
+            moved_s,
+            "--disk",
+            disk,
             "--",
             "sh",
             "-c",
@@ -336,12 +360,13 @@ fn twenty_forks_share_memory_and_keep_their_disk_writes_apart() {
     let mut forks: Vec<Vm> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..FORKS)
             .map(|i| {
-                let snap = &snap;
+                let (snap, disk) = (&snap, &disk);
                 scope.spawn(move || {
                     let options = vmm::RestoreOptions {
                         // The backend that shares one copy between forks.
                         memory: vmm::MemoryBackend::File,
                         identity: vmm::fork_identity(format!("fork-{i}")).unwrap(),
+                        disks: vec![disk.clone()],
                         ..Default::default()
                     };
                     restore_ok("restore", Vm::restore(snap, options))

@@ -49,6 +49,16 @@ pub enum Error {
     StoppedBeforeReady { exit: String, console: String },
     #[error("snapshot: {0}")]
     Snapshot(String),
+    #[error(
+        "the snapshot has {expected} disk(s) and {given} were named: a snapshot never names files \
+         outside its own directory, so the raw image under each disk is named again when it is \
+         restored, in the order the VM had them:{list}"
+    )]
+    DisksNotNamed {
+        expected: usize,
+        given: usize,
+        list: String,
+    },
     #[error("snapshot {path}: {source}")]
     SnapshotFormat {
         path: PathBuf,

@@ -47,3 +47,7 @@ pub const IOAPIC_PINS: u32 = 24;
 /// Highest vCPU count supported (the guest kernel's NR_CPUS and the MP
 /// table's room).
 pub const MAX_VCPUS: u8 = 64;
+
+/// The most memory a guest may have: 1 TiB. Sizes beyond it are refused
+/// with a clear error before anything is mapped.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;

@@ -1,14 +1,26 @@
 //! What a snapshot directory holds and how it is written and read back.
 //!
 //! ```text
-//! <dir>/state    the state file: snapshot::container sections
-//!                INFO (SnapshotInfo), VMST (VmState), VCPU x N, DEVS
-//! <dir>/memory   guest RAM, regions back to back, zero pages as holes
+//! <dir>/state              the state file: snapshot::container sections
+//!                          INFO (SnapshotInfo), VMST (VmState), VCPU x N, DEVS
+//! <dir>/memory             guest RAM, regions back to back, zero pages as holes
+//! <dir>/disk<i>.<j>.layer  disk i's copy-on-write layers, bottom first
+//! <dir>/parent/            for a diff: the snapshot it is a diff against
+//!                          (its state and memory, and its own parent/)
+//! <dir>/workingset         optional: memory a restored guest touched first
 //! ```
 //!
+//! A snapshot is data, not instructions: it names no file outside its
+//! directory and no path at all. Its own files are found by fixed names
+//! (layer names are checked to be exactly what this VMM writes), a diff's
+//! parent is the `parent` directory inside it (hard links, so a diff is
+//! whole on its own and can be moved), and the raw disk images under its
+//! layers, which live outside, are named again by whoever restores it and
+//! checked against the size and modification time recorded here.
+//!
 //! Section payloads are postcard-encoded structs. Everything read back is
-//! checked before a VM is created from it: a corrupt, truncated or
-//! foreign snapshot is an error naming the problem, never a panic and
+//! checked before a VM is created from it: a corrupt, truncated, foreign
+//! or crafted snapshot is an error naming the problem, never a panic and
 //! never a half-started VM.
 
 use std::fs::File;
@@ -59,14 +71,19 @@ pub struct SnapshotInfo {
     /// Whether the guest agent had announced itself: a restored VM can be
     /// talked to at once only if it had.
     pub agent_ready: bool,
-    /// Random, unique to this snapshot: what a diff names its parent by,
-    /// besides its path.
+    /// Random, unique to this snapshot: what a diff names its parent by.
     pub id: u64,
-    /// For a diff snapshot: the snapshot directory its memory file is a
-    /// diff against (itself full or a diff) and that snapshot's id. It
-    /// must outlive this one, unchanged.
-    pub parent: Option<(PathBuf, u64)>,
+    /// For a diff snapshot: the id of the snapshot its memory file is a
+    /// diff against (itself full or a diff), kept in `parent/`.
+    pub parent: Option<u64>,
 }
+
+/// Where a diff snapshot keeps the snapshot it is a diff against.
+pub const PARENT_DIR: &str = "parent";
+
+/// The most memory a snapshot may claim: anything larger is refused
+/// before a byte is mapped.
+pub const MAX_MEMORY_MIB: u64 = crate::layout::MAX_MEMORY_MIB;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedRegion {
@@ -75,16 +92,25 @@ pub struct SavedRegion {
     pub file_offset: u64,
 }
 
+/// One disk of the snapshot: a raw image outside it and the layers over
+/// that image, kept inside it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedDisk {
-    /// The frozen image: a user's raw disk, or a layer kept in the
-    /// snapshot directory.
-    pub path: PathBuf,
-    pub kind: devices::disk::DiskKind,
+    /// The raw image at the bottom, as it was when the snapshot was taken.
+    pub base: ExternalImage,
+    /// Layer files in the snapshot directory, bottom first, by name
+    /// (`disk<i>.<j>.layer`, see [`devices::virtio::block::layer_name`]).
+    pub layers: Vec<String>,
     pub read_only: bool,
-    /// Its size and modification time when the snapshot was taken
-    /// ([`devices::disk::fingerprint`]): a disk that changed since is
-    /// refused, as the guest's memory no longer matches it.
+}
+
+/// A file outside the snapshot: named again at restore, and checked to be
+/// unchanged (its size and modification time, as
+/// [`devices::disk::fingerprint`] gives them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalImage {
+    /// Its file name then: for messages only, never opened.
+    pub name: String,
     pub size: u64,
     pub mtime_ns: u64,
 }
@@ -239,6 +265,12 @@ impl Snapshot {
                 .ok_or_else(|| bad(format!("memory region {r:?} wraps around")))?;
             next_offset += r.size;
         }
+        if info.memory_mib > MAX_MEMORY_MIB {
+            return Err(bad(format!(
+                "{} MiB of memory, more than the {MAX_MEMORY_MIB} MiB this VMM gives a guest",
+                info.memory_mib
+            )));
+        }
         if info.memory_mib.checked_shl(20) != Some(next_offset) || next_offset == 0 {
             return Err(bad(format!(
                 "memory regions hold {next_offset} bytes, not {} MiB",
@@ -284,6 +316,27 @@ impl Snapshot {
         }
         if info.disks.len() > 16 || self.devices.virtio.len() > 32 {
             return Err(bad("too many devices".into()));
+        }
+        for (i, disk) in info.disks.iter().enumerate() {
+            if disk.layers.len() > devices::disk::MAX_DEPTH {
+                return Err(bad(format!("disk {i} has {} layers", disk.layers.len())));
+            }
+            for (j, name) in disk.layers.iter().enumerate() {
+                // Only the names this VMM writes: never a path, never
+                // another file of the directory.
+                if *name != devices::virtio::block::layer_name(i, j) {
+                    return Err(bad(format!(
+                        "disk {i} names {name:?} as a layer: a snapshot names only its own \
+                         layer files (disk{i}.{j}.layer)"
+                    )));
+                }
+            }
+            if disk.base.name.len() > 255 {
+                return Err(bad(format!("disk {i}'s base name is too long")));
+            }
+        }
+        if !crate::vm::valid_hostname(&info.hostname) {
+            return Err(bad(format!("invalid hostname {:?}", info.hostname)));
         }
         Ok(())
     }
@@ -371,47 +424,132 @@ pub struct MemoryLayer {
 }
 
 /// The memory files that make up `top`'s guest memory, the full one first
-/// and then each diff in the order taken. Every snapshot in the chain must
-/// describe the same memory layout.
+/// and then each diff in the order taken: `dir` and the `parent`
+/// directories nested in it. Every snapshot in the chain must describe
+/// the same memory layout and be the one its child was taken against.
 pub fn memory_chain(dir: &Path, top: &Snapshot) -> Result<Vec<MemoryLayer>> {
     let mut chain = vec![MemoryLayer {
         dir: dir.to_path_buf(),
         file: open_memory_file(dir, &top.info)?,
         dirty: top.dirty.clone(),
     }];
-    let mut parent = top.info.parent.clone();
-    while let Some((parent_dir, parent_id)) = parent {
+    let mut parent = top.info.parent;
+    let mut at = dir.to_path_buf();
+    while let Some(parent_id) = parent {
         if chain.len() > MAX_DIFF_CHAIN {
             return Err(Error::Snapshot(format!(
-                "{}: more than {MAX_DIFF_CHAIN} diff snapshots deep (or a loop)",
+                "{}: more than {MAX_DIFF_CHAIN} diff snapshots deep",
                 dir.display()
             )));
         }
+        let parent_dir = at.join(PARENT_DIR);
+        check_plain_dir(&parent_dir)?;
         let (path, bytes) = read_state_file(&parent_dir)?;
         let snap = Snapshot::from_bytes(&path, &bytes)?;
         if snap.info.id != parent_id {
             return Err(Error::Snapshot(format!(
-                "{}: its parent {} is no longer the snapshot it was taken against",
-                dir.display(),
+                "{}: its parent {} is not the snapshot it was taken against",
+                at.display(),
                 parent_dir.display()
             )));
         }
         if snap.info.regions != top.info.regions {
             return Err(Error::Snapshot(format!(
                 "{}: its parent {} has a different memory layout",
-                dir.display(),
+                at.display(),
                 parent_dir.display()
             )));
         }
         chain.push(MemoryLayer {
             file: open_memory_file(&parent_dir, &snap.info)?,
-            dir: parent_dir,
+            dir: parent_dir.clone(),
             dirty: snap.dirty,
         });
         parent = snap.info.parent;
+        at = parent_dir;
     }
     chain.reverse();
     Ok(chain)
+}
+
+/// A snapshot's own subdirectory must be just that, not a link to
+/// somewhere else.
+fn check_plain_dir(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::Snapshot(format!(
+            "{} is not a directory (a diff keeps its parent there)",
+            path.display()
+        ))),
+        Err(source) => Err(Error::File {
+            what: "the parent of a diff snapshot",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Puts the snapshot in `parent` (and its own parents) into `into`, which
+/// must not exist: hard links, or sparse copies across filesystems. A diff
+/// snapshot then holds everything it needs.
+pub fn keep_parent(parent: &Path, into: &Path) -> Result<()> {
+    let mut from = parent.to_path_buf();
+    let mut to = into.to_path_buf();
+    for _ in 0..=MAX_DIFF_CHAIN {
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o700).create(&to)?;
+        }
+        for name in [STATE_FILE, MEMORY_FILE] {
+            link_or_copy(&from.join(name), &to.join(name))?;
+        }
+        let next = from.join(PARENT_DIR);
+        if !next.exists() {
+            return Ok(());
+        }
+        to = to.join(PARENT_DIR);
+        from = next;
+    }
+    Err(Error::Snapshot(format!(
+        "{}: more than {MAX_DIFF_CHAIN} diff snapshots deep",
+        parent.display()
+    )))
+}
+
+/// Gives the file `src` a second name `dst`: a hard link, or a copy that
+/// keeps its holes where links cannot go.
+fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
+    match std::fs::hard_link(src, dst) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(e.into()),
+        Err(_) => {}
+    }
+    let from = open_own(src, "snapshot file")?;
+    let to = crate::private::create_file(dst, false)?;
+    snapshot::memory::copy_sparse(&from, &to).map_err(Error::Io)?;
+    to.sync_data()?;
+    Ok(())
+}
+
+/// Opens a file of a snapshot directory: a regular file, never a link.
+fn open_own(path: &Path, what: &'static str) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| Error::File {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(Error::Snapshot(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 pub const WORKING_SET_FILE: &str = "workingset";
@@ -474,11 +612,7 @@ pub fn read_working_set(dir: &Path, info: &SnapshotInfo) -> Option<WorkingSet> {
 /// Reads `<dir>/state`, refusing anything too big to be ours.
 pub fn read_state_file(dir: &Path) -> Result<(PathBuf, Vec<u8>)> {
     let path = dir.join(STATE_FILE);
-    let file = File::open(&path).map_err(|source| Error::File {
-        what: "snapshot state",
-        path: path.clone(),
-        source,
-    })?;
+    let file = open_own(&path, "snapshot state")?;
     let mut bytes = Vec::new();
     file.take(MAX_STATE_FILE + 1)
         .read_to_end(&mut bytes)
@@ -502,11 +636,7 @@ pub fn read_state_file(dir: &Path) -> Result<(PathBuf, Vec<u8>)> {
 /// its end into SIGBUS in the VMM.
 pub fn open_memory_file(dir: &Path, info: &SnapshotInfo) -> Result<File> {
     let path = dir.join(MEMORY_FILE);
-    let file = File::open(&path).map_err(|source| Error::File {
-        what: "snapshot memory",
-        path: path.clone(),
-        source,
-    })?;
+    let file = open_own(&path, "snapshot memory")?;
     let len = file.metadata()?.len();
     let needed = info.memory_mib << 20;
     if len != needed {

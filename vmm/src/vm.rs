@@ -313,6 +313,12 @@ pub struct RestoreOptions {
     /// snapshot's frozen disk goes (default: the runtime directory, so a
     /// replica's writes vanish with it).
     pub layer_dir: Option<PathBuf>,
+    /// The raw image under each of the snapshot's disks, in the order the
+    /// VM had them (the root filesystem first). A snapshot never names a
+    /// file outside its own directory, so these are named again here, and
+    /// each is checked to be the image the snapshot was taken with (size
+    /// and modification time).
+    pub disks: Vec<PathBuf>,
     /// Hostname and machine id for the restored guest (a fork wants new
     /// ones, see [`fork_identity`]); left as they were if unset. The
     /// guest's wall clock is corrected and its kernel RNG reseeded from
@@ -608,8 +614,28 @@ impl Vm {
         if config.cpus == 0 || config.cpus > MAX_VCPUS {
             return Err(Error::Config(format!("cpus must be 1..={MAX_VCPUS}")));
         }
-        if config.memory_mib < 32 {
-            return Err(Error::Config("memory must be at least 32 MiB".into()));
+        if !(32..=MAX_MEMORY_MIB).contains(&config.memory_mib) {
+            return Err(Error::Config(format!(
+                "memory must be 32 MiB to {} GiB, not {} MiB",
+                MAX_MEMORY_MIB >> 10,
+                config.memory_mib
+            )));
+        }
+        if !valid_hostname(&config.hostname) {
+            return Err(Error::Config(format!(
+                "invalid hostname {:?}: use letters, digits, '-' and '.', at most 64",
+                config.hostname
+            )));
+        }
+        // Each is one word of the kernel command line.
+        if let Some(bad) = config
+            .extra_cmdline
+            .iter()
+            .find(|a| a.is_empty() || a.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(Error::Config(format!(
+                "kernel command line argument {bad:?} must be one word"
+            )));
         }
         let Some(initramfs) = config.initramfs.clone() else {
             return Err(Error::Config(
@@ -818,8 +844,59 @@ impl Vm {
         let dir = dir.as_ref();
         let (state_path, bytes) = persist::read_state_file(dir)?;
         let snap = Snapshot::from_bytes(&state_path, &bytes)?;
+        if options.disks.len() != snap.info.disks.len() {
+            return Err(Error::DisksNotNamed {
+                expected: snap.info.disks.len(),
+                given: options.disks.len(),
+                list: snap
+                    .info
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        let root = if i == 0 && snap.info.root_on_disk {
+                            ", the root filesystem"
+                        } else {
+                            ""
+                        };
+                        format!(
+                            "\n  disk {i}: {:?}, {} bytes{root}",
+                            d.base.name, d.base.size
+                        )
+                    })
+                    .collect(),
+            });
+        }
         let mut chain = persist::memory_chain(dir, &snap)?;
         let (snap_id, diff_depth) = (snap.info.id, chain.len() - 1);
+        // The disks before anything else is built: the caller's images
+        // must be the snapshot's, and its layers must fit over them.
+        let block_states = snap.devices.virtio.iter().filter_map(|v| match &v.device {
+            DeviceState::Block(state) => Some(state),
+            _ => None,
+        });
+        if block_states.clone().count() != snap.info.disks.len() {
+            return Err(Error::Snapshot(format!(
+                "{}: {} disks but {} disk devices",
+                state_path.display(),
+                snap.info.disks.len(),
+                block_states.count()
+            )));
+        }
+        let mut disks = Vec::with_capacity(snap.info.disks.len());
+        for (n, ((disk, state), base)) in snap
+            .info
+            .disks
+            .iter()
+            .zip(block_states)
+            .zip(&options.disks)
+            .enumerate()
+        {
+            let block = open_snapshot_disk(disk, base, dir, state)
+                .map_err(|e| Error::Snapshot(format!("disk {n}: {e}")))?;
+            disks.push(block);
+        }
+        let mut disks = disks.into_iter();
         let (kvm, vm_fd) = create_vm()?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -937,8 +1014,9 @@ impl Vm {
             disks: info
                 .disks
                 .iter()
-                .map(|d| DiskConfig {
-                    path: d.path.clone(),
+                .zip(&options.disks)
+                .map(|(d, path)| DiskConfig {
+                    path: path.clone(),
                     read_only: d.read_only,
                 })
                 .collect(),
@@ -968,12 +1046,20 @@ impl Vm {
                         .layer_dir
                         .as_deref()
                         .unwrap_or(&machine.runtime.path);
-                    let block = info
-                        .disks
-                        .get(n)
-                        .ok_or_else(|| "more disk devices than disks".to_string())
-                        .and_then(|disk| restore_block(disk, state, layer_dir, n))
-                        .map_err(|e| Error::Snapshot(format!("virtio device {i}: {e}")))?;
+                    let mut block = disks.next().ok_or_else(|| {
+                        Error::Snapshot(format!("virtio device {i}: more disk devices than disks"))
+                    })?;
+                    if !state.read_only {
+                        // A name no other VM sharing `layer_dir` uses (the
+                        // file is created new, never replaced).
+                        static COUNTER: AtomicU64 = AtomicU64::new(0);
+                        let seq = COUNTER.fetch_add(1, Ordering::Relaxed);
+                        let top =
+                            layer_dir.join(format!("disk{n}-{}-{seq}.layer", std::process::id()));
+                        block = block
+                            .writable_layer(&top)
+                            .map_err(|e| Error::Snapshot(format!("disk {n}: {e}")))?;
+                    }
                     machine.add_block(&vm_fd, &mem, block, transport)?;
                 }
                 DeviceState::Rng => {
@@ -1068,27 +1154,27 @@ impl Vm {
                     "disk {i} is already {depth} layers deep, the most a restore opens"
                 )));
             }
-            let frozen = if block.read_only() {
-                (block.disk().path().to_path_buf(), block.disk().kind())
-            } else {
-                if block.disk().is_layer() {
-                    block
-                        .relocate_top(&dir.join(format!("disk{i}.layer")))
-                        .map_err(disk_error)?;
-                }
+            if !block.read_only() {
                 self.layer_seq += 1;
                 let top = layer_dir.join(format!("disk{i}-{}.layer", self.layer_seq));
-                let frozen = block.freeze(&top).map_err(disk_error)?;
-                (frozen.path().to_path_buf(), frozen.kind())
-            };
-            let (frozen, kind) = frozen;
-            let (size, mtime_ns) = devices::disk::fingerprint(&frozen)?;
+                block.freeze(&top).map_err(disk_error)?;
+            }
+            // Everything under the VM's own layer is frozen now: the
+            // snapshot keeps it, by name.
+            let layers = block.keep_frozen_layers(dir, i).map_err(disk_error)?;
+            let base = block.disk().raw_base().path();
+            let name = base
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            let (size, mtime_ns) = block.disk().raw_fingerprint()?;
             saved.push(SavedDisk {
-                path: frozen,
-                kind,
+                base: persist::ExternalImage {
+                    name: name.chars().take(255).collect(),
+                    size,
+                    mtime_ns,
+                },
+                layers,
                 read_only: block.read_only(),
-                size,
-                mtime_ns,
             });
         }
         Ok(saved)
@@ -1327,6 +1413,11 @@ impl Vm {
                 .mode(0o700)
                 .create(dir)?;
         }
+        // A diff keeps the snapshot it is against (links): it is whole on
+        // its own, and its state file never exists without it.
+        if let Some(parent) = parent {
+            persist::keep_parent(&parent.dir, &dir.join(persist::PARENT_DIR))?;
+        }
         let disks = self.freeze_disks(dir)?;
         let vcpus = self
             .vcpus
@@ -1403,7 +1494,7 @@ impl Vm {
             root_on_disk: self.config.root_on_disk,
             agent_ready: self.ready_after.is_some(),
             id,
-            parent: parent.map(|p| (p.dir.clone(), p.id)),
+            parent: parent.map(|p| p.id),
         };
         let bytes = Snapshot {
             info,
@@ -1655,39 +1746,49 @@ fn open_kvm() -> Result<Kvm> {
     }
 }
 
-/// Opens a snapshot's frozen disk again, checking it is the disk the
-/// guest knew, and (if writable) puts a fresh copy-on-write layer over it
-/// in `layer_dir` for this VM's writes.
-fn restore_block(
+/// Opens a snapshot's disk again, read-only: the raw image the caller
+/// named at `base` (checked to be the one the snapshot was taken with)
+/// and the snapshot's layers over it from `dir`.
+fn open_snapshot_disk(
     disk: &SavedDisk,
+    base: &Path,
+    dir: &Path,
     state: &BlockState,
-    layer_dir: &Path,
-    index: usize,
 ) -> std::result::Result<Block, String> {
-    let now = devices::disk::fingerprint(&disk.path)
-        .map_err(|e| format!("disk {}: {e}", disk.path.display()))?;
-    if now != (disk.size, disk.mtime_ns) {
+    let now = devices::disk::fingerprint(base).map_err(|e| format!("{}: {e}", base.display()))?;
+    if now != (disk.base.size, disk.base.mtime_ns) {
         return Err(format!(
-            "disk {} changed since the snapshot was taken",
-            disk.path.display()
+            "{} is not the image the snapshot was taken with ({:?}, {} bytes): it is another \
+             file, or it changed since",
+            base.display(),
+            disk.base.name,
+            disk.base.size
         ));
     }
-    let mut block = Block::open_image(&disk.path, disk.kind, true).map_err(|e| e.to_string())?;
+    if state.read_only != disk.read_only {
+        return Err("the disk and its device disagree on being read-only".into());
+    }
+    let layers: Vec<PathBuf> = disk.layers.iter().map(|name| dir.join(name)).collect();
+    let image = devices::disk::DiskImage::open_chain(base, &layers, false)
+        .map_err(|e| format!("opening its layers: {e}"))?;
+    let block = Block::from_image(image, true).map_err(|e| e.to_string())?;
     if block.capacity_sectors() != state.capacity_sectors {
         return Err(format!(
-            "disk {} has {} sectors, the snapshot {}",
-            disk.path.display(),
+            "it has {} sectors, the snapshot {}",
             block.capacity_sectors(),
             state.capacity_sectors
         ));
     }
-    if !disk.read_only {
-        // A name no other VM sharing `layer_dir` uses (the file is created
-        // new, never replaced).
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let top = layer_dir.join(format!("disk{index}-{}-{n}.layer", std::process::id()));
-        block = block.writable_layer(&top).map_err(|e| e.to_string())?;
-    }
     Ok(block)
+}
+
+/// Whether `name` is a hostname the guest will take: letters, digits,
+/// '-' and '.', at most 64 (it goes on the kernel command line at boot).
+pub(crate) fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
 }

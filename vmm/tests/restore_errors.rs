@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use devices::legacy::SerialSnapshot;
 use vmm::cpu::state::VcpuState;
 use vmm::persist::{
-    DevicesState, SavedRegion, Snapshot, SnapshotInfo, VmState, MEMORY_FILE, STATE_FILE,
+    DevicesState, ExternalImage, SavedDisk, SavedRegion, Snapshot, SnapshotInfo, VirtioSnapshot,
+    VmState, MEMORY_FILE, STATE_FILE,
 };
 use vmm::{Error, RestoreOptions, Vm};
 
@@ -229,13 +230,13 @@ fn inconsistent_contents_are_refused() {
         ),
         (
             "a diff without its page map",
-            Box::new(|s| s.info.parent = Some(("/elsewhere".into(), 7))),
+            Box::new(|s| s.info.parent = Some(7)),
             "needs both a parent and a dirty page map",
         ),
         (
             "a page map that does not fit",
             Box::new(|s| {
-                s.info.parent = Some(("/elsewhere".into(), 7));
+                s.info.parent = Some(7);
                 s.dirty = Some(vec![vec![0; 3]]);
             }),
             "does not fit the memory regions",
@@ -324,27 +325,215 @@ fn features_the_host_lacks_are_named() {
     );
 }
 
+fn dirty_map() -> Vec<Vec<u64>> {
+    vec![vec![0; (32 * MIB / 4096).div_ceil(64) as usize]]
+}
+
 #[test]
-fn a_diff_whose_parent_was_replaced_is_refused() {
+fn a_diff_whose_parent_is_missing_replaced_or_a_link_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let (parent_dir, child_dir) = (tmp.path().join("parent"), tmp.path().join("child"));
-    let parent = sample(&vendor());
-    write_snapshot(&parent_dir, &parent.to_bytes().unwrap(), 32 * MIB);
+    let child_dir = tmp.path().join("child");
     let mut child = sample(&vendor());
     child.info.id = 2;
-    // Taken against a snapshot with id 99: not what is there now.
-    child.info.parent = Some((parent_dir.clone(), 99));
-    child.dirty = Some(vec![vec![0; (32 * MIB / 4096).div_ceil(64) as usize]]);
+    child.info.parent = Some(99);
+    child.dirty = Some(dirty_map());
     write_snapshot(&child_dir, &child.to_bytes().unwrap(), 32 * MIB);
+    let e = refused(&child_dir);
+    assert!(e.contains("parent"), "no parent/: {e}");
+
+    // The snapshot in parent/ is not the one (id 1, not 99).
+    let parent = sample(&vendor());
+    write_snapshot(
+        &child_dir.join("parent"),
+        &parent.to_bytes().unwrap(),
+        32 * MIB,
+    );
     let e = refused(&child_dir);
     assert!(
-        e.contains("no longer the snapshot it was taken against"),
+        e.contains("is not the snapshot it was taken against"),
         "{e}"
     );
-    // A diff that is its own parent is a loop, not a hang.
-    child.info.parent = Some((child_dir.clone(), 2));
-    std::fs::remove_dir_all(&child_dir).unwrap();
-    write_snapshot(&child_dir, &child.to_bytes().unwrap(), 32 * MIB);
+
+    // parent/ as a link to a snapshot elsewhere: not followed.
+    std::fs::remove_dir_all(child_dir.join("parent")).unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    let mut other = sample(&vendor());
+    other.info.id = 99;
+    write_snapshot(&elsewhere, &other.to_bytes().unwrap(), 32 * MIB);
+    std::os::unix::fs::symlink(&elsewhere, child_dir.join("parent")).unwrap();
+    let e = refused(&child_dir);
+    assert!(e.contains("is not a directory"), "{e}");
+
+    // A diff that is its own parent, again and again, ends in an error.
+    std::fs::remove_file(child_dir.join("parent")).unwrap();
+    let mut looped = sample(&vendor());
+    looped.info.id = 2;
+    looped.info.parent = Some(2);
+    looped.dirty = Some(dirty_map());
+    let mut at = child_dir.clone();
+    for _ in 0..70 {
+        write_snapshot(&at, &looped.to_bytes().unwrap(), 32 * MIB);
+        at = at.join("parent");
+    }
     let e = refused(&child_dir);
     assert!(e.contains("diff snapshots deep"), "{e}");
+}
+
+/// A disk whose raw image is `base` (64 KiB of ones) and whose layers
+/// are `layers`, as a snapshot with one read-only disk records it.
+fn with_disk(snap: &mut Snapshot, base: &Path, layers: Vec<String>) {
+    let (size, mtime_ns) = devices::disk::fingerprint(base).unwrap();
+    snap.info.disks = vec![SavedDisk {
+        base: ExternalImage {
+            name: "base.img".into(),
+            size,
+            mtime_ns,
+        },
+        layers,
+        read_only: true,
+    }];
+    snap.devices.virtio = vec![VirtioSnapshot {
+        transport: Default::default(),
+        device: devices::virtio::DeviceState::Block(devices::virtio::block::BlockState {
+            read_only: true,
+            capacity_sectors: size / 512,
+        }),
+    }];
+}
+
+fn refused_with(dir: &Path, disks: Vec<PathBuf>) -> String {
+    let runtime = dir.join("runtime");
+    let options = RestoreOptions {
+        runtime_dir: Some(runtime.clone()),
+        disks,
+        ..Default::default()
+    };
+    match Vm::restore(dir, options) {
+        Ok(_) => panic!(
+            "restoring a crafted snapshot in {} succeeded",
+            dir.display()
+        ),
+        Err(e) => {
+            let left = std::fs::read_dir(&runtime).map_or(0, |d| d.count());
+            assert_eq!(left, 0, "restore left files in its runtime dir: {e}");
+            e.to_string()
+        }
+    }
+}
+
+/// Snapshots are data: one crafted to name host files (with valid
+/// checksums, as an attacker recomputes them) gets nothing opened.
+#[test]
+fn a_crafted_snapshot_cannot_name_files_outside_itself() {
+    let (tmp, dir) = scratch();
+    let base = tmp.path().join("base.img");
+    std::fs::write(&base, vec![1u8; 64 << 10]).unwrap();
+    for name in [
+        "/etc/shadow",
+        "../base.img",
+        "disk0.0.layer/../../x",
+        "state",
+        "",
+    ] {
+        let mut snap = sample(&vendor());
+        with_disk(&mut snap, &base, vec![name.to_string()]);
+        write_snapshot(&dir, &snap.to_bytes().unwrap(), 32 * MIB);
+        let e = refused_with(&dir, vec![base.clone()]);
+        assert!(
+            e.contains("names only its own layer files"),
+            "{name:?}: {e}"
+        );
+    }
+
+    // The right name, but the file is a link to a host file.
+    let mut snap = sample(&vendor());
+    with_disk(&mut snap, &base, vec!["disk0.0.layer".into()]);
+    write_snapshot(&dir, &snap.to_bytes().unwrap(), 32 * MIB);
+    std::os::unix::fs::symlink("/etc/passwd", dir.join("disk0.0.layer")).unwrap();
+    let e = refused_with(&dir, vec![base.clone()]);
+    assert!(
+        e.contains("disk 0") && e.contains("opening its layers"),
+        "{e}"
+    );
+    std::fs::remove_file(dir.join("disk0.0.layer")).unwrap();
+
+    // A real layer, but made over another image: a base outside its chain.
+    let other = tmp.path().join("other.img");
+    std::fs::write(&other, vec![2u8; 64 << 10]).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&other)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1))
+        .unwrap();
+    let mut over_other = devices::disk::DiskImage::open_raw(&other, false).unwrap();
+    over_other.push_layer(&dir.join("disk0.0.layer")).unwrap();
+    drop(over_other);
+    let e = refused_with(&dir, vec![base.clone()]);
+    assert!(e.contains("not the image it was made over"), "{e}");
+}
+
+#[test]
+fn disks_are_named_again_and_must_be_the_ones_snapshotted() {
+    let (tmp, dir) = scratch();
+    let base = tmp.path().join("base.img");
+    std::fs::write(&base, vec![1u8; 64 << 10]).unwrap();
+    let mut snap = sample(&vendor());
+    with_disk(&mut snap, &base, Vec::new());
+    snap.info.root_on_disk = true;
+    write_snapshot(&dir, &snap.to_bytes().unwrap(), 32 * MIB);
+
+    // None named: the error lists what is needed.
+    let e = refused_with(&dir, Vec::new());
+    assert!(
+        e.contains("1 disk(s) and 0 were named")
+            && e.contains("disk 0: \"base.img\", 65536 bytes, the root filesystem"),
+        "{e}"
+    );
+    assert!(matches!(
+        Vm::restore(&dir, RestoreOptions::default()),
+        Err(Error::DisksNotNamed {
+            expected: 1,
+            given: 0,
+            ..
+        })
+    ));
+
+    // Another file of the same size, or the same file changed.
+    let impostor = tmp.path().join("impostor.img");
+    std::fs::write(&impostor, vec![9u8; 32 << 10]).unwrap();
+    let e = refused_with(&dir, vec![impostor]);
+    assert!(
+        e.contains("is not the image the snapshot was taken with"),
+        "{e}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&base, vec![3u8; 64 << 10]).unwrap();
+    let e = refused_with(&dir, vec![base]);
+    assert!(
+        e.contains("is not the image the snapshot was taken with"),
+        "{e}"
+    );
+}
+
+#[test]
+fn absurd_sizes_are_refused_before_anything_is_mapped() {
+    let (_tmp, dir) = scratch();
+    let mut snap = sample(&vendor());
+    let huge = 1u64 << 30; // MiB: 1 PiB
+    snap.info.memory_mib = huge;
+    snap.info.regions = vec![SavedRegion {
+        guest_addr: 0,
+        size: huge << 20,
+        file_offset: 0,
+    }];
+    write_snapshot(&dir, &snap.to_bytes().unwrap(), 32 * MIB);
+    let e = refused(&dir);
+    assert!(e.contains("more than the"), "{e}");
+
+    let mut snap = sample(&vendor());
+    snap.info.hostname = "a b capsule.root=/dev/sda".into();
+    write_snapshot(&dir, &snap.to_bytes().unwrap(), 32 * MIB);
+    let e = refused(&dir);
+    assert!(e.contains("invalid hostname"), "{e}");
 }

@@ -10,10 +10,15 @@ use super::{
     drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, DeviceState, Served,
     VirtioDevice, TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
 };
-use crate::disk::{DiskImage, DiskKind};
+use crate::disk::DiskImage;
 use crate::GuestMemory;
 
 pub const SECTOR_SIZE: u64 = 512;
+
+/// The name a snapshot gives layer `j` (from the bottom) of disk `disk`.
+pub fn layer_name(disk: usize, j: usize) -> String {
+    format!("disk{disk}.{j}.layer")
+}
 const QUEUE_SIZE: u16 = 256;
 
 const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
@@ -59,14 +64,12 @@ pub enum BlockError {
 /// Serializable device state (for snapshots).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
-    pub path: String,
     pub read_only: bool,
     pub capacity_sectors: u64,
 }
 
 pub struct Block {
     disk: DiskImage,
-    path: String,
     read_only: bool,
     capacity_sectors: u64,
     id: [u8; ID_LEN],
@@ -76,22 +79,23 @@ pub struct Block {
 impl Block {
     /// Opens a raw image as a disk.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
-        Self::open_image(path, DiskKind::Raw, read_only)
-    }
-
-    /// Opens a raw image or a copy-on-write layer (see [`crate::disk`]).
-    pub fn open_image(path: &Path, kind: DiskKind, read_only: bool) -> Result<Self, BlockError> {
-        let display = path.display().to_string();
-        let disk = DiskImage::open(path, kind, !read_only).map_err(|source| BlockError::Open {
-            path: display.clone(),
+        let disk = DiskImage::open_raw(path, !read_only).map_err(|source| BlockError::Open {
+            path: path.display().to_string(),
             source,
         })?;
+        Self::from_image(disk, read_only)
+    }
+
+    /// A disk over an image already open (a snapshot's chain, see
+    /// [`crate::disk`]). Its id is the name of the raw image underneath.
+    pub fn from_image(disk: DiskImage, read_only: bool) -> Result<Self, BlockError> {
+        let base = disk.raw_base().path();
         let len = disk.size();
-        if len % SECTOR_SIZE != 0 {
-            return Err(BlockError::Size(display));
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            return Err(BlockError::Size(base.display().to_string()));
         }
         let mut id = [0u8; ID_LEN];
-        let name = path
+        let name = base
             .file_name()
             .map(|n| n.as_encoded_bytes())
             .unwrap_or(b"disk");
@@ -99,7 +103,6 @@ impl Block {
         id[..n].copy_from_slice(&name[..n]);
         Ok(Block {
             disk,
-            path: display,
             read_only,
             capacity_sectors: len / SECTOR_SIZE,
             id,
@@ -108,19 +111,17 @@ impl Block {
     }
 
     /// Freezes the disk as it is now and carries on writing to a new
-    /// copy-on-write layer at `top` (a snapshot's disk). Returns the
-    /// frozen image, still open: nothing writes it any more.
-    pub fn freeze(&mut self, top: &Path) -> Result<&DiskImage, BlockError> {
+    /// copy-on-write layer at `top` (a snapshot's disk): nothing writes
+    /// the frozen files any more.
+    pub fn freeze(&mut self, top: &Path) -> Result<(), BlockError> {
         self.disk.push_layer(top)?;
-        self.path = top.display().to_string();
-        Ok(self.disk.base().expect("just pushed a layer"))
+        Ok(())
     }
 
     /// Turns a read-only disk into a writable one whose writes go to a new
     /// copy-on-write layer at `top` (a restored snapshot's disk).
     pub fn writable_layer(mut self, top: &Path) -> Result<Block, BlockError> {
         self.disk.push_layer(top)?;
-        self.path = top.display().to_string();
         self.read_only = false;
         Ok(self)
     }
@@ -129,12 +130,17 @@ impl Block {
         &self.disk
     }
 
-    /// Keeps the disk's top file at `dest` too and uses that path (see
-    /// [`DiskImage::relocate_top`]).
-    pub fn relocate_top(&mut self, dest: &Path) -> Result<(), BlockError> {
-        self.disk.relocate_top(dest)?;
-        self.path = dest.display().to_string();
-        Ok(())
+    /// Keeps the frozen layers of disk `index` in the snapshot directory
+    /// `dir` (every layer but the one the VM writes) as
+    /// `disk<index>.<j>.layer`, bottom first; returns their names.
+    pub fn keep_frozen_layers(
+        &mut self,
+        dir: &Path,
+        index: usize,
+    ) -> Result<Vec<String>, BlockError> {
+        Ok(self
+            .disk
+            .keep_layers_in(dir, !self.read_only, &|j| layer_name(index, j))?)
     }
 
     pub fn read_only(&self) -> bool {
@@ -147,7 +153,6 @@ impl Block {
 
     fn block_state(&self) -> BlockState {
         BlockState {
-            path: self.path.clone(),
             read_only: self.read_only,
             capacity_sectors: self.capacity_sectors,
         }

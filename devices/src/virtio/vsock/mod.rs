@@ -32,7 +32,6 @@ const EVENT_TRANSPORT_RESET: u32 = 0;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockState {
     pub guest_cid: u64,
-    pub uds_path: String,
     /// The next port for a host-initiated connection. A restored device
     /// carries on from here: the guest may still hold sockets bound to
     /// ports used before the snapshot until it processes the transport
@@ -89,7 +88,6 @@ impl Vsock {
     fn vsock_state(&self) -> VsockState {
         VsockState {
             guest_cid: self.guest_cid,
-            uds_path: self.muxer.path().display().to_string(),
             next_local_port: self.muxer.next_local_port(),
         }
     }
