@@ -136,7 +136,7 @@ pub struct RestoreArgs {
     #[command(flatten)]
     disks: SnapshotDisks,
     /// New hostname for the restored guest (default: the snapshot's).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::parse_hostname)]
     hostname: Option<String>,
     /// Keep the restored sandbox running under --name.
     #[arg(long, requires = "name")]
@@ -218,9 +218,9 @@ pub struct ForkArgs {
     snapshot: PathBuf,
     #[command(flatten)]
     disks: SnapshotDisks,
-    /// How many replicas to start.
-    #[arg(long, default_value_t = 2)]
-    count: usize,
+    /// How many replicas to start (1 to 256).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    count: u16,
     /// Print restore and command times on stderr.
     #[arg(long)]
     timings: bool,
@@ -242,12 +242,9 @@ pub struct ForkArgs {
 /// each and prints every replica's output prefixed with its name. The
 /// replicas are discarded afterwards, their disk writes with them.
 pub fn fork(args: ForkArgs) -> Result<u8> {
-    if args.count == 0 || args.count > 256 {
-        bail!("--count must be 1..=256");
-    }
     let t0 = Instant::now();
     let results: Vec<Result<ForkResult>> = std::thread::scope(|scope| {
-        let forks: Vec<_> = (0..args.count)
+        let forks: Vec<_> = (0..usize::from(args.count))
             .map(|i| {
                 let args = &args;
                 scope.spawn(move || run_fork(i, args))
@@ -329,7 +326,7 @@ fn run_fork(i: usize, args: &ForkArgs) -> Result<ForkResult> {
     let ready = t0.elapsed();
     let request = args.command_args.request(&args.command, false);
     // Every replica's output is held until all are done: share a budget.
-    let limit = (FORK_OUTPUT_BUDGET / args.count).max(1 << 20);
+    let limit = (FORK_OUTPUT_BUDGET / usize::from(args.count)).max(1 << 20);
     let out = match vm
         .agent()
         .and_then(|a| Ok(a.exec(request)?.output_with_limit(limit)?))

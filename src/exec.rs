@@ -20,8 +20,8 @@ pub struct CommandArgs {
     #[arg(long, short = 'u')]
     pub user: Option<String>,
     /// Kill the command after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    pub timeout: Option<f64>,
+    #[arg(long, value_name = "SECONDS", value_parser = crate::args::parse_seconds)]
+    pub timeout: Option<std::time::Duration>,
 }
 
 pub fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -39,7 +39,8 @@ impl CommandArgs {
             cwd: self.workdir.clone(),
             user: self.user.clone(),
             stdin,
-            timeout_ms: self.timeout.map(|s| (s * 1000.0) as u64),
+            // At most 30 days (parse_seconds): fits.
+            timeout_ms: self.timeout.map(|d| d.as_millis() as u64),
         }
     }
 }

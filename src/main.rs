@@ -1,5 +1,6 @@
 //! `capsule`: isolated, on-demand KVM microVMs.
 
+mod args;
 mod artifacts;
 mod commands;
 mod exec;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Args;
 
+use crate::args;
 use crate::exec::{self, CommandArgs};
 use crate::sandbox::{self, BootSpec, Origin};
 
@@ -16,10 +17,10 @@ pub const SANDBOX_FAILURE: u8 = 125;
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = args::parse_cpus)]
     cpus: u8,
     /// Guest memory, e.g. 256M or 1G.
-    #[arg(long, default_value = "256M", value_parser = parse_size_mib)]
+    #[arg(long, default_value = "256M", value_parser = args::parse_size_mib)]
     memory: u64,
     #[command(flatten)]
     command_args: CommandArgs,
@@ -39,10 +40,10 @@ pub struct RunArgs {
     #[arg(long)]
     initramfs: Option<PathBuf>,
     /// Give up if the guest is not ready within this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
-    boot_timeout: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = args::parse_seconds)]
+    boot_timeout: Duration,
     /// Guest hostname.
-    #[arg(long, default_value = "capsule")]
+    #[arg(long, default_value = "capsule", value_parser = args::parse_hostname)]
     hostname: String,
     /// Show the guest's console (kernel messages) on stderr.
     #[arg(long)]
@@ -62,28 +63,6 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
-fn parse_size_mib(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => (&s[..i], &s[i..]),
-        None => (s, "M"),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    let mib = match mult
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "M" => n,
-        "G" => n * 1024,
-        _ => return Err(format!("unknown unit in {s:?} (use M or G)")),
-    };
-    if mib < 32 {
-        return Err("memory must be at least 32M".into());
-    }
-    Ok(mib)
-}
-
 pub fn run(args: RunArgs) -> Result<u8> {
     let spec = BootSpec {
         kernel: args.kernel.clone(),
@@ -95,7 +74,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         read_only: args.read_only,
         disks: args.disk.clone(),
         console: args.console,
-        boot_timeout: args.boot_timeout,
+        boot_timeout_ms: args.boot_timeout.as_millis() as u64,
     };
     if args.keep {
         let name = args.name.as_deref().unwrap_or_default();
@@ -147,20 +126,4 @@ pub fn run(args: RunArgs) -> Result<u8> {
         );
     }
     Ok(exec::exit_code(&status))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size_mib("512M"), Ok(512));
-        assert_eq!(parse_size_mib("1G"), Ok(1024));
-        assert_eq!(parse_size_mib("2GiB"), Ok(2048));
-        assert_eq!(parse_size_mib("300"), Ok(300));
-        assert!(parse_size_mib("16M").is_err());
-        assert!(parse_size_mib("lots").is_err());
-        assert!(parse_size_mib("5T").is_err());
-    }
 }

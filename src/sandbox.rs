@@ -100,7 +100,7 @@ pub struct BootSpec {
     pub read_only: bool,
     pub disks: Vec<PathBuf>,
     pub console: bool,
-    pub boot_timeout: f64,
+    pub boot_timeout_ms: u64,
 }
 
 impl BootSpec {
@@ -139,7 +139,7 @@ impl BootSpec {
             builder = builder.console_log(log);
         }
         let mut vm = builder.boot().context("cannot start the microVM")?;
-        vm.wait_ready(Duration::from_secs_f64(self.boot_timeout))?;
+        vm.wait_ready(Duration::from_millis(self.boot_timeout_ms))?;
         Ok(vm)
     }
 }

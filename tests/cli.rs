@@ -77,6 +77,51 @@ fn bad_arguments_are_usage_errors() {
     }
 }
 
+/// Values that once panicked, aborted or slipped words onto the guest's
+/// kernel command line are usage errors saying what is wrong.
+#[test]
+fn hostile_values_are_usage_errors_not_crashes() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "--boot-timeout", "NaN", "--", "true"], "above 0"),
+        (&["run", "--boot-timeout=-3", "--", "true"], "above 0"),
+        (&["run", "--boot-timeout", "1e300", "--", "true"], "days"),
+        (&["run", "--timeout", "inf", "--", "true"], "above 0"),
+        (
+            &["run", "--memory", "18014398509481983M", "--", "true"],
+            "more",
+        ),
+        (
+            &["run", "--memory", "99999999999999999999G", "--", "true"],
+            "not a size",
+        ),
+        (&["run", "--memory", "2000000G", "--", "true"], "more"),
+        (
+            &["run", "--hostname", "x capsule.root=/dev/sda", "--", "true"],
+            "invalid hostname",
+        ),
+        (&["run", "--hostname", "", "--", "true"], "invalid hostname"),
+        (&["run", "--cpus", "0", "--", "true"], "--cpus takes 1"),
+        (&["run", "--cpus", "200", "--", "true"], "--cpus takes 1"),
+        (
+            &["fork", "/nonexistent", "--count", "0", "--", "true"],
+            "count",
+        ),
+        (
+            &["fork", "/nonexistent", "--count", "100000", "--", "true"],
+            "count",
+        ),
+        (
+            &["restore", "/nonexistent", "--hostname", "a b", "--", "true"],
+            "invalid hostname",
+        ),
+    ];
+    for (args, says) in cases {
+        let (code, err) = run(capsule().args(*args));
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn a_garbage_kernel_is_reported_not_run() {
     let (code, err) = run_with_stand_ins(&[]);
