@@ -11,7 +11,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use guest_agent::protocol::{FrameKind, FrameReader, Hello, Poll, READY_PORT};
+use devices::virtio::vsock::connect_to_guest;
+use guest_agent::protocol::{FrameKind, FrameReader, Hello, Poll, AGENT_PORT, READY_PORT};
+use guest_agent::AgentClient;
+
+use crate::error::Error;
 
 /// Connections the ready socket queues before the device's connects are
 /// refused (the guest then sees a reset).
@@ -38,7 +42,7 @@ impl ReadyListener {
     /// connections to port [`READY_PORT`].
     pub fn bind(vsock_path: &Path) -> std::io::Result<Self> {
         let path = PathBuf::from(format!("{}_{READY_PORT}", vsock_path.display()));
-        let listener = UnixListener::bind(&path)?;
+        let listener = devices::host_socket::bind_private(&path)?;
         listener.set_nonblocking(true)?;
         // SAFETY: `listener` is a bound socket we own; listen() again on a
         // listening socket only changes its backlog.
@@ -59,6 +63,8 @@ impl ReadyListener {
     ) -> std::io::Result<Waited> {
         loop {
             match self.listener.accept() {
+                // Only the vsock device (this process) connects here.
+                Ok((conn, _)) if !devices::host_socket::peer_is_trusted(&conn) => {}
                 Ok((conn, _)) => {
                     let until = deadline.min(Instant::now() + HELLO_TIMEOUT);
                     match read_hello(conn, until) {
@@ -87,6 +93,52 @@ impl Drop for ReadyListener {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// What waiting for a guest's agent came to.
+pub(crate) enum AgentWait {
+    Ready(AgentClient),
+    /// No ready signal by the deadline.
+    TimedOut,
+    /// `stop` said to give up.
+    Stopped,
+    /// The guest said its agent was ready, and the agent then did not
+    /// answer its hello: a guest faking readiness, or one that broke.
+    Silent(Error),
+}
+
+/// Waits for the ready signal on `listener`, then connects to the agent
+/// through the vsock device at `vsock_path` and has its hello, by
+/// `deadline` (but at least `answer_min` after the signal). Ready means
+/// the agent answers: a guest that only says so fails here, closed.
+pub(crate) fn wait_for_agent(
+    listener: &ReadyListener,
+    vsock_path: &Path,
+    deadline: Instant,
+    answer_min: Duration,
+    stop: impl FnMut() -> bool,
+) -> std::io::Result<AgentWait> {
+    match listener.wait(deadline, stop)? {
+        Waited::Ready => {}
+        Waited::TimedOut => return Ok(AgentWait::TimedOut),
+        Waited::Stopped => return Ok(AgentWait::Stopped),
+    }
+    let by = deadline.max(Instant::now() + answer_min);
+    Ok(match connect_agent_by(vsock_path, by) {
+        Ok(agent) => AgentWait::Ready(agent),
+        Err(e) => AgentWait::Silent(e),
+    })
+}
+
+/// Connects to the agent through the vsock device at `vsock_path` and
+/// reads its hello, both before `deadline`.
+pub(crate) fn connect_agent_by(vsock_path: &Path, deadline: Instant) -> Result<AgentClient, Error> {
+    // A zero timeout would mean "wait forever" to the socket.
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    let stream = connect_to_guest(vsock_path, AGENT_PORT, left)?;
+    Ok(AgentClient::connect(stream, deadline)?)
 }
 
 /// Reads one hello from `conn`, all of it before `deadline`.
@@ -135,6 +187,7 @@ mod tests {
     use super::*;
     use guest_agent::protocol::Frame;
     use std::io::Write;
+    use std::os::unix::net::UnixListener;
 
     fn listener() -> (tempfile::TempDir, ReadyListener, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -220,6 +273,89 @@ mod tests {
         assert!(held.len() <= BACKLOG as usize + 1, "{} queued", held.len());
         drop(ready);
         assert!(!path.exists());
+    }
+
+    /// Sends the agent's hello on the ready port, as a guest would.
+    fn say_ready(path: &Path) -> UnixStream {
+        let mut c = UnixStream::connect(path).unwrap();
+        Frame::json(FrameKind::Hello, 0, &Hello::new("agent", 65536, 0))
+            .write_to(&mut c)
+            .unwrap();
+        c
+    }
+
+    /// A stand-in for the vsock device: takes `CONNECT 1024`, says OK, and
+    /// then runs `agent` on the connection.
+    fn fake_device(
+        vsock: &Path,
+        agent: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        let listener = UnixListener::bind(vsock).unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut line = [0u8; 13];
+            std::io::Read::read_exact(&mut conn, &mut line).unwrap();
+            assert_eq!(&line, b"CONNECT 1024\n");
+            conn.write_all(b"OK 1073741824\n").unwrap();
+            agent(conn);
+        })
+    }
+
+    #[test]
+    fn a_guest_that_says_it_is_ready_and_then_does_not_answer_is_refused() {
+        let (dir, ready, path) = listener();
+        let vsock = dir.path().join("vsock.sock");
+        // The agent port takes the connection and never says hello.
+        let device = fake_device(&vsock, |conn| {
+            std::thread::sleep(Duration::from_secs(3));
+            drop(conn);
+        });
+        let _signal = say_ready(&path);
+        let t = Instant::now();
+        let waited = wait_for_agent(
+            &ready,
+            &vsock,
+            Instant::now() + Duration::from_millis(500),
+            Duration::from_secs(1),
+            || false,
+        )
+        .unwrap();
+        match waited {
+            AgentWait::Silent(e) => assert!(e.is_guest_unresponsive(), "{e}"),
+            _ => panic!("a silent agent was taken for a ready one"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        device.join().unwrap();
+    }
+
+    #[test]
+    fn a_guest_whose_agent_answers_is_ready() {
+        let (dir, ready, path) = listener();
+        let vsock = dir.path().join("vsock.sock");
+        let device = fake_device(&vsock, |mut conn| {
+            let hello = Frame::read_from(&mut conn).unwrap().unwrap();
+            assert_eq!(hello.kind, FrameKind::Hello);
+            Frame::json(FrameKind::Hello, 0, &Hello::new("agent", 65536, 8))
+                .write_to(&mut conn)
+                .unwrap();
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut conn, &mut rest);
+        });
+        let _signal = say_ready(&path);
+        let waited = wait_for_agent(
+            &ready,
+            &vsock,
+            Instant::now() + Duration::from_secs(5),
+            Duration::from_secs(1),
+            || false,
+        )
+        .unwrap();
+        let AgentWait::Ready(agent) = waited else {
+            panic!("an answering agent was not taken as ready");
+        };
+        assert_eq!(agent.peer().software, "agent");
+        drop(agent);
+        device.join().unwrap();
     }
 
     #[test]

@@ -28,12 +28,11 @@ use devices::legacy::{Serial, SerialSnapshot, I8042};
 use devices::virtio::block::{Block, BlockState};
 use devices::virtio::mmio::{MmioState, MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::rng::Rng;
-use devices::virtio::vsock::{connect_to_guest, Vsock, VsockState};
+use devices::virtio::vsock::{Vsock, VsockState};
 use devices::virtio::{DeviceState, RingMap, VirtioDevice};
 use devices::Bus;
 use devices::GuestMemory;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use guest_agent::protocol::AGENT_PORT;
 use guest_agent::{AgentClient, ExecRequest, Identity, Output};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
@@ -58,7 +57,7 @@ use crate::memory;
 use crate::persist::{
     self, DevicesState, SavedDisk, SavedRegion, Snapshot, SnapshotInfo, VirtioSnapshot, VmState,
 };
-use crate::ready::{ReadyListener, Waited};
+use crate::ready::{connect_agent_by, AgentWait, ReadyListener};
 
 /// How long connecting to the agent may take once it said it is ready.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1575,13 +1574,21 @@ impl Vm {
             ));
         };
         let exit = self.exit.clone();
-        match listener.wait(deadline, || exit.get().is_some())? {
-            Waited::Ready => {}
-            Waited::Stopped => {
+        let waited = crate::ready::wait_for_agent(
+            listener,
+            &self.vsock_path,
+            deadline,
+            AGENT_ANSWER_MIN,
+            || exit.get().is_some(),
+        )?;
+        let after = self.started.elapsed();
+        match waited {
+            AgentWait::Ready(agent) => self.agent = Some(agent),
+            AgentWait::Stopped => {
                 let exit = self.exit.get().unwrap_or(VmExit::Stopped);
                 return Err(self.exit_error(exit));
             }
-            Waited::TimedOut => {
+            AgentWait::TimedOut => {
                 let hint = if self.flavor == KvmFlavor::Pvm {
                     format!("\n{PVM_HINT}")
                 } else {
@@ -1592,18 +1599,9 @@ impl Vm {
                     console: format!("{}{hint}", self.console_tail(20)),
                 });
             }
-        }
-        let after = self.started.elapsed();
-        // Closed now, so the guest cannot pile connections onto a socket
-        // nobody accepts from.
-        self.ready_listener = None;
-        // Ready means the agent answers: a guest that announces itself
-        // and then does not is refused here, not left for the first
-        // command to find out.
-        let by = deadline.max(Instant::now() + AGENT_ANSWER_MIN);
-        match connect_agent_by(&self.vsock_path, by) {
-            Ok(agent) => self.agent = Some(agent),
-            Err(e) => {
+            AgentWait::Silent(e) => {
+                // The signal is spent either way: nothing more to wait for.
+                self.ready_listener = None;
                 if let Some(exit) = self.exit.get() {
                     return Err(self.exit_error(exit));
                 }
@@ -1616,6 +1614,9 @@ impl Vm {
                 });
             }
         }
+        // Closed now, so the guest cannot pile connections onto a socket
+        // nobody accepts from.
+        self.ready_listener = None;
         self.ready_after = Some(after);
         Ok(after)
     }
@@ -1723,16 +1724,6 @@ impl Drop for Vm {
 /// process than the one running the VM.
 pub fn connect_agent(vsock_path: &Path) -> Result<AgentClient> {
     connect_agent_by(vsock_path, Instant::now() + AGENT_CONNECT_TIMEOUT)
-}
-
-/// Connects and reads the agent's hello, both before `deadline`.
-fn connect_agent_by(vsock_path: &Path, deadline: Instant) -> Result<AgentClient> {
-    // A zero timeout would mean "wait forever" to the socket.
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    let stream = connect_to_guest(vsock_path, AGENT_PORT, left)?;
-    Ok(AgentClient::connect(stream, deadline)?)
 }
 
 fn open_kvm() -> Result<Kvm> {
