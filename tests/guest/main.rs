@@ -675,4 +675,5 @@ fn twenty_sequential_boots_leak_nothing() {
     assert_eq!(runtime_dirs(), dirs, "runtime directories leaked");
 }
 
+mod hostile;
 mod snapshot;

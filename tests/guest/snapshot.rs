@@ -146,7 +146,7 @@ fn forks_get_their_own_identity_and_randomness() {
 
 /// Runs the `capsule` CLI with the guest artifacts and a private
 /// CAPSULE_HOME; returns (exit code, stdout, stderr).
-fn capsule(home: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+pub(super) fn capsule(home: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_capsule"))
         .args(args)
         .env("CAPSULE_HOME", home)

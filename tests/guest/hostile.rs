@@ -1,0 +1,181 @@
+//! Real guests misbehaving: a stream in trouble never holds up another,
+//! output that never ends is capped, and a frozen replica is reported
+//! failed while its siblings finish.
+
+use super::*;
+
+/// How long a simple command may take in the nested test host, where
+/// everything is 5-20x slower: far more than it needs, far less than a
+/// hang.
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+
+/// Runs `echo alive` and pings, within [`ANSWER_WITHIN`] each.
+fn still_answers(vm: &mut Vm, while_what: &str) {
+    let t = Instant::now();
+    let connected = vm_agent(vm);
+    let agent = guest_ok(vm, connected);
+    let mut handle = agent
+        .exec(ExecRequest::new(["echo", "alive"]))
+        .unwrap_or_else(|e| panic!("exec while {while_what}: {e}"));
+    let mut out = Vec::new();
+    loop {
+        match handle.next_event_timeout(ANSWER_WITHIN) {
+            Ok(Some(ExecEvent::Stdout(d))) => out.extend(d),
+            Ok(Some(ExecEvent::Exit(status))) => {
+                assert!(status.success());
+                break;
+            }
+            Ok(Some(ExecEvent::Stderr(_))) => {}
+            Ok(None) => panic!("no exit status while {while_what}"),
+            Err(e) => panic!("an exec did not answer while {while_what}: {e}"),
+        }
+    }
+    assert_eq!(out, b"alive\n");
+    agent
+        .ping(ANSWER_WITHIN)
+        .unwrap_or_else(|e| panic!("ping while {while_what}: {e}"));
+    eprintln!("an exec answered in {:?} while {while_what}", t.elapsed());
+}
+
+/// The VM's agent connection, opened if need be.
+fn vm_agent(vm: &mut Vm) -> vmm::Result<vmm::AgentClient> {
+    vmm::connect_agent(vm.vsock_path())
+}
+
+#[test]
+fn a_stream_in_trouble_never_holds_up_another() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let mut vm = boot(builder());
+    let connected = vm_agent(&mut vm);
+    let agent = guest_ok(&mut vm, connected);
+
+    // Prints forever; nobody reads it.
+    let flood = agent.exec(ExecRequest::new(["yes"])).expect("yes");
+    still_answers(&mut vm, "`yes` prints and nobody reads");
+
+    // Never reads its stdin, while the host has megabytes for it.
+    let deaf = agent
+        .exec(ExecRequest {
+            stdin: true,
+            ..ExecRequest::new(["sleep", "600"])
+        })
+        .expect("sleep");
+    let input = deaf.input();
+    let writer = std::thread::spawn(move || input.write_stdin(&vec![b'k'; 8 << 20]));
+    still_answers(&mut vm, "a process never reads its stdin");
+
+    // Stopped while it streams.
+    let mut stopped = agent
+        .exec(ExecRequest::new([
+            "sh",
+            "-c",
+            "while :; do echo line; done",
+        ]))
+        .expect("looper");
+    let mut seen = 0;
+    while seen < 4096 {
+        match stopped.next_event_timeout(ANSWER_WITHIN) {
+            Ok(Some(ExecEvent::Stdout(d))) => seen += d.len(),
+            other => panic!("the looper did not stream: {other:?}"),
+        }
+    }
+    stopped.signal(libc::SIGSTOP).expect("SIGSTOP");
+    still_answers(&mut vm, "a process is stopped mid-stream");
+
+    // All three at once, and then they end: the deaf one by a signal
+    // (its blocked writer is released), the others by dropping their
+    // handles, which kills them in the guest.
+    still_answers(&mut vm, "all three are stuck");
+    deaf.signal(libc::SIGKILL).expect("SIGKILL");
+    let status = deaf.output().expect("the deaf process's end");
+    assert_eq!(status.status.signal, Some(libc::SIGKILL));
+    assert!(writer.join().unwrap().is_err(), "the writer was released");
+    drop(flood);
+    drop(stopped);
+    let left = sh_ok(&mut vm, "sleep 1; pidof yes sleep; true");
+    assert_eq!(
+        left.trim(),
+        "",
+        "processes outlived their reset streams: {left}"
+    );
+    still_answers(&mut vm, "the stuck streams are gone");
+    drop(agent);
+    stop(vm);
+}
+
+#[test]
+fn output_that_never_ends_is_capped_and_killed() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let mut vm = boot(builder());
+    let connected = vm_agent(&mut vm);
+    let agent = guest_ok(&mut vm, connected);
+    let handle = agent.exec(ExecRequest::new(["yes"])).expect("yes");
+    match handle.output_with_limit(4 << 20) {
+        Err(vmm::ClientError::OutputTooLarge { limit }) => assert_eq!(limit, 4 << 20),
+        other => panic!("endless output gave {other:?}"),
+    }
+    let left = sh_ok(&mut vm, "sleep 1; pidof yes; true");
+    assert_eq!(left.trim(), "", "`yes` survived its capped stream");
+    drop(agent);
+    stop(vm);
+}
+
+/// `capsule fork --count 10` where one replica's agent freezes (moved into
+/// a frozen cgroup) right after it restored: the command returns within
+/// its timeout plus the grace period, that replica is reported failed,
+/// and the other nine's output is all there.
+#[test]
+fn a_frozen_fork_is_reported_and_the_others_finish() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let home = tempfile::tempdir().unwrap();
+    let snap = home.path().join("snap");
+    let mut vm = boot(builder());
+    vm.snapshot(&snap).expect("snapshot");
+    vm.kill();
+    // fork-3 freezes its own agent (PID 1) and so never answers again.
+    let script = "if [ \"$(hostname)\" = fork-3 ]; then \
+                    mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup; \
+                    mkdir /sys/fs/cgroup/frozen && echo 1 > /sys/fs/cgroup/frozen/cgroup.procs \
+                    && echo 1 > /sys/fs/cgroup/frozen/cgroup.freeze; sleep 1000; fi; \
+                  echo ok $(hostname)";
+    let t = Instant::now();
+    let (code, stdout, stderr) = super::snapshot::capsule(
+        home.path(),
+        &[
+            "fork",
+            snap.to_str().unwrap(),
+            "--count",
+            "10",
+            "--timeout",
+            "20",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    let took = t.elapsed();
+    eprintln!("capsule fork took {took:?}:\n{stdout}\n{stderr}");
+    assert_eq!(code, 125, "a replica failed, so the sandbox status is 125");
+    for i in (0..10).filter(|i| *i != 3) {
+        assert!(
+            stdout.contains(&format!("[fork-{i}] ok fork-{i}")),
+            "fork-{i}'s output is missing:\n{stdout}\n{stderr}"
+        );
+    }
+    assert!(!stdout.contains("ok fork-3"), "{stdout}");
+    let failed = stderr
+        .lines()
+        .find(|l| l.starts_with("[fork-3] capsule: error:"))
+        .unwrap_or_else(|| panic!("fork-3 was not reported failed:\n{stderr}"));
+    assert!(
+        failed.contains("not responding") || failed.contains("not stop it"),
+        "{failed}"
+    );
+    // 20 s of timeout, 10 s of grace, plus ten restores in the nested
+    // test host: well under the watchdog.
+    assert!(
+        took < Duration::from_secs(150),
+        "capsule fork took {took:?}"
+    );
+}
