@@ -12,7 +12,7 @@ export CAPSULE_INITRAMFS := $(abspath $(ARTIFACTS)/initramfs.cpio)
 export CAPSULE_ROOTFS    := $(abspath $(ARTIFACTS)/rootfs.ext4)
 export CAPSULE_BZIMAGE   := $(abspath $(ARTIFACTS)/bzImage)
 
-.PHONY: deps kernel agent artifacts build demo test test-host test-guest lint bench fmt clean
+.PHONY: deps kernel agent artifacts build demo test test-host test-guest lint bench fuzz fmt clean
 
 deps:
 	@images/install-deps.sh
@@ -58,6 +58,18 @@ bench: artifacts build
 	scripts/bench.sh
 	scripts/compare-qemu.sh
 	scripts/compare-qemu.sh --snapshot
+
+# cargo-fuzz targets (fuzz/): what Capsule reads from guests, agents and
+# snapshot files. Each runs FUZZ_SECONDS; findings land in fuzz/artifacts/.
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS := agent_frames agent_session snapshot_state layer_header virtio_blk virtio_vsock
+fuzz:
+	@rustup toolchain list | grep -q '^nightly' || { echo "fuzz: needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
+	@command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+	  cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -print_final_stats=1 || exit 1; \
+	done
 
 fmt:
 	cargo fmt --all
