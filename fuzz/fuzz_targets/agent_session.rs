@@ -36,7 +36,8 @@ fuzz_target!(|data: &[u8]| {
         output_limit: 1 << 20,
         ..ClientOptions::default()
     };
-    let Ok(client) = AgentClient::connect_with(host, Instant::now() + Duration::from_secs(1), options)
+    let Ok(client) =
+        AgentClient::connect_with(host, Instant::now() + Duration::from_secs(1), options)
     else {
         return;
     };

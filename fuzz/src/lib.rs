@@ -105,11 +105,14 @@ pub fn lay_out_queue<'a>(h: &Harness, queue: u64, data: &'a [u8]) -> &'a [u8] {
     let (avail, rest) = take(data, 17);
     let (descs, rest) = take(rest, 16 * 6);
     if let Some((&idx, heads)) = avail.split_first() {
-        let _ = h.mem.write_obj(u16::from(idx), GuestAddress(base + 0x1000 + 2));
+        let _ = h
+            .mem
+            .write_obj(u16::from(idx), GuestAddress(base + 0x1000 + 2));
         for (i, &head) in heads.iter().enumerate() {
-            let _ = h
-                .mem
-                .write_obj(u16::from(head % 32), GuestAddress(base + 0x1000 + 4 + 2 * i as u64));
+            let _ = h.mem.write_obj(
+                u16::from(head % 32),
+                GuestAddress(base + 0x1000 + 4 + 2 * i as u64),
+            );
         }
     }
     for (i, d) in descs.chunks_exact(6).enumerate() {
