@@ -29,6 +29,23 @@ pub fn peer_is_trusted(stream: &UnixStream) -> bool {
     }
 }
 
+/// Connects to the Unix socket at `path` without blocking: for Unix
+/// sockets a non-blocking connect either completes at once or fails with
+/// EAGAIN (the listener's backlog is full), so a slow or swamped listener
+/// is refused instead of stalling the caller (the device event loop).
+pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
+}
+
 /// The uid of the process at the other end of `stream`.
 pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
     getsockopt(stream, PeerCredentials)

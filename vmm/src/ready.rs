@@ -225,46 +225,13 @@ mod tests {
         drop((silent, junk, partial, hello.join().unwrap()));
     }
 
-    /// Connects without blocking, as the vsock device does.
-    fn connect_nonblocking(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor nobody else owns.
-        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_un is plain data, all-zero valid.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in addr
-            .sun_path
-            .iter_mut()
-            .zip(path.as_os_str().as_encoded_bytes())
-        {
-            *d = *s as libc::c_char;
-        }
-        // SAFETY: `addr` is a valid sockaddr_un of the length given.
-        let rc = unsafe {
-            libc::connect(
-                fd,
-                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(owned)
-    }
-
     #[test]
     fn the_backlog_is_small_and_the_socket_goes_with_the_listener() {
         let (_dir, ready, path) = listener();
         let mut held = Vec::new();
         for _ in 0..64 {
-            match connect_nonblocking(&path) {
+            // As the vsock device connects: without blocking.
+            match devices::host_socket::connect_nonblocking(&path) {
                 Ok(c) => held.push(c),
                 Err(_) => break,
             }

@@ -479,7 +479,7 @@ impl Muxer {
             return;
         }
         let target = format!("{}_{}", self.path.display(), key.local_port);
-        let stream = match connect_nonblocking(&target) {
+        let stream = match crate::host_socket::connect_nonblocking(Path::new(&target)) {
             Ok(s) => s,
             Err(e) => {
                 log::debug!("vsock: guest connect to port {}: {e}", key.local_port);
@@ -643,52 +643,6 @@ impl Muxer {
         }
         self.control.clear();
     }
-}
-
-/// Connects to a host Unix socket without blocking: for Unix sockets a
-/// non-blocking connect either completes at once or fails with EAGAIN
-/// (the listener's backlog is full), so a slow host listener is refused
-/// instead of stalling every device on the event loop.
-fn connect_nonblocking(path: &str) -> io::Result<UnixStream> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: sockaddr_un is plain data, for which all-zero is valid.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let bytes = path.as_bytes();
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: plain syscall; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor owned by nothing else.
-    let stream = unsafe { UnixStream::from_raw_fd(fd) };
-    // SAFETY: `addr` is a valid sockaddr_un and the length matches it.
-    let rc = unsafe {
-        libc::connect(
-            fd,
-            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stream)
 }
 
 /// Parses `CONNECT <port>\n`, returning the port and any bytes after the
