@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use guest_agent::protocol::{
-    channel, ExitStatus, Frame, FrameKind, FrameReader, Hello, Open, Poll, Reply,
+    channel, Control, ExitStatus, Frame, FrameKind, FrameReader, Hello, Open, Poll, Reply,
     DEFAULT_HOST_WINDOW, MAX_WINDOW,
 };
 use guest_agent::{AgentClient, ClientError, ClientOptions, ExecEvent, ExecRequest};
@@ -122,7 +122,7 @@ fn within<T>(limit: Duration, what: &str, f: impl FnOnce() -> T) -> T {
 }
 
 #[test]
-fn endless_output_is_capped_and_the_process_reset() {
+fn endless_output_is_capped_and_the_process_killed() {
     let options = ClientOptions {
         output_limit: 4 << 20,
         ..quick_options()
@@ -132,8 +132,9 @@ fn endless_output_is_capped_and_the_process_reset() {
         let id = fake.start_exec();
         let mut credit = u64::from(DEFAULT_HOST_WINDOW);
         let chunk = vec![b'y'; 60 * 1024];
+        let mut killed = false;
         loop {
-            while credit >= chunk.len() as u64 {
+            while credit >= chunk.len() as u64 && !killed {
                 fake.send(&Frame::data(id, channel::STDOUT, &chunk));
                 credit -= chunk.len() as u64;
             }
@@ -141,7 +142,11 @@ fn endless_output_is_capped_and_the_process_reset() {
             match f.kind {
                 FrameKind::Window => credit += u64::from(f.window_bytes().unwrap()),
                 FrameKind::Ping => fake.send(&Frame::pong(f.nonce().unwrap())),
-                FrameKind::Reset => return f.stream == id,
+                FrameKind::Control => {
+                    let Control::Signal { signal } = f.parse().unwrap();
+                    killed = signal == libc::SIGKILL;
+                }
+                FrameKind::Reset => return killed && f.stream == id,
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -156,7 +161,10 @@ fn endless_output_is_capped_and_the_process_reset() {
         "{err}"
     );
     assert!(err.to_string().contains("next_event"), "{err}");
-    assert!(feeder.join().unwrap(), "the host reset the stream");
+    assert!(
+        feeder.join().unwrap(),
+        "the host killed the process, then detached"
+    );
     let grown = rss_bytes().saturating_sub(before);
     assert!(grown < 32 << 20, "memory grew by {grown} bytes");
 }

@@ -83,21 +83,18 @@ fn a_stream_in_trouble_never_holds_up_another() {
     still_answers(&mut vm, "a process is stopped mid-stream");
 
     // All three at once, and then they end: the deaf one by a signal
-    // (its blocked writer is released), the others by dropping their
-    // handles, which kills them in the guest.
+    // (its blocked writer is released), the others killed and dropped.
     still_answers(&mut vm, "all three are stuck");
     deaf.signal(libc::SIGKILL).expect("SIGKILL");
     let status = deaf.output().expect("the deaf process's end");
     assert_eq!(status.status.signal, Some(libc::SIGKILL));
     assert!(writer.join().unwrap().is_err(), "the writer was released");
+    flood.kill().expect("kill yes");
+    stopped.kill().expect("kill the looper");
     drop(flood);
     drop(stopped);
     let left = sh_ok(&mut vm, "sleep 1; pidof yes sleep; true");
-    assert_eq!(
-        left.trim(),
-        "",
-        "processes outlived their reset streams: {left}"
-    );
+    assert_eq!(left.trim(), "", "processes outlived being killed: {left}");
     still_answers(&mut vm, "the stuck streams are gone");
     drop(agent);
     stop(vm);

@@ -26,8 +26,9 @@ pub struct Output {
 }
 
 /// A running process in the guest. Dropping the handle before the
-/// process's exit status arrived resets the stream, which kills the
-/// process group in the guest.
+/// process's exit status arrived detaches it, as dropping a
+/// `std::process::Child` does: it runs on in the guest with its output
+/// discarded. [`ExecHandle::kill`] it first to stop it.
 pub struct ExecHandle {
     conn: Arc<Connection>,
     slot: Arc<StreamSlot>,
@@ -80,6 +81,11 @@ impl ExecHandle {
     /// Sends a signal to the process group.
     pub fn signal(&self, signal: i32) -> Result<(), ClientError> {
         self.input.signal(signal)
+    }
+
+    /// Kills the process group (SIGKILL); its exit status follows.
+    pub fn kill(&self) -> Result<(), ClientError> {
+        self.input.signal(libc::SIGKILL)
     }
 
     /// A cloneable handle for writing stdin and sending signals from
@@ -177,7 +183,9 @@ impl ExecHandle {
                 None => return Err(ClientError::StreamEnded),
             };
             if total + d.len() > limit {
-                // Dropping the handle resets the stream: the process dies.
+                // Killed, then dropped: nothing is left running for output
+                // nobody takes.
+                let _ = self.kill();
                 return Err(ClientError::OutputTooLarge { limit });
             }
             buf.extend_from_slice(&d);
@@ -200,7 +208,7 @@ impl Drop for ExecHandle {
     fn drop(&mut self) {
         if !self.finished && !self.slot.is_finished() {
             let reset = Reset {
-                message: "the host dropped the stream".into(),
+                message: "the host detached from the stream".into(),
             };
             let _ = self
                 .conn

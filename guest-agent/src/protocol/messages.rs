@@ -176,7 +176,8 @@ pub enum Control {
 }
 
 /// Why a stream was aborted. From the host, resetting an exec stream
-/// kills its process group.
+/// detaches from it: the process runs on, its output read and dropped,
+/// its stdin closed (what a lost connection does too).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reset {
     #[serde(default)]

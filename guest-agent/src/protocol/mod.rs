@@ -20,7 +20,7 @@
 //! | 6 | Window | both | u32 LE: the receiver took this many more bytes |
 //! | 7 | Control | host to agent | JSON [`Control`] (a signal) |
 //! | 8 | End | agent to host | JSON: the stream's last frame ([`ExitStatus`] for an exec) |
-//! | 9 | Reset | both | JSON [`Reset`]: the stream is aborted |
+//! | 9 | Reset | both | JSON [`Reset`]: the stream is aborted (from the host: detached) |
 //! | 10 | Ping | both, stream 0 | u64 LE nonce, answered by Pong |
 //! | 11 | Pong | both, stream 0 | the Ping's nonce |
 //!

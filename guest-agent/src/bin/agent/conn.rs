@@ -128,13 +128,10 @@ fn route(
                     let _ = sys::kill(-pid, signal);
                 }
             }
+            // The host detached: the process runs on, unheard.
             FrameKind::Reset => {
                 if let Some(running) = lock(streams).remove(&id) {
                     running.stream.abandon();
-                    // 0 would be our own process group.
-                    if running.pid > 0 {
-                        let _ = sys::kill(-running.pid, libc::SIGKILL);
-                    }
                 }
             }
             FrameKind::Ping => send(writer, &Frame::pong(frame.nonce()?)),

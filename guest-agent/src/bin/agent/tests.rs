@@ -65,9 +65,26 @@ fn output_nobody_reads_stops_only_its_own_process() {
     for _ in 0..3 {
         still_answers(&client);
     }
-    // Dropping the handle resets the stream: the agent kills `yes`.
+    // Dropping the handle detaches: `yes` runs on, its output dropped,
+    // and the connection is none the worse.
+    let pid = flood.pid();
     drop(flood);
     still_answers(&client);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "a detached process runs on"
+    );
+    let killed = client
+        .exec(ExecRequest::new(vec![
+            "kill".to_string(),
+            "-9".into(),
+            pid.to_string(),
+        ]))
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(killed.status.success());
 }
 
 #[test]
