@@ -15,7 +15,6 @@ Prints one line per round and a summary; exits non-zero if any failed.
 """
 
 import importlib.util
-import json
 import os
 import socket
 import subprocess
@@ -33,7 +32,6 @@ CPUS = os.environ.get("CPUS", "2")
 SIZE = 10 * 1024 * 1024
 SCRIPT = ("(i=1; while [ $i -le 2000 ]; do echo \"err $i\" >&2; i=$((i+1)); done) & "
           f"yes 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ | head -c {SIZE}; wait")
-STDOUT, STDERR, EXIT = 17, 18, 19
 
 
 def one_round(cid, console):
@@ -55,17 +53,9 @@ def one_round(cid, console):
         agent = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         agent.settimeout(90)
         agent.connect((cid, cq.AGENT_PORT))
-        agent.sendall(cq.frame(1, 0, cq.HELLO))
+        agent.sendall(cq.frame(cq.HELLO, 0, cq.HELLO_PAYLOAD))
         cq.read_frame(agent)
-        agent.sendall(cq.frame(2, 1, json.dumps({"op": "exec", "argv": ["sh", "-c", SCRIPT]}).encode()))
-        out = 0
-        while True:
-            kind, _, payload = cq.read_frame(agent)
-            if kind == STDOUT:
-                out += len(payload)
-            elif kind == EXIT:
-                status = json.loads(payload)
-                break
+        out, status = cq.run(agent, ["sh", "-c", SCRIPT])
         if out != SIZE or status.get("code") != 0:
             return f"wrong result: {out} bytes, {status}"
         return None

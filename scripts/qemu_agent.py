@@ -13,11 +13,38 @@ INITRAMFS = os.environ["CAPSULE_INITRAMFS"]
 CAPSULE = os.environ.get("CAPSULE_BIN", "target/release/capsule")
 CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off nomodule tsc=reliable no_timer_check quiet capsule.hostname=capsule"
 READY_PORT, AGENT_PORT = 1025, 1024
-HELLO = json.dumps({"protocol": 1, "software": "compare-qemu"}).encode()
+# Agent protocol 2 (guest-agent/src/protocol): the frame kinds used here.
+HELLO, OPEN, DATA, WINDOW, END, PING, PONG = 1, 2, 4, 6, 8, 10, 11
+STDOUT = 1
+WINDOW_BYTES = 1 << 20
+HELLO_PAYLOAD = json.dumps(
+    {"protocol": 2, "software": "compare-qemu", "window": WINDOW_BYTES, "max_streams": 0}
+).encode()
 
 
 def frame(kind, stream, payload):
     return struct.pack("<IBI", 5 + len(payload), kind, stream) + payload
+
+
+def run(agent, argv, stream=1):
+    """Runs `argv` on a connected agent (hello done); returns (how many
+    stdout bytes it wrote, its exit status). Grants the window back as
+    output is read."""
+    agent.sendall(frame(OPEN, stream, json.dumps({"op": "exec", "argv": argv}).encode()))
+    out, unacked = 0, 0
+    while True:
+        kind, _, payload = read_frame(agent)
+        if kind == DATA:
+            if payload[:1] == bytes([STDOUT]):
+                out += len(payload) - 1
+            unacked += len(payload) - 1
+            if unacked >= WINDOW_BYTES // 4:
+                agent.sendall(frame(WINDOW, stream, struct.pack("<I", unacked)))
+                unacked = 0
+        elif kind == PING:
+            agent.sendall(frame(PONG, 0, payload))
+        elif kind == END:
+            return out, json.loads(payload)
 
 
 def read_exact(sock, n):
@@ -60,15 +87,11 @@ def exec_true(cid, deadline=60):
         agent.settimeout(max(1, end - time.monotonic()))
         try:
             agent.connect((cid, AGENT_PORT))
-            agent.sendall(frame(1, 0, HELLO))
+            agent.sendall(frame(HELLO, 0, HELLO_PAYLOAD))
             read_frame(agent)
-            agent.sendall(frame(2, 1, json.dumps({"op": "exec", "argv": ["true"]}).encode()))
-            while True:
-                kind, _, payload = read_frame(agent)
-                if kind == 19:
-                    status = json.loads(payload)
-                    assert status.get("code") == 0, status
-                    return
+            _, status = run(agent, ["true"])
+            assert status.get("code") == 0, status
+            return
         except (OSError, EOFError):
             if time.monotonic() > end:
                 raise

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::vsock::connect_to_guest;
 use guest_agent::protocol::{FrameKind, FrameReader, Hello, Poll, AGENT_PORT, READY_PORT};
-use guest_agent::AgentClient;
+use guest_agent::{AgentClient, ClientOptions};
 
 use crate::error::Error;
 
@@ -133,12 +133,21 @@ pub(crate) fn wait_for_agent(
 /// Connects to the agent through the vsock device at `vsock_path` and
 /// reads its hello, both before `deadline`.
 pub(crate) fn connect_agent_by(vsock_path: &Path, deadline: Instant) -> Result<AgentClient, Error> {
+    connect_agent_with(vsock_path, deadline, ClientOptions::default())
+}
+
+/// Like [`connect_agent_by`], the client bounded by `options`.
+pub(crate) fn connect_agent_with(
+    vsock_path: &Path,
+    deadline: Instant,
+    options: ClientOptions,
+) -> Result<AgentClient, Error> {
     // A zero timeout would mean "wait forever" to the socket.
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
     let stream = connect_to_guest(vsock_path, AGENT_PORT, left)?;
-    Ok(AgentClient::connect(stream, deadline)?)
+    Ok(AgentClient::connect_with(stream, deadline, options)?)
 }
 
 /// Reads one hello from `conn`, all of it before `deadline`.

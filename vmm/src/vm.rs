@@ -57,7 +57,7 @@ use crate::memory;
 use crate::persist::{
     self, DevicesState, SavedDisk, SavedRegion, Snapshot, SnapshotInfo, VirtioSnapshot, VmState,
 };
-use crate::ready::{connect_agent_by, AgentWait, ReadyListener};
+use crate::ready::{connect_agent_by, connect_agent_with, AgentWait, ReadyListener};
 
 /// How long connecting to the agent may take once it said it is ready.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1193,7 +1193,15 @@ impl Vm {
         }
         let left = || deadline.saturating_duration_since(Instant::now());
         if self.agent.is_none() {
-            self.agent = Some(connect_agent_by(&self.vsock_path, deadline)?);
+            // A guest resuming among many on a busy host may take all of
+            // the restore's time to answer anything: keepalives must not
+            // give up on it sooner.
+            let options = guest_agent::ClientOptions {
+                keepalive_timeout: left()
+                    .max(guest_agent::ClientOptions::default().keepalive_timeout),
+                ..Default::default()
+            };
+            self.agent = Some(connect_agent_with(&self.vsock_path, deadline, options)?);
             log::debug!("restore: the agent answered");
         }
         let agent = self.agent.as_ref().expect("just connected");
