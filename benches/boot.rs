@@ -31,7 +31,14 @@ fn exec_round_trip(c: &mut Criterion) {
     vm.wait_ready(Duration::from_secs(120)).expect("ready");
     c.bench_function("exec_true_round_trip", |b| {
         b.iter(|| {
-            let out = vm.exec(["true"]).expect("exec");
+            let out = vm.exec(["true"]);
+            let out = out.unwrap_or_else(|e| {
+                panic!(
+                    "exec: {e}; the VM: {:?}; its console:\n{}",
+                    vm.exit_reason(),
+                    vm.console_tail(30)
+                )
+            });
             assert!(out.status.success());
         })
     });

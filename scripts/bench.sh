@@ -15,6 +15,6 @@ for name in ${BENCHES:-boot snapshot}; do
     fi
     echo "bench: running $name inside the nested test host (compare figures only as ratios)" >&2
     # The checkout is read-only inside; criterion keeps its data in scratch.
-    testhost/run.sh --timeout 3000 --env CAPSULE_KERNEL --env CAPSULE_INITRAMFS -- \
+    testhost/run.sh --timeout 3000 --env CAPSULE_KERNEL --env CAPSULE_INITRAMFS --env CAPSULE_LOG -- \
         sh -c 'CRITERION_HOME="$CAPSULE_SCRATCH/criterion" exec "$0" --bench "$@"' "$bin" "$@"
 done

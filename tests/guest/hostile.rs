@@ -176,3 +176,17 @@ fn a_frozen_fork_is_reported_and_the_others_finish() {
         "capsule fork took {took:?}"
     );
 }
+
+/// Many short execs one after another on one connection: every stream's
+/// bookkeeping on both sides comes and goes cleanly.
+#[test]
+fn five_hundred_execs_on_one_connection() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let mut vm = boot(builder());
+    for i in 0..500 {
+        let result = vm.exec(["true"]);
+        let out = guest_ok_doing(&mut vm, &format!("exec number {i}"), result);
+        assert!(out.status.success(), "exec number {i}: {:?}", out.status);
+    }
+    stop(vm);
+}
