@@ -31,19 +31,7 @@ impl Fake {
     }
 
     fn recv_within(&mut self, timeout: Duration) -> Option<Frame> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.reader.get_ref().set_read_timeout(Some(left)).unwrap();
-            match self.reader.poll() {
-                Ok(Poll::Frame(f)) => return Some(f),
-                Ok(Poll::Pending) => {}
-                Ok(Poll::Closed) | Err(_) => return None,
-            }
-        }
+        self.reader.read_by(Instant::now() + timeout).ok().flatten()
     }
 
     /// Waits for the host's next frame of `kind`, answering pings.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use devices::virtio::vsock::connect_to_guest;
-use guest_agent::protocol::{FrameKind, FrameReader, Hello, Poll, AGENT_PORT, READY_PORT};
+use guest_agent::protocol::{FrameKind, FrameReader, Hello, AGENT_PORT, READY_PORT};
 use guest_agent::{AgentClient, ClientOptions};
 
 use crate::error::Error;
@@ -153,21 +153,11 @@ pub(crate) fn connect_agent_with(
 /// Reads one hello from `conn`, all of it before `deadline`.
 fn read_hello(conn: UnixStream, deadline: Instant) -> Result<(), String> {
     conn.set_nonblocking(false).map_err(|e| e.to_string())?;
-    let mut reader = FrameReader::unbuffered(conn);
-    let frame = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err("no complete hello in time".into());
-        }
-        reader
-            .get_ref()
-            .set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
-        match reader.poll_once().map_err(|e| e.to_string())? {
-            Poll::Frame(frame) => break frame,
-            Poll::Closed => return Err("closed without a hello".into()),
-            Poll::Pending => {}
-        }
+    let frame = match FrameReader::unbuffered(conn).read_by(deadline) {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return Err("closed without a hello".into()),
+        Err(e) if e.is_timeout() => return Err("no complete hello in time".into()),
+        Err(e) => return Err(e.to_string()),
     };
     if frame.kind != FrameKind::Hello {
         return Err(format!("a {:?} frame instead of a hello", frame.kind));

@@ -160,13 +160,8 @@ impl Connection {
 
     /// Sends a ping and waits for its answer.
     pub fn ping(&self, timeout: Duration) -> Result<(), ClientError> {
-        let nonce = {
-            let mut s = self.state();
-            let nonce = s.next_nonce;
-            s.next_nonce += 1;
-            s.pings.insert(nonce, false);
-            nonce
-        };
+        let nonce = self.next_nonce();
+        self.state().pings.insert(nonce, false);
         let deadline = Instant::now() + timeout;
         let result = self.send(&Frame::ping(nonce)).and_then(|()| {
             let mut s = self.state();

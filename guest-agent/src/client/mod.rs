@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 pub use exec::{ExecEvent, ExecHandle, ExecInput, Output};
 
 use crate::protocol::{
-    is_timeout, ErrorCode, ExecRequest, Frame, FrameKind, FrameReader, Hello, Identity, Open, Poll,
+    is_timeout, ErrorCode, ExecRequest, Frame, FrameKind, FrameReader, Hello, Identity, Open,
     ProtocolError, Reply, DEFAULT_HOST_WINDOW, MAX_WINDOW, MIN_WINDOW,
 };
 use connection::{Connection, Lost, PeerLimits};
@@ -178,17 +178,11 @@ impl AgentClient {
             }
         })?;
         let mut reader = FrameReader::new(stream.try_clone().map_err(ProtocolError::Io)?);
-        let frame = loop {
-            reader
-                .get_ref()
-                .set_read_timeout(Some(left()))
-                .map_err(ProtocolError::Io)?;
-            match reader.poll_once()? {
-                Poll::Frame(frame) => break frame,
-                Poll::Closed => return Err(ClientError::Disconnected),
-                Poll::Pending if Instant::now() >= deadline => return Err(ClientError::NoHello),
-                Poll::Pending => {}
-            }
+        let frame = match reader.read_by(deadline) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Err(ClientError::Disconnected),
+            Err(e) if e.is_timeout() => return Err(ClientError::NoHello),
+            Err(e) => return Err(e.into()),
         };
         if frame.kind != FrameKind::Hello {
             return Err(ProtocolError::Unexpected(frame.kind).into());

@@ -29,14 +29,19 @@ enum Filled {
 /// Decodes frames from a byte source. The length prefix is checked before
 /// the payload is allocated, so a hostile length costs nothing.
 pub struct FrameReader<R> {
-    inner: R,
-    ahead: Vec<u8>,
-    ahead_pos: usize,
-    ahead_len: usize,
+    source: Source<R>,
     head: [u8; HEADER_LEN],
     head_filled: usize,
     /// The frame being read, once its header is known.
     body: Option<Body>,
+}
+
+/// Where bytes come from: the source, through an optional read-ahead.
+struct Source<R> {
+    inner: R,
+    ahead: Vec<u8>,
+    ahead_pos: usize,
+    ahead_len: usize,
     /// Source reads the current poll may still make (`None`: any).
     read_budget: Option<usize>,
 }
@@ -63,19 +68,21 @@ impl<R: Read> FrameReader<R> {
 
     fn with_read_ahead(inner: R, ahead: usize) -> Self {
         FrameReader {
-            inner,
-            ahead: vec![0; ahead],
-            ahead_pos: 0,
-            ahead_len: 0,
+            source: Source {
+                inner,
+                ahead: vec![0; ahead],
+                ahead_pos: 0,
+                ahead_len: 0,
+                read_budget: None,
+            },
             head: [0; HEADER_LEN],
             head_filled: 0,
             body: None,
-            read_budget: None,
         }
     }
 
     pub fn get_ref(&self) -> &R {
-        &self.inner
+        &self.source.inner
     }
 
     /// Whether part of a frame has arrived and the rest has not.
@@ -87,7 +94,7 @@ impl<R: Read> FrameReader<R> {
     /// for now (a read timed out). After an error the reader must not be
     /// used again.
     pub fn poll(&mut self) -> Result<Poll, ProtocolError> {
-        self.read_budget = None;
+        self.source.read_budget = None;
         self.decode()
     }
 
@@ -96,17 +103,14 @@ impl<R: Read> FrameReader<R> {
     /// keep the caller from its own deadlines: `Pending` then means "not
     /// a whole frame yet".
     pub fn poll_once(&mut self) -> Result<Poll, ProtocolError> {
-        self.read_budget = Some(1);
+        self.source.read_budget = Some(1);
         self.decode()
     }
 
     fn decode(&mut self) -> Result<Poll, ProtocolError> {
         if self.body.is_none() {
             while self.head_filled < HEADER_LEN {
-                let mut head = self.head;
-                let filled = self.fill(&mut head[self.head_filled..])?;
-                self.head = head;
-                match filled {
+                match self.source.fill(&mut self.head[self.head_filled..])? {
                     Filled::Bytes(n) => self.head_filled += n,
                     Filled::Eof if self.head_filled == 0 => return Ok(Poll::Closed),
                     Filled::Eof => return Err(ProtocolError::Truncated),
@@ -128,19 +132,9 @@ impl<R: Read> FrameReader<R> {
                 filled: 0,
             });
         }
-        loop {
-            let Some(body) = self.body.as_mut() else {
-                unreachable!("a body was set above");
-            };
-            if body.filled == body.payload.len() {
-                break;
-            }
-            let mut payload = std::mem::take(&mut body.payload);
-            let at = body.filled;
-            let filled = self.fill(&mut payload[at..]);
-            let body = self.body.as_mut().expect("still reading this body");
-            body.payload = payload;
-            match filled? {
+        let body = self.body.as_mut().expect("a body was set above");
+        while body.filled < body.payload.len() {
+            match self.source.fill(&mut body.payload[body.filled..])? {
                 Filled::Bytes(n) => body.filled += n,
                 Filled::Eof => return Err(ProtocolError::Truncated),
                 Filled::Pending => return Ok(Poll::Pending),
@@ -154,17 +148,39 @@ impl<R: Read> FrameReader<R> {
             payload: body.payload,
         }))
     }
+}
 
+impl FrameReader<std::os::unix::net::UnixStream> {
+    /// The next whole frame, all of it before `deadline` however the peer
+    /// spaces its bytes: `Ok(None)` on a clean end of stream, a timeout
+    /// error ([`ProtocolError::is_timeout`]) once the deadline passes.
+    pub fn read_by(
+        &mut self,
+        deadline: std::time::Instant,
+    ) -> Result<Option<Frame>, ProtocolError> {
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(ProtocolError::Io(io::ErrorKind::TimedOut.into()));
+            }
+            self.get_ref().set_read_timeout(Some(left))?;
+            match self.poll_once()? {
+                Poll::Frame(frame) => return Ok(Some(frame)),
+                Poll::Closed => return Ok(None),
+                Poll::Pending => {}
+            }
+        }
+    }
+}
+
+impl<R: Read> Source<R> {
     /// Copies bytes into `dst` from the read-ahead or the source.
     fn fill(&mut self, dst: &mut [u8]) -> Result<Filled, ProtocolError> {
         if self.ahead.is_empty() {
-            return self.read_source(dst);
+            return read_budgeted(&mut self.inner, &mut self.read_budget, dst);
         }
         if self.ahead_pos == self.ahead_len {
-            let mut ahead = std::mem::take(&mut self.ahead);
-            let filled = self.read_source(&mut ahead);
-            self.ahead = ahead;
-            match filled? {
+            match read_budgeted(&mut self.inner, &mut self.read_budget, &mut self.ahead)? {
                 Filled::Bytes(n) => {
                     self.ahead_pos = 0;
                     self.ahead_len = n;
@@ -177,21 +193,26 @@ impl<R: Read> FrameReader<R> {
         self.ahead_pos += n;
         Ok(Filled::Bytes(n))
     }
+}
 
-    fn read_source(&mut self, dst: &mut [u8]) -> Result<Filled, ProtocolError> {
-        match &mut self.read_budget {
-            Some(0) => return Ok(Filled::Pending),
-            Some(n) => *n -= 1,
-            None => {}
-        }
-        loop {
-            match self.inner.read(dst) {
-                Ok(0) => return Ok(Filled::Eof),
-                Ok(n) => return Ok(Filled::Bytes(n)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => return Ok(Filled::Pending),
-                Err(e) => return Err(ProtocolError::Io(e)),
-            }
+/// One read of `inner`, if the budget allows one.
+fn read_budgeted<R: Read>(
+    inner: &mut R,
+    budget: &mut Option<usize>,
+    dst: &mut [u8],
+) -> Result<Filled, ProtocolError> {
+    match budget {
+        Some(0) => return Ok(Filled::Pending),
+        Some(n) => *n -= 1,
+        None => {}
+    }
+    loop {
+        match inner.read(dst) {
+            Ok(0) => return Ok(Filled::Eof),
+            Ok(n) => return Ok(Filled::Bytes(n)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => return Ok(Filled::Pending),
+            Err(e) => return Err(ProtocolError::Io(e)),
         }
     }
 }
