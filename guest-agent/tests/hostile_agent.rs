@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use guest_agent::protocol::{
-    channel, Control, ExitStatus, Frame, FrameKind, FrameReader, Hello, Open, Poll, Reply,
+    channel, Control, ExitStatus, Frame, FrameKind, FrameReader, Hello, Open, Reply,
     DEFAULT_HOST_WINDOW, MAX_WINDOW,
 };
 use guest_agent::{AgentClient, ClientError, ClientOptions, ExecEvent, ExecRequest};
