@@ -88,12 +88,7 @@ pub fn parse_seconds(s: &str) -> Result<Duration, String> {
 
 /// A guest hostname: letters, digits, '-' and '.', at most 64.
 pub fn parse_hostname(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        && !s.starts_with(['-', '.']);
-    if ok {
+    if vmm::valid_hostname(s) {
         Ok(s.to_string())
     } else {
         Err(format!(

@@ -114,9 +114,10 @@ fn random_id() -> io::Result<LayerId> {
     Ok(id)
 }
 
-/// Opens a file Capsule made (a layer, maybe from someone else's
-/// snapshot): never through a symlink, and only a regular file.
-fn open_own(path: &Path, writable: bool) -> io::Result<File> {
+/// Opens a file Capsule made (a layer or a snapshot's file, maybe from
+/// someone else's snapshot): never through a symlink, and only a regular
+/// file.
+pub fn open_regular(path: &Path, writable: bool) -> io::Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(writable)
@@ -149,7 +150,7 @@ impl DiskImage {
                 path.display()
             )));
         }
-        let file = open_own(path, writable)?;
+        let file = open_regular(path, writable)?;
         Ok(DiskImage::Layer(Box::new(Layer::open(
             file,
             path.to_path_buf(),

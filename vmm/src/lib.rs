@@ -31,6 +31,6 @@ pub use guest_agent::{
 };
 pub use host::KvmFlavor;
 pub use vm::{
-    connect_agent, fork_identity, DiskConfig, MemoryBackend, RestoreOptions, SnapshotStats, Vm,
-    VmBuilder, VmConfig, DEFAULT_RESTORE_TIMEOUT, GUEST_CID,
+    connect_agent, fork_identity, valid_hostname, DiskConfig, MemoryBackend, RestoreOptions,
+    SnapshotStats, Vm, VmBuilder, VmConfig, DEFAULT_RESTORE_TIMEOUT, GUEST_CID,
 };

@@ -533,23 +533,11 @@ fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
 
 /// Opens a file of a snapshot directory: a regular file, never a link.
 fn open_own(path: &Path, what: &'static str) -> Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|source| Error::File {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })?;
-    if !file.metadata()?.is_file() {
-        return Err(Error::Snapshot(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
-    }
-    Ok(file)
+    devices::disk::open_regular(path, false).map_err(|source| Error::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 pub const WORKING_SET_FILE: &str = "workingset";

@@ -1783,7 +1783,7 @@ fn open_snapshot_disk(
 
 /// Whether `name` is a hostname the guest will take: letters, digits,
 /// '-' and '.', at most 64 (it goes on the kernel command line at boot).
-pub(crate) fn valid_hostname(name: &str) -> bool {
+pub fn valid_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
