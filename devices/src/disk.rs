@@ -54,23 +54,15 @@ fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
-/// What a disk file is. Always known from where it came from, never
-/// guessed from its contents: the guest writes a raw disk's first bytes
-/// and could otherwise make it look like a layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum DiskKind {
-    /// A raw image, as a user supplies it.
-    Raw,
-    /// A layer file Capsule made.
-    Layer,
-}
-
 /// Most bytes of allocation bitmap a layer may have (a 32 TiB disk at
 /// 64 KiB blocks): a header claiming more is refused before anything is
 /// allocated.
 const MAX_BITMAP: u64 = 64 << 20;
 
-/// A disk image: a raw file or a layer over a base.
+/// A disk image: a raw file or a layer over a base. Which one a file is
+/// is known from where it came from (`open_raw` or `open_layer`), never
+/// guessed from its contents: the guest writes a raw disk's first bytes
+/// and could otherwise make it look like a layer.
 #[derive(Debug)]
 pub enum DiskImage {
     Raw {
@@ -169,13 +161,6 @@ impl DiskImage {
         Ok(image)
     }
 
-    pub fn kind(&self) -> DiskKind {
-        match self {
-            DiskImage::Raw { .. } => DiskKind::Raw,
-            DiskImage::Layer(_) => DiskKind::Layer,
-        }
-    }
-
     /// How many files make up the image (1 for a raw image).
     pub fn depth(&self) -> usize {
         match self {
@@ -211,14 +196,6 @@ impl DiskImage {
     /// The fingerprint of the raw image at the bottom, from its open file.
     pub fn raw_fingerprint(&self) -> io::Result<(u64, u64)> {
         Ok(fingerprint_of(&self.raw_base().file().metadata()?))
-    }
-
-    /// The top layer's id, if the top is a layer.
-    pub fn layer_id(&self) -> Option<LayerId> {
-        match self {
-            DiskImage::Raw { .. } => None,
-            DiskImage::Layer(l) => Some(l.id),
-        }
     }
 
     fn file(&self) -> &File {
@@ -600,7 +577,7 @@ mod tests {
         disk.sync_data().unwrap();
         drop(disk);
         let mut disk = over_raw(&base_path, &top, true).unwrap();
-        assert_eq!(disk.kind(), DiskKind::Layer);
+        assert!(matches!(disk, DiskImage::Layer(_)));
         let mut again = vec![0u8; size];
         disk.read_exact_at(&mut again, 0).unwrap();
         assert!(again == expected);
@@ -781,7 +758,7 @@ mod tests {
         // What a guest could write to its disk's first sector.
         let (_dir, _, top) = one_block_layer();
         let disk = DiskImage::open_raw(&top, false).unwrap();
-        assert_eq!(disk.kind(), DiskKind::Raw);
+        assert!(matches!(disk, DiskImage::Raw { .. }));
         let mut magic = [0u8; 8];
         disk.read_exact_at(&mut magic, 0).unwrap();
         assert_eq!(&magic, b"CAPLAYER", "read as the raw bytes it holds");
