@@ -317,7 +317,19 @@ impl Snapshot {
         if info.disks.len() > 16 || self.devices.virtio.len() > 32 {
             return Err(bad("too many devices".into()));
         }
-        for (i, disk) in info.disks.iter().enumerate() {
+        if self.block_states().count() != info.disks.len() {
+            return Err(bad(format!(
+                "{} disks but {} disk devices",
+                info.disks.len(),
+                self.block_states().count()
+            )));
+        }
+        for (i, (disk, state)) in info.disks.iter().zip(self.block_states()).enumerate() {
+            if disk.read_only != state.read_only {
+                return Err(bad(format!(
+                    "disk {i} and its device disagree on being read-only"
+                )));
+            }
             if disk.layers.len() > devices::disk::MAX_DEPTH {
                 return Err(bad(format!("disk {i} has {} layers", disk.layers.len())));
             }
@@ -339,6 +351,14 @@ impl Snapshot {
             return Err(bad(format!("invalid hostname {:?}", info.hostname)));
         }
         Ok(())
+    }
+
+    /// The block devices' states, in the order of `info.disks`.
+    pub fn block_states(&self) -> impl Iterator<Item = &devices::virtio::block::BlockState> {
+        self.devices.virtio.iter().filter_map(|v| match &v.device {
+            DeviceState::Block(state) => Some(state),
+            _ => None,
+        })
     }
 
     /// Whether this host can run the snapshot's vCPUs: same CPU vendor,

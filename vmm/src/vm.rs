@@ -870,24 +870,12 @@ impl Vm {
         let (snap_id, diff_depth) = (snap.info.id, chain.len() - 1);
         // The disks before anything else is built: the caller's images
         // must be the snapshot's, and its layers must fit over them.
-        let block_states = snap.devices.virtio.iter().filter_map(|v| match &v.device {
-            DeviceState::Block(state) => Some(state),
-            _ => None,
-        });
-        if block_states.clone().count() != snap.info.disks.len() {
-            return Err(Error::Snapshot(format!(
-                "{}: {} disks but {} disk devices",
-                state_path.display(),
-                snap.info.disks.len(),
-                block_states.count()
-            )));
-        }
         let mut disks = Vec::with_capacity(snap.info.disks.len());
         for (n, ((disk, state), base)) in snap
             .info
             .disks
             .iter()
-            .zip(block_states)
+            .zip(snap.block_states())
             .zip(&options.disks)
             .enumerate()
         {
@@ -1763,9 +1751,6 @@ fn open_snapshot_disk(
             disk.base.name,
             disk.base.size
         ));
-    }
-    if state.read_only != disk.read_only {
-        return Err("the disk and its device disagree on being read-only".into());
     }
     let layers: Vec<PathBuf> = disk.layers.iter().map(|name| dir.join(name)).collect();
     let image = devices::disk::DiskImage::open_chain(base, &layers, false)

@@ -242,6 +242,21 @@ fn inconsistent_contents_are_refused() {
             "does not fit the memory regions",
         ),
         (
+            "a disk without its device",
+            Box::new(|s| {
+                s.info.disks = vec![SavedDisk {
+                    base: ExternalImage {
+                        name: "base.img".into(),
+                        size: 1 << 20,
+                        mtime_ns: 0,
+                    },
+                    layers: Vec::new(),
+                    read_only: true,
+                }];
+            }),
+            "1 disks but 0 disk devices",
+        ),
+        (
             "a region that wraps around",
             Box::new(|s| s.info.regions[0].guest_addr = u64::MAX - 4095),
             "wraps around",
