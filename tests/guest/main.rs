@@ -260,7 +260,29 @@ fn sh_ok(vm: &mut Vm, script: &str) -> String {
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
+/// Asks the guest to power off and checks it did. Inside the nested test
+/// host a guest that agrees and then stalls without a word ends the test
+/// with the status scripts/test-guest.sh runs once more, as mid-command.
 fn stop(mut vm: Vm) {
+    let asked = vm
+        .agent()
+        .and_then(|agent| Ok(agent.shutdown(false, Duration::from_secs(10))?));
+    guest_ok_doing(&mut vm, "asking the guest to power off", asked);
+    if vm.wait(Some(STOP_TIMEOUT)).is_none() {
+        let console = vm.console_tail(40);
+        if died_without_a_word(&console) {
+            end_test(
+                GUEST_STALLED_IN_TESTHOST,
+                format_args!(
+                    "the guest agreed to power off and then stalled for {STOP_TIMEOUT:?} without \
+                     a word on its console (docs/TESTING.md)\n{}{}",
+                    thread_report(),
+                    vm.stall_report()
+                ),
+            );
+        }
+        panic!("the guest agreed to power off but did not within {STOP_TIMEOUT:?}\nconsole:\n{console}");
+    }
     let exit = vm.shutdown(STOP_TIMEOUT).expect("shutdown");
     assert_eq!(
         exit,
