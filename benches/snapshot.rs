@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use vmm::{fork_identity, MemoryBackend, RestoreOptions, Vm};
+use sandbox::{fork_identity, MemoryBackend, RestoreOptions, Sandbox};
 
 mod common;
 
@@ -32,7 +32,7 @@ fn bounded<T>(what: &str, f: impl FnOnce() -> T) -> T {
     out
 }
 
-fn boot() -> Vm {
+fn boot() -> Sandbox {
     let mut vm = common::builder().boot().expect("boot");
     vm.wait_ready(Duration::from_secs(120)).expect("ready");
     vm
@@ -83,9 +83,9 @@ fn restore_to_first_exec(c: &mut Criterion) {
             memory: MemoryBackend::Uffd { prefetch: false },
             ..Default::default()
         };
-        let mut vm = Vm::restore(&dir, options).expect("restore");
+        let mut vm = Sandbox::restore(&dir, options).expect("restore");
         vm.exec(["true"]).expect("exec");
-        vm.save_working_set(&dir).expect("working set");
+        vm.vm().save_working_set(&dir).expect("working set");
         vm.kill();
     }
     let mut group = c.benchmark_group("restore_to_first_exec");
@@ -104,7 +104,7 @@ fn restore_to_first_exec(c: &mut Criterion) {
                     };
                     let t = Instant::now();
                     let (mut vm, out) = bounded("a restore", || {
-                        let mut vm = Vm::restore(&dir, options).expect("restore");
+                        let mut vm = Sandbox::restore(&dir, options).expect("restore");
                         let out = vm.exec(["true"]).expect("exec");
                         (vm, out)
                     });
@@ -121,8 +121,8 @@ fn restore_to_first_exec(c: &mut Criterion) {
 
 /// Restores `n` forks of the snapshot in `dir` at once and runs `true` in
 /// each; the first failure, with every fork stopped.
-fn fork_all(dir: &Path, n: usize) -> vmm::Result<Vec<Vm>> {
-    let results: Vec<vmm::Result<Vm>> = std::thread::scope(|scope| {
+fn fork_all(dir: &Path, n: usize) -> sandbox::Result<Vec<Sandbox>> {
+    let results: Vec<sandbox::Result<Sandbox>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..n)
             .map(|i| {
                 scope.spawn(move || {
@@ -131,13 +131,13 @@ fn fork_all(dir: &Path, n: usize) -> vmm::Result<Vec<Vm>> {
                         identity: fork_identity(format!("fork-{i}"))?,
                         ..Default::default()
                     };
-                    let mut vm = Vm::restore(dir, options)?;
+                    let mut vm = Sandbox::restore(dir, options)?;
                     let started = Instant::now();
                     match vm.exec(["true"]) {
                         Ok(_) => Ok(vm),
                         // Said as a restore says it, with the console,
                         // which tells a stalled guest from a crashed one.
-                        Err(e) if e.is_guest_unresponsive() => Err(vmm::Error::NotReady {
+                        Err(e) if e.is_guest_unresponsive() => Err(sandbox::Error::NotReady {
                             seconds: started.elapsed().as_secs_f64(),
                             console: format!("({e})\n{}", vm.console_tail(20)),
                         }),
@@ -171,14 +171,14 @@ fn fork_all(dir: &Path, n: usize) -> vmm::Result<Vec<Vm>> {
 /// own (docs/TESTING.md); a fork-N iteration where one did is discarded
 /// and run again, and said so. Anywhere else, and for any other failure,
 /// the benchmark fails.
-fn nested_host_failure(e: &vmm::Error) -> bool {
+fn nested_host_failure(e: &sandbox::Error) -> bool {
     // A guest that said something (a panic, an oops, the agent) failed
     // for a reason of its own.
     let silent = |console: &str| !vmm::console_shows_guest_failure(console);
     std::env::var_os("CAPSULE_IN_TESTHOST").is_some()
         && match e {
-            vmm::Error::NotReady { console, .. } => silent(console),
-            vmm::Error::StoppedBeforeReady { exit, console } => {
+            sandbox::Error::NotReady { console, .. } => silent(console),
+            sandbox::Error::StoppedBeforeReady { exit, console } => {
                 *exit == vmm::VmExit::GuestReset.to_string() && silent(console)
             }
             _ => false,

@@ -15,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         command = vec!["uname".into(), "-a".into()];
     }
 
-    let mut vm = vmm::Vm::builder()
+    let mut vm = sandbox::Sandbox::builder()
         .kernel(kernel)
         .initramfs(initramfs)
         .cpus(2)

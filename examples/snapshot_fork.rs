@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmm::{fork_identity, MemoryBackend, RestoreOptions, Vm};
+use sandbox::{fork_identity, MemoryBackend, RestoreOptions, Sandbox};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -17,7 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile_dir()?;
 
     // Boot and prime: whatever the guest computes now, every fork has.
-    let mut vm = Vm::builder()
+    let mut vm = Sandbox::builder()
         .kernel(kernel)
         .initramfs(initramfs)
         .memory_mib(256)
@@ -45,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             identity: fork_identity(format!("replica-{i}"))?,
             ..Default::default()
         };
-        replicas.push(Vm::restore(&dir, options)?);
+        replicas.push(Sandbox::restore(&dir, options)?);
     }
     eprintln!("{forks} replicas restored in {:?}", started.elapsed());
     for vm in &mut replicas {

@@ -88,7 +88,7 @@ pub fn parse_seconds(s: &str) -> Result<Duration, String> {
 
 /// A guest hostname: letters, digits, '-' and '.', at most 64.
 pub fn parse_hostname(s: &str) -> Result<String, String> {
-    if vmm::valid_hostname(s) {
+    if sandbox::valid_hostname(s) {
         Ok(s.to_string())
     } else {
         Err(format!(

@@ -6,18 +6,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use vmm::{MemoryBackend, RestoreOptions, Vm};
+use sandbox::{MemoryBackend, RestoreOptions, Sandbox};
 
 use crate::exec::{self, CommandArgs};
-use crate::sandbox::{self, Origin, Reply, Request};
+use crate::keeper::{self, Origin, Reply, Request};
 
 /// Runs a command in the kept sandbox `name`.
 pub fn exec_in(name: &str, argv: &[String], args: &CommandArgs) -> Result<u8> {
-    let Reply::Info { vsock, .. } = sandbox::request(name, &Request::Info)? else {
+    let Reply::Info { vsock, .. } = keeper::request(name, &Request::Info)? else {
         bail!("sandbox {name:?} gave an unexpected reply");
     };
-    let agent =
-        vmm::connect_agent(&vsock).with_context(|| format!("connecting to sandbox {name:?}"))?;
+    let agent = sandbox::connect_agent(&vsock)
+        .with_context(|| format!("connecting to sandbox {name:?}"))?;
     let status = exec::stream(&agent, argv, args).with_context(|| format!("sandbox {name:?}"))?;
     Ok(exec::exit_code(&status))
 }
@@ -51,8 +51,8 @@ pub struct SnapshotArgs {
 }
 
 pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
-    let dir = sandbox::absolute(&args.to)?;
-    let reply = sandbox::request(
+    let dir = keeper::absolute(&args.to)?;
+    let reply = keeper::request(
         &args.name,
         &Request::Snapshot {
             dir: dir.clone(),
@@ -117,13 +117,13 @@ pub struct SnapshotDisks {
 
 impl SnapshotDisks {
     pub fn absolute(&self) -> Result<Vec<PathBuf>> {
-        self.disks.iter().map(|d| sandbox::absolute(d)).collect()
+        self.disks.iter().map(|d| keeper::absolute(d)).collect()
     }
 }
 
 /// Adds what the CLI user should do to a snapshot's disk error.
-fn restore_error(e: vmm::Error, snapshot: &std::path::Path) -> anyhow::Error {
-    let hint = matches!(e, vmm::Error::DisksNotNamed { .. })
+fn restore_error(e: sandbox::Error, snapshot: &std::path::Path) -> anyhow::Error {
+    let hint = matches!(e, sandbox::Error::Vm(vmm::Error::DisksNotNamed { .. }))
         .then_some("\n(name each with --disk IMAGE, in that order)")
         .unwrap_or_default();
     anyhow::anyhow!("cannot restore {}: {e}{hint}", snapshot.display())
@@ -161,11 +161,11 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
     if args.keep {
         let name = args.name.as_deref().unwrap_or_default();
         let origin = Origin::Restore {
-            snapshot: sandbox::absolute(&args.snapshot)?,
+            snapshot: keeper::absolute(&args.snapshot)?,
             hostname: args.hostname.clone(),
             disks: args.disks.absolute()?,
         };
-        sandbox::start(name, &origin)?;
+        keeper::start(name, &origin)?;
         let code = if args.command.is_empty() {
             0
         } else {
@@ -180,7 +180,7 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
     let t0 = Instant::now();
     let options = RestoreOptions {
         memory: args.memory_backend.memory(),
-        identity: vmm::Identity {
+        identity: sandbox::Identity {
             hostname: args.hostname.clone(),
             ..Default::default()
         },
@@ -188,7 +188,7 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
         ..Default::default()
     };
     let mut vm =
-        Vm::restore(&args.snapshot, options).map_err(|e| restore_error(e, &args.snapshot))?;
+        Sandbox::restore(&args.snapshot, options).map_err(|e| restore_error(e, &args.snapshot))?;
     let restored = t0.elapsed();
     let t_exec = Instant::now();
     let status = exec::stream(vm.agent()?, &args.command, &args.command_args)?;
@@ -199,10 +199,13 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
     if args.memory_backend == Backend::Uffd
         && !args.snapshot.join(vmm::persist::WORKING_SET_FILE).exists()
     {
-        let _ = vm.save_working_set(&args.snapshot);
+        let _ = vm.vm().save_working_set(&args.snapshot);
     }
     vm.shutdown(Duration::from_secs(10))?;
     if args.timings {
+        if let Some(phases) = vm.restore_timings() {
+            eprint!("capsule: where the restore went:\n{phases}");
+        }
         eprintln!(
             "capsule: restore to ready {:.1} ms, command {:.1} ms",
             restored.as_secs_f64() * 1e3,
@@ -306,7 +309,7 @@ const FORK_OUTPUT_BUDGET: usize = 256 << 20;
 
 /// What one fork did.
 struct ForkResult {
-    out: vmm::Output,
+    out: sandbox::Output,
     /// How long its restore took.
     ready: Duration,
     /// When its command had finished.
@@ -317,12 +320,12 @@ fn run_fork(i: usize, args: &ForkArgs) -> Result<ForkResult> {
     let t0 = Instant::now();
     let options = RestoreOptions {
         memory: args.memory_backend.memory(),
-        identity: vmm::fork_identity(format!("fork-{i}"))?,
+        identity: sandbox::fork_identity(format!("fork-{i}"))?,
         disks: args.disks.absolute()?,
         ..Default::default()
     };
     let mut vm =
-        Vm::restore(&args.snapshot, options).map_err(|e| restore_error(e, &args.snapshot))?;
+        Sandbox::restore(&args.snapshot, options).map_err(|e| restore_error(e, &args.snapshot))?;
     let ready = t0.elapsed();
     let request = args.command_args.request(&args.command, false);
     // Every replica's output is held until all are done: share a budget.
@@ -353,12 +356,12 @@ pub struct StopArgs {
 }
 
 pub fn stop(args: StopArgs) -> Result<u8> {
-    sandbox::request(&args.name, &Request::Stop)?;
+    keeper::request(&args.name, &Request::Stop)?;
     Ok(0)
 }
 
 pub fn ls() -> Result<u8> {
-    for (name, info) in sandbox::list()? {
+    for (name, info) in keeper::list()? {
         if let Reply::Info { pid, hostname, .. } = info {
             println!("{name}\tpid {pid}\thostname {hostname}");
         }

@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Read, Write};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use vmm::{AgentClient, ExecEvent, ExecRequest, ExitStatus};
+use sandbox::{AgentClient, ExecEvent, ExecRequest, ExitStatus};
 
 /// How to run the command.
 #[derive(Args, Debug, Clone, Default)]

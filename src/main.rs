@@ -4,8 +4,8 @@ mod args;
 mod artifacts;
 mod commands;
 mod exec;
+mod keeper;
 mod run;
-mod sandbox;
 
 use std::process::ExitCode;
 
@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         Command::Fork(args) => commands::fork(args),
         Command::Stop(args) => commands::stop(args),
         Command::Ls => commands::ls(),
-        Command::Keeper { name, origin } => sandbox::keep(&name, &origin),
+        Command::Keeper { name, origin } => keeper::keep(&name, &origin),
     };
     match result {
         Ok(code) => ExitCode::from(code),

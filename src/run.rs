@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::args;
 use crate::exec::{self, CommandArgs};
-use crate::sandbox::{self, BootSpec, Origin};
+use crate::keeper::{self, BootSpec, Origin};
 
 /// Exit status when the sandbox, not the command, failed.
 pub const SANDBOX_FAILURE: u8 = 125;
@@ -79,7 +79,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
     if args.keep {
         let name = args.name.as_deref().unwrap_or_default();
         let t0 = Instant::now();
-        sandbox::start(name, &Origin::Boot(spec))?;
+        keeper::start(name, &Origin::Boot(spec))?;
         let ready = t0.elapsed();
         let code = crate::commands::exec_in(name, &args.command, &args.command_args)?;
         if args.timings {

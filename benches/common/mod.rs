@@ -1,12 +1,13 @@
 //! What every benchmark needs: a VM builder with the guest artifacts, on
 //! hardware KVM.
 
-use vmm::{KvmFlavor, Vm, VmBuilder};
+use sandbox::{Sandbox, SandboxBuilder};
+use vmm::KvmFlavor;
 
 /// A builder for a 256 MiB guest from `CAPSULE_KERNEL` and
 /// `CAPSULE_INITRAMFS`; panics with what to do when either is missing or
 /// this host's KVM cannot run a Linux guest.
-pub fn builder() -> VmBuilder {
+pub fn builder() -> SandboxBuilder {
     // The VMM's warnings (a guest that stopped answering) on stderr.
     vmm::logging::log_to_stderr("", "CAPSULE_LOG");
     let flavor = KvmFlavor::detect();
@@ -17,7 +18,7 @@ pub fn builder() -> VmBuilder {
     let var = |name: &str| {
         std::env::var_os(name).unwrap_or_else(|| panic!("{name} is not set: run with `make bench`"))
     };
-    Vm::builder()
+    Sandbox::builder()
         .kernel(var("CAPSULE_KERNEL"))
         .initramfs(var("CAPSULE_INITRAMFS"))
         .memory_mib(256)

@@ -92,6 +92,11 @@ pub fn fingerprint(path: &Path) -> io::Result<(u64, u64)> {
     Ok(fingerprint_of(&std::fs::metadata(path)?))
 }
 
+/// [`fingerprint`] of a file already open.
+pub fn fingerprint_of_file(file: &File) -> io::Result<(u64, u64)> {
+    Ok(fingerprint_of(&file.metadata()?))
+}
+
 fn fingerprint_of(meta: &std::fs::Metadata) -> (u64, u64) {
     let mtime = (meta.mtime() as u64)
         .wrapping_mul(1_000_000_000)
@@ -125,10 +130,15 @@ impl DiskImage {
     /// Opens a raw image the user named.
     pub fn open_raw(path: &Path, writable: bool) -> io::Result<DiskImage> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        DiskImage::raw(file, path)
+    }
+
+    /// A raw image already open, called `name` in messages.
+    pub fn raw(file: File, name: &Path) -> io::Result<DiskImage> {
         let size = file.metadata()?.len();
         Ok(DiskImage::Raw {
             file,
-            path: path.to_path_buf(),
+            path: name.to_path_buf(),
             size,
         })
     }
@@ -153,7 +163,17 @@ impl DiskImage {
     /// Opens a raw image and the layers over it, bottom first. Only the
     /// top is writable, and only if `writable`.
     pub fn open_chain(raw: &Path, layers: &[PathBuf], writable: bool) -> io::Result<DiskImage> {
-        let mut image = DiskImage::open_raw(raw, writable && layers.is_empty())?;
+        let raw = DiskImage::open_raw(raw, writable && layers.is_empty())?;
+        DiskImage::open_chain_over(raw, layers, writable)
+    }
+
+    /// The layers over `raw` (an image already open), bottom first.
+    pub fn open_chain_over(
+        raw: DiskImage,
+        layers: &[PathBuf],
+        writable: bool,
+    ) -> io::Result<DiskImage> {
+        let mut image = raw;
         for (i, layer) in layers.iter().enumerate() {
             let top = i + 1 == layers.len();
             image = DiskImage::open_layer(layer, image, writable && top)?;

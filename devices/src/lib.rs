@@ -8,12 +8,14 @@
 
 pub mod bus;
 pub mod disk;
+pub mod host_file;
 pub mod host_socket;
 pub mod legacy;
 pub mod ratelimit;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
+pub use host_file::HostFile;
 
 /// Guest memory as every device sees it.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

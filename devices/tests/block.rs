@@ -6,6 +6,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 
 use common::*;
 use devices::virtio::block::Block;
+use devices::virtio::persist::{RestoreContext, SaveContext, SavedDevice};
+use devices::HostFile;
 
 const HDR: u64 = 0x80_0000;
 const DATA: u64 = 0x81_0000;
@@ -262,7 +264,7 @@ fn disk_size_must_be_whole_sectors() {
         .write_all(&[0; 1000])
         .unwrap();
     assert!(Block::open(&path, false).is_err());
-    assert!(Block::open(&dir.path().join("missing.img"), false).is_err());
+    assert!(Block::open(dir.path().join("missing.img"), false).is_err());
 }
 
 #[test]
@@ -323,4 +325,78 @@ fn driver_ok_without_features_ok_is_refused() {
     let status = u32::from_le_bytes(b);
     assert_eq!(status & 4, 0, "not running");
     assert_ne!(status & STATUS_NEEDS_RESET, 0);
+}
+
+fn save(d: &Driver, snapshot_dir: &std::path::Path, work_dir: &std::path::Path) -> SavedDevice {
+    let ctx = SaveContext {
+        snapshot_dir,
+        work_dir,
+        index: 0,
+    };
+    devices::bus::lock(d.transport.device()).save(&ctx).unwrap()
+}
+
+/// A snapshot freezes a writable disk where it is: the running device
+/// carries on in a new layer, and a device restored from the snapshot
+/// (over the same raw image, named again) sees the disk as it was, its
+/// own writes in a layer of its own.
+#[test]
+fn a_saved_disk_is_frozen_and_restores_as_it_was() {
+    let (dir, path, mut d) = setup(false);
+    let (snap, work) = (dir.path().join("snap"), dir.path().join("work"));
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    d.write(DATA, &[0xaa; 512]);
+    assert_eq!(request(&mut d, OUT, 3, 512, false).0, OK);
+    let saved = save(&d, &snap, &work);
+    assert_eq!(saved.kind, virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK);
+    let external = saved.external.clone().expect("the raw image is named");
+    assert_eq!(external.name, "disk.img");
+    assert_eq!(external.size, DISK_SIZE);
+    // After the snapshot the running disk writes elsewhere.
+    d.write(DATA, &[0xbb; 512]);
+    assert_eq!(request(&mut d, OUT, 3, 512, false).0, OK);
+    let raw = std::fs::read(&path).unwrap();
+    assert_ne!(
+        &raw[3 * 512..4 * 512],
+        &[0xbb; 512][..],
+        "the raw image is frozen"
+    );
+
+    let base = HostFile::from(&path);
+    let ctx = RestoreContext {
+        snapshot_dir: &snap,
+        work_dir: &work,
+        index: 0,
+        external: Some(&base),
+        vsock_path: &dir.path().join("unused.sock"),
+    };
+    let restored = Block::restore(&saved, &ctx).unwrap();
+    let mut r = Driver::new(restored, 16);
+    assert_eq!(request(&mut r, IN, 3, 512, true).0, OK);
+    assert_eq!(r.read(DATA, 512), vec![0xaa; 512], "as at the snapshot");
+    r.write(DATA, &[0xcc; 512]);
+    assert_eq!(request(&mut r, OUT, 3, 512, false).0, OK);
+    // Neither device sees the other's writes.
+    assert_eq!(request(&mut d, IN, 3, 512, true).0, OK);
+    assert_eq!(d.read(DATA, 512), vec![0xbb; 512]);
+
+    // Named again over another file: refused with what was expected.
+    let other = dir.path().join("other.img");
+    std::fs::write(&other, vec![0u8; 4096]).unwrap();
+    let other = HostFile::from(&other);
+    let e = Block::restore(
+        &saved,
+        &RestoreContext {
+            external: Some(&other),
+            ..ctx
+        },
+    )
+    .err()
+    .expect("another image is refused")
+    .to_string();
+    assert!(
+        e.contains("is not the image the snapshot was taken with"),
+        "{e}"
+    );
 }

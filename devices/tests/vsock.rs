@@ -555,3 +555,66 @@ fn a_reset_device_drops_its_connections_and_starts_again() {
     host.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"again");
 }
+
+/// The guest's connections cannot survive a restore (their host ends
+/// belong to another process): a restored device resets each one first,
+/// ahead of a host connection made at once, which gets a port the old
+/// ones never had.
+#[test]
+fn a_restored_device_resets_the_old_connections_before_anything_new() {
+    use devices::virtio::persist::{RestoreContext, SaveContext};
+    let mut g = Guest::new(false);
+    let (_host, local) = establish(&mut g);
+    let listener = UnixListener::bind(format!("{}_5000", g.path.display())).unwrap();
+    g.send(&Pkt::from_guest(40000, 5000, OP_REQUEST, &[]));
+    assert_eq!(g.recv()[0].op, OP_RESPONSE);
+    let _guest_side = listener.accept().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let saved = devices::bus::lock(g.d.transport.device())
+        .save(&SaveContext {
+            snapshot_dir: dir.path(),
+            work_dir: dir.path(),
+            index: 0,
+        })
+        .unwrap();
+    let path = dir.path().join("restored.sock");
+    let restored = Vsock::restore(
+        &saved,
+        &RestoreContext {
+            snapshot_dir: dir.path(),
+            work_dir: dir.path(),
+            index: 0,
+            external: None,
+            vsock_path: &path,
+        },
+    )
+    .unwrap();
+    let mut r = Guest {
+        d: Driver::new(restored, 16),
+        path,
+        _dir: dir,
+        split_rx: false,
+        rx_seen: 0,
+    };
+    for slot in 0..8 {
+        r.post_rx(slot);
+    }
+    let _new_host = host_connect(&r.path, 1024);
+    let pkts = r.recv();
+    let ops: Vec<(u16, u32, u32)> = pkts
+        .iter()
+        .map(|p| (p.op, p.src_port, p.dst_port))
+        .collect();
+    assert_eq!(ops.len(), 3, "{pkts:?}");
+    let mut resets = ops[..2].to_vec();
+    resets.sort();
+    assert_eq!(resets, vec![(OP_RST, 5000, 40000), (OP_RST, local, 1024)]);
+    let (op, new_local, port) = ops[2];
+    assert_eq!(
+        (op, port),
+        (OP_REQUEST, 1024),
+        "the new connection comes last"
+    );
+    assert!(new_local > local, "a port the old connections never had");
+}

@@ -31,5 +31,13 @@ fuzz_target!(|data: &[u8]| {
     let _ = snapshot::container::parse(&bytes);
     if let Ok(snap) = vmm::persist::Snapshot::from_bytes(std::path::Path::new("fuzz"), &bytes) {
         let _ = snap.to_bytes();
+        // Each device decodes and checks its own state at restore.
+        use devices::virtio::block::BlockState;
+        use devices::virtio::persist::decode;
+        use devices::virtio::vsock::VsockState;
+        for saved in &snap.devices.virtio {
+            let _ = decode::<BlockState>("disk", &saved.device.state);
+            let _ = decode::<VsockState>("vsock", &saved.device.state);
+        }
     }
 });

@@ -13,5 +13,7 @@ pub const MAGIC: [u8; 8] = *b"CAPSNAP\0";
 
 /// Format version written by this build. 2: a snapshot names its own
 /// files only (layers by name, a diff's parent in `parent/`), never a
-/// path.
-pub const FORMAT_VERSION: u32 = 2;
+/// path. 3: each device saves its own state (a disk's layers and raw
+/// image with it), and the VMM keeps an opaque annotation for the layer
+/// above instead of knowing of the guest agent.
+pub const FORMAT_VERSION: u32 = 3;

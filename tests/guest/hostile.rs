@@ -10,7 +10,7 @@ use super::*;
 const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 
 /// Runs `echo alive` and pings, within [`ANSWER_WITHIN`] each.
-fn still_answers(vm: &mut Vm, while_what: &str) {
+fn still_answers(vm: &mut Sandbox, while_what: &str) {
     let t = Instant::now();
     let connected = vm_agent(vm);
     let agent = guest_ok(vm, connected);
@@ -38,8 +38,8 @@ fn still_answers(vm: &mut Vm, while_what: &str) {
 }
 
 /// The VM's agent connection, opened if need be.
-fn vm_agent(vm: &mut Vm) -> vmm::Result<vmm::AgentClient> {
-    vmm::connect_agent(vm.vsock_path())
+fn vm_agent(vm: &mut Sandbox) -> sandbox::Result<sandbox::AgentClient> {
+    sandbox::connect_agent(vm.vsock_path())
 }
 
 #[test]
@@ -108,7 +108,7 @@ fn output_that_never_ends_is_capped_and_killed() {
     let agent = guest_ok(&mut vm, connected);
     let handle = agent.exec(ExecRequest::new(["yes"])).expect("yes");
     match handle.output_with_limit(4 << 20) {
-        Err(vmm::ClientError::OutputTooLarge { limit }) => assert_eq!(limit, 4 << 20),
+        Err(sandbox::ClientError::OutputTooLarge { limit }) => assert_eq!(limit, 4 << 20),
         other => panic!("endless output gave {other:?}"),
     }
     let left = sh_ok(&mut vm, "sleep 1; pidof yes; true");

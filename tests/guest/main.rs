@@ -10,7 +10,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vmm::{ExecEvent, ExecRequest, KvmFlavor, Vm, VmBuilder, VmExit};
+use sandbox::{ExecEvent, ExecRequest, Sandbox, SandboxBuilder, VmExit};
+use vmm::KvmFlavor;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -120,7 +121,7 @@ impl Drop for Watchdog {
     }
 }
 
-fn builder() -> VmBuilder {
+fn builder() -> SandboxBuilder {
     // Device and VMM warnings on stderr; CAPSULE_TEST_LOG=debug for more.
     vmm::logging::log_to_stderr("", "CAPSULE_TEST_LOG");
     let flavor = KvmFlavor::detect();
@@ -130,7 +131,7 @@ fn builder() -> VmBuilder {
     );
     // CAPSULE_TEST_CONSOLE=1 shows every guest's console, for debugging.
     let console = std::env::var_os("CAPSULE_TEST_CONSOLE").is_some();
-    Vm::builder()
+    Sandbox::builder()
         .kernel(artifact("CAPSULE_KERNEL"))
         .initramfs(artifact("CAPSULE_INITRAMFS"))
         .memory_mib(192)
@@ -138,7 +139,7 @@ fn builder() -> VmBuilder {
         .verbose_console(console)
 }
 
-fn boot(builder: VmBuilder) -> Vm {
+fn boot(builder: SandboxBuilder) -> Sandbox {
     let mut vm = builder.boot().expect("boot");
     if let Err(e) = vm.wait_ready(READY_TIMEOUT) {
         panic!("guest not ready: {e}");
@@ -148,11 +149,15 @@ fn boot(builder: VmBuilder) -> Vm {
 
 /// Unwraps the result of talking to the guest; a failure shows the last
 /// console lines, which say whether the guest itself died.
-fn guest_ok<T, E: Into<vmm::Error>>(vm: &mut Vm, result: Result<T, E>) -> T {
+fn guest_ok<T, E: Into<sandbox::Error>>(vm: &mut Sandbox, result: Result<T, E>) -> T {
     guest_ok_doing(vm, "talking to the guest", result)
 }
 
-fn guest_ok_doing<T, E: Into<vmm::Error>>(vm: &mut Vm, what: &str, result: Result<T, E>) -> T {
+fn guest_ok_doing<T, E: Into<sandbox::Error>>(
+    vm: &mut Sandbox,
+    what: &str,
+    result: Result<T, E>,
+) -> T {
     result.map_err(Into::into).unwrap_or_else(|e| {
         let exit = vm.wait(Some(Duration::from_secs(2)));
         let console = vm.console_tail(40);
@@ -189,20 +194,20 @@ fn guest_ok_doing<T, E: Into<vmm::Error>>(vm: &mut Vm, what: &str, result: Resul
 /// Unwraps a restore. Inside the nested test host, a guest that reset
 /// without a word or stopped answering while it resumed ends the test with
 /// the status scripts/test-guest.sh runs once more, as for a running guest.
-fn restore_ok(what: &str, result: vmm::Result<Vm>) -> Vm {
+fn restore_ok(what: &str, result: sandbox::Result<Sandbox>) -> Sandbox {
     let e = match result {
         Ok(vm) => return vm,
         Err(e) => e,
     };
     let status = match &e {
-        vmm::Error::StoppedBeforeReady { exit, console }
+        sandbox::Error::StoppedBeforeReady { exit, console }
             if *exit == VmExit::GuestReset.to_string() && died_without_a_word(console) =>
         {
             Some(GUEST_DIED_IN_TESTHOST)
         }
         // A restore names a guest that stopped answering this way, with
         // its console (and logs what the VM was doing).
-        vmm::Error::NotReady { console, .. } if died_without_a_word(console) => {
+        sandbox::Error::NotReady { console, .. } if died_without_a_word(console) => {
             Some(GUEST_STALLED_IN_TESTHOST)
         }
         _ => None,
@@ -243,12 +248,12 @@ fn died_without_a_word(console: &str) -> bool {
     std::env::var_os("CAPSULE_IN_TESTHOST").is_some() && !vmm::console_shows_guest_failure(console)
 }
 
-fn sh(vm: &mut Vm, script: &str) -> vmm::Output {
+fn sh(vm: &mut Sandbox, script: &str) -> sandbox::Output {
     let result = vm.exec(["sh", "-c", script]);
     guest_ok_doing(vm, &format!("exec {script:?}"), result)
 }
 
-fn sh_ok(vm: &mut Vm, script: &str) -> String {
+fn sh_ok(vm: &mut Sandbox, script: &str) -> String {
     let out = sh(vm, script);
     assert!(
         out.status.success(),
@@ -263,7 +268,7 @@ fn sh_ok(vm: &mut Vm, script: &str) -> String {
 /// Asks the guest to power off and checks it did. Inside the nested test
 /// host a guest that agrees and then stalls without a word ends the test
 /// with the status scripts/test-guest.sh runs once more, as mid-command.
-fn stop(mut vm: Vm) {
+fn stop(mut vm: Sandbox) {
     let asked = vm
         .agent()
         .and_then(|agent| Ok(agent.shutdown(false, Duration::from_secs(10))?));
@@ -311,7 +316,7 @@ fn boots_with_one_and_two_vcpus() {
 /// and the device thread, and shows each ready queue's indices: the device
 /// never ahead of the guest, and an idle guest's vsock TX queue (requests
 /// to the device) fully taken (a packet in flight gets a second to be).
-fn check_stall_report(vm: &Vm, cpus: u8) {
+fn check_stall_report(vm: &Sandbox, cpus: u8) {
     for _ in 0..10 {
         if stall_report_ok(vm, cpus) {
             return;
@@ -323,7 +328,7 @@ fn check_stall_report(vm: &Vm, cpus: u8) {
 }
 
 /// Checks the report's shape; whether the vsock TX queue is all taken.
-fn stall_report_ok(vm: &Vm, cpus: u8) -> bool {
+fn stall_report_ok(vm: &Sandbox, cpus: u8) -> bool {
     let report = vm.stall_report();
     for cpu in 0..cpus {
         assert!(report.contains(&format!(" vcpu{cpu} ")), "{report}");

@@ -5,7 +5,7 @@ use super::*;
 /// Starts a loop in the guest that counts in a tmpfs file, ten times a
 /// second, detached from the exec that started it. With
 /// CAPSULE_DEBUG_COUNT set it also prints the count on the console.
-fn start_counter(vm: &mut Vm) {
+fn start_counter(vm: &mut Sandbox) {
     let echo = if std::env::var_os("CAPSULE_DEBUG_COUNT").is_some() {
         "echo count=$i > /dev/console;"
     } else {
@@ -20,7 +20,7 @@ fn start_counter(vm: &mut Vm) {
     );
 }
 
-fn count(vm: &mut Vm) -> u64 {
+fn count(vm: &mut Sandbox) -> u64 {
     let out = sh_ok(vm, "cat /tmp/count");
     out.trim()
         .parse()
@@ -59,11 +59,11 @@ fn a_restored_guest_continues_where_it_was() {
 
     // The snapshot holds only its own files: the disk under it is named
     // again.
-    let options = vmm::RestoreOptions {
+    let options = sandbox::RestoreOptions {
         disks: vec![disk.clone()],
         ..Default::default()
     };
-    let mut restored = restore_ok("restore", Vm::restore(&snap, options));
+    let mut restored = restore_ok("restore", Sandbox::restore(&snap, options));
     let after = count(&mut restored);
     assert!(
         after >= at_snapshot && after < at_snapshot + 50,
@@ -94,22 +94,22 @@ fn forks_get_their_own_identity_and_randomness() {
     vm.kill();
 
     let restore = |name: &str| {
-        let options = vmm::RestoreOptions {
-            identity: vmm::fork_identity(name).unwrap(),
+        let options = sandbox::RestoreOptions {
+            identity: sandbox::fork_identity(name).unwrap(),
             ..Default::default()
         };
-        restore_ok("restore", Vm::restore(&snap, options))
+        restore_ok("restore", Sandbox::restore(&snap, options))
     };
     // A guest given no time to come back fails the restore as a guest that
     // did not answer (RestoreOptions::timeout is honoured).
-    let impatient = vmm::RestoreOptions {
+    let impatient = sandbox::RestoreOptions {
         timeout: Some(Duration::ZERO),
         ..Default::default()
     };
     // Its stall report (a warning) is expected here: not shown.
     let level = log::max_level();
     log::set_max_level(log::LevelFilter::Error);
-    let impatient = Vm::restore(&snap, impatient);
+    let impatient = Sandbox::restore(&snap, impatient);
     log::set_max_level(level);
     match impatient {
         Err(e) => assert!(e.is_guest_unresponsive(), "{e}"),
@@ -357,19 +357,19 @@ fn twenty_forks_share_memory_and_keep_their_disk_writes_apart() {
     let disk_at_snapshot = std::fs::read(&disk).unwrap();
 
     let started = Instant::now();
-    let mut forks: Vec<Vm> = std::thread::scope(|scope| {
+    let mut forks: Vec<Sandbox> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..FORKS)
             .map(|i| {
                 let (snap, disk) = (&snap, &disk);
                 scope.spawn(move || {
-                    let options = vmm::RestoreOptions {
+                    let options = sandbox::RestoreOptions {
                         // The backend that shares one copy between forks.
-                        memory: vmm::MemoryBackend::File,
-                        identity: vmm::fork_identity(format!("fork-{i}")).unwrap(),
+                        memory: sandbox::MemoryBackend::File,
+                        identity: sandbox::fork_identity(format!("fork-{i}")).unwrap(),
                         disks: vec![disk.clone()],
                         ..Default::default()
                     };
-                    restore_ok("restore", Vm::restore(snap, options))
+                    restore_ok("restore", Sandbox::restore(snap, options))
                 })
             })
             .collect();
@@ -472,14 +472,14 @@ fn a_diff_snapshot_writes_only_what_changed_and_restores_through_its_parent() {
     // The diff restores through its parent: the data is there, intact.
     let mut restored = restore_ok(
         "restore diff",
-        Vm::restore(&diff, vmm::RestoreOptions::default()),
+        Sandbox::restore(&diff, sandbox::RestoreOptions::default()),
     );
     assert_eq!(sh_ok(&mut restored, "md5sum < /tmp/touched"), sum);
     stop(restored);
     // The parent alone is the guest before the change.
     let mut before = restore_ok(
         "restore full",
-        Vm::restore(&full, vmm::RestoreOptions::default()),
+        Sandbox::restore(&full, sandbox::RestoreOptions::default()),
     );
     assert_eq!(
         sh_ok(&mut before, "ls /tmp/touched 2>/dev/null; echo end"),
@@ -501,15 +501,18 @@ fn userfaultfd_restores_lazily_and_prefetches_the_recorded_working_set() {
     vm.snapshot(&snap).expect("snapshot");
     vm.kill();
 
-    let uffd = |prefetch| vmm::RestoreOptions {
-        memory: vmm::MemoryBackend::Uffd { prefetch },
+    let uffd = |prefetch| sandbox::RestoreOptions {
+        memory: sandbox::MemoryBackend::Uffd { prefetch },
         ..Default::default()
     };
     // Lazily: only what the guest touches is copied in.
-    let mut lazy = restore_ok("restore with userfaultfd", Vm::restore(&snap, uffd(false)));
+    let mut lazy = restore_ok(
+        "restore with userfaultfd",
+        Sandbox::restore(&snap, uffd(false)),
+    );
     assert_eq!(sh_ok(&mut lazy, "md5sum < /tmp/data"), sum);
-    let recorded = lazy.save_working_set(&snap).expect("save working set");
-    let first = lazy.uffd_stats().unwrap();
+    let recorded = lazy.vm().save_working_set(&snap).expect("save working set");
+    let first = lazy.vm().uffd_stats().unwrap();
     stop(lazy);
     assert!(first.faults > 0 && first.prefetched == 0, "{first:?}");
     assert!(
@@ -520,9 +523,9 @@ fn userfaultfd_restores_lazily_and_prefetches_the_recorded_working_set() {
 
     // Again with the working set: the chunks come in before the guest
     // runs, and far fewer faults are left.
-    let mut warm = restore_ok("restore with prefetch", Vm::restore(&snap, uffd(true)));
+    let mut warm = restore_ok("restore with prefetch", Sandbox::restore(&snap, uffd(true)));
     assert_eq!(sh_ok(&mut warm, "md5sum < /tmp/data"), sum);
-    let second = warm.uffd_stats().unwrap();
+    let second = warm.vm().uffd_stats().unwrap();
     stop(warm);
     eprintln!(
         "userfaultfd: lazy restore served {} faults ({} KiB); with the {recorded}-chunk working set \

@@ -43,10 +43,8 @@ pub enum Error {
     Private(#[from] crate::private::PrivateError),
     #[error("the guest kernel cannot run on this host's KVM ({flavor:?}): KVM reported an emulation failure. {hint}")]
     Unsupported { flavor: KvmFlavor, hint: String },
-    #[error("the guest did not become ready within {seconds:.1}s. Last console lines:\n{console}")]
-    NotReady { seconds: f64, console: String },
-    #[error("the VM stopped before its agent was ready ({exit}). Last console lines:\n{console}")]
-    StoppedBeforeReady { exit: String, console: String },
+    #[error("the VM stopped ({exit}). Last console lines:\n{console}")]
+    Stopped { exit: String, console: String },
     #[error("snapshot: {0}")]
     Snapshot(String),
     #[error(
@@ -69,27 +67,11 @@ pub enum Error {
     SnapshotIncompatible(String),
     #[error("the VM is not running ({0})")]
     NotRunning(String),
-    /// Not prefixed: the client's own messages name the agent, and a
-    /// protocol error names the frame or connection at fault.
-    #[error(transparent)]
-    Agent(#[from] guest_agent::ClientError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    /// The guest stopped answering (its agent did not reply, or never
-    /// became ready) while the VM still runs: a stalled or overloaded
-    /// guest rather than a refused request.
-    pub fn is_guest_unresponsive(&self) -> bool {
-        match self {
-            Error::Agent(e) => e.is_no_answer(),
-            Error::NotReady { .. } => true,
-            Error::Io(e) => e.kind() == std::io::ErrorKind::TimedOut,
-            _ => false,
-        }
-    }
-
     pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
         move |source| Error::Kvm { what, source }
     }

@@ -8,6 +8,8 @@
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_config as status;
+use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,20 +22,44 @@ use crate::GuestMemory;
 /// Size of one device's MMIO window.
 pub const MMIO_LEN: u64 = 0x1000;
 /// Offset of the queue-notify register, for binding ioeventfds.
-pub const NOTIFY_OFFSET: u64 = 0x50;
+pub const NOTIFY_OFFSET: u64 = reg::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x4353_5043; // "CPSC"
-const CONFIG_OFFSET: u64 = 0x100;
+const CONFIG_OFFSET: u64 = reg::VIRTIO_MMIO_CONFIG as u64;
+
+// Register offsets, as the bus hands them over.
+const MAGIC_VALUE: u64 = reg::VIRTIO_MMIO_MAGIC_VALUE as u64;
+const VERSION_REG: u64 = reg::VIRTIO_MMIO_VERSION as u64;
+const DEVICE_ID: u64 = reg::VIRTIO_MMIO_DEVICE_ID as u64;
+const VENDOR_ID: u64 = reg::VIRTIO_MMIO_VENDOR_ID as u64;
+const DEVICE_FEATURES: u64 = reg::VIRTIO_MMIO_DEVICE_FEATURES as u64;
+const DEVICE_FEATURES_SEL: u64 = reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+const DRIVER_FEATURES: u64 = reg::VIRTIO_MMIO_DRIVER_FEATURES as u64;
+const DRIVER_FEATURES_SEL: u64 = reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+const QUEUE_SEL: u64 = reg::VIRTIO_MMIO_QUEUE_SEL as u64;
+const QUEUE_NUM_MAX: u64 = reg::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+const QUEUE_NUM: u64 = reg::VIRTIO_MMIO_QUEUE_NUM as u64;
+const QUEUE_READY: u64 = reg::VIRTIO_MMIO_QUEUE_READY as u64;
+const INTERRUPT_STATUS: u64 = reg::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+const INTERRUPT_ACK: u64 = reg::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+const STATUS: u64 = reg::VIRTIO_MMIO_STATUS as u64;
+const QUEUE_DESC_LOW: u64 = reg::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+const QUEUE_DESC_HIGH: u64 = reg::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+const QUEUE_AVAIL_LOW: u64 = reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+const QUEUE_AVAIL_HIGH: u64 = reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+const QUEUE_USED_LOW: u64 = reg::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+const QUEUE_USED_HIGH: u64 = reg::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+const CONFIG_GENERATION: u64 = reg::VIRTIO_MMIO_CONFIG_GENERATION as u64;
 
 // Device status bits.
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_NEEDS_RESET: u32 = 0x40;
-const STATUS_FAILED: u32 = 0x80;
+const STATUS_ACKNOWLEDGE: u32 = status::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const STATUS_DRIVER: u32 = status::VIRTIO_CONFIG_S_DRIVER;
+const STATUS_DRIVER_OK: u32 = status::VIRTIO_CONFIG_S_DRIVER_OK;
+const STATUS_FEATURES_OK: u32 = status::VIRTIO_CONFIG_S_FEATURES_OK;
+const STATUS_NEEDS_RESET: u32 = status::VIRTIO_CONFIG_S_NEEDS_RESET;
+const STATUS_FAILED: u32 = status::VIRTIO_CONFIG_S_FAILED;
 
 /// Serializable transport state (for snapshots).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,8 +247,9 @@ impl MmioTransport {
         lock(&self.device).device_type()
     }
 
-    pub fn device_state(&self) -> super::DeviceState {
-        lock(&self.device).state()
+    /// The device behind the transport.
+    pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
+        &self.device
     }
 
     pub fn state(&self) -> MmioState {
@@ -406,11 +433,11 @@ impl BusDevice for MmioTransport {
             return;
         }
         let value = match offset {
-            0x000 => MAGIC,
-            0x004 => VERSION,
-            0x008 => self.device_type(),
-            0x00c => VENDOR,
-            0x010 => {
+            MAGIC_VALUE => MAGIC,
+            VERSION_REG => VERSION,
+            DEVICE_ID => self.device_type(),
+            VENDOR_ID => VENDOR,
+            DEVICE_FEATURES => {
                 let features = lock(&self.device).features() | VIRTIO_F_VERSION_1;
                 match self.features_select {
                     0 => features as u32,
@@ -418,23 +445,23 @@ impl BusDevice for MmioTransport {
                     _ => 0,
                 }
             }
-            0x034 => self
+            QUEUE_NUM_MAX => self
                 .queues
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.max_size())),
-            0x044 => self
+            QUEUE_READY => self
                 .queues
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.ready())),
-            0x060 => self.interrupt.status(),
-            0x070 => {
+            INTERRUPT_STATUS => self.interrupt.status(),
+            STATUS => {
                 if self.interrupt.device_failed() {
                     self.device_status | STATUS_NEEDS_RESET
                 } else {
                     self.device_status
                 }
             }
-            0x0fc => self.config_generation,
+            CONFIG_GENERATION => self.config_generation,
             _ => 0,
         };
         data.copy_from_slice(&value.to_le_bytes());
@@ -451,8 +478,8 @@ impl BusDevice for MmioTransport {
             return;
         };
         match offset {
-            0x014 => self.features_select = v,
-            0x020 => {
+            DEVICE_FEATURES_SEL => self.features_select = v,
+            DRIVER_FEATURES => {
                 if self.device_status & (STATUS_DRIVER | STATUS_FEATURES_OK) != STATUS_DRIVER {
                     return;
                 }
@@ -466,25 +493,25 @@ impl BusDevice for MmioTransport {
                 }
                 self.acked_features &= offered;
             }
-            0x024 => self.acked_features_select = v,
-            0x030 => self.queue_select = v,
-            0x038 => self.with_queue(|q| q.set_size(v as u16)),
-            0x044 => self.with_queue(|q| q.set_ready(v == 1)),
+            DRIVER_FEATURES_SEL => self.acked_features_select = v,
+            QUEUE_SEL => self.queue_select = v,
+            QUEUE_NUM => self.with_queue(|q| q.set_size(v as u16)),
+            QUEUE_READY => self.with_queue(|q| q.set_ready(v == 1)),
             // Notifications normally arrive as ioeventfds; a write that gets
             // here (no ioeventfd bound) is forwarded the same way.
-            0x050 => {
+            NOTIFY_OFFSET => {
                 if let Some(evt) = self.queue_events.get(v as usize) {
                     let _ = evt.write(1);
                 }
             }
-            0x064 => self.interrupt.ack(v),
-            0x070 => self.set_status(v),
-            0x080 => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
-            0x084 => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
-            0x090 => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            0x094 => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
-            0x0a0 => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
-            0x0a4 => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            INTERRUPT_ACK => self.interrupt.ack(v),
+            STATUS => self.set_status(v),
+            QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            QUEUE_DESC_HIGH => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            QUEUE_AVAIL_LOW => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            QUEUE_AVAIL_HIGH => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            QUEUE_USED_LOW => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            QUEUE_USED_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
             _ => log::debug!("virtio-mmio: write to unknown register {offset:#x}"),
         }
     }

@@ -9,6 +9,7 @@ mod activation;
 pub mod block;
 mod drain;
 pub mod mmio;
+pub mod persist;
 pub mod rings;
 pub mod rng;
 pub mod vsock;
@@ -19,22 +20,24 @@ pub use rings::RingMap;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use event_manager::MutEventSubscriber;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemory;
 
+/// The feature bit for feature number `bit` (virtio-bindings numbers them).
+pub const fn feature(bit: u32) -> u64 {
+    1 << bit
+}
+
 /// Feature bits common to every device.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VIRTIO_F_VERSION_1: u64 = feature(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1);
+pub const VIRTIO_RING_F_EVENT_IDX: u64 =
+    feature(virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
 
-/// Device ids (virtio spec 5).
-pub const TYPE_BLOCK: u32 = 2;
-pub const TYPE_RNG: u32 = 4;
-pub const TYPE_VSOCK: u32 = 19;
-
-const INT_USED_RING: u32 = 1;
-const INT_CONFIG: u32 = 2;
+const INT_USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// The interrupt line of one virtio-mmio device: the `InterruptStatus`
 /// register plus the irqfd that raises the guest interrupt.
@@ -134,23 +137,16 @@ pub enum ActivateError {
     Backend(String),
 }
 
-/// A device's own snapshot state (the transport's is [`mmio::MmioState`]):
-/// what it takes to build the same device again.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum DeviceState {
-    Block(block::BlockState),
-    Rng,
-    Vsock(vsock::VsockState),
-}
-
 /// The device side of a virtio device: identity, features, configuration
 /// space and activation. The transport owns registers and queue setup.
-pub trait VirtioDevice: Send {
+///
+/// Its I/O runs on the event loop ([`MutEventSubscriber`]) and it keeps
+/// its own snapshot state ([`persist::Persist`]). Devices never have
+/// requests in flight at a snapshot: they serve each request to
+/// completion on the event loop, which is parked first.
+pub trait VirtioDevice: MutEventSubscriber + persist::Persist + Send {
+    /// The virtio device id (`virtio_bindings::virtio_ids`).
     fn device_type(&self) -> u32;
-    /// What a snapshot records about the device itself. Devices never have
-    /// requests in flight at a snapshot: they serve each request to
-    /// completion on the event loop, which is parked first.
-    fn state(&self) -> DeviceState;
     /// The queues the device is serving, once activated: they, not the
     /// transport's copies from activation time, hold the ring positions
     /// a snapshot must record.
@@ -169,6 +165,9 @@ pub trait VirtioDevice: Send {
     /// before activation (the driver wrote 0 to the status register).
     /// Called with the device locked, so never while it serves a request.
     fn reset(&mut self);
+    /// The VM has stopped and the event loop with it: close the host side
+    /// (sockets, backends), so host programs see the end rather than wait.
+    fn close_host(&mut self) {}
 }
 
 /// Copies `src[offset..]` into `data`, zero-filling past the end: how every

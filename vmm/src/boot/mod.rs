@@ -8,10 +8,9 @@
 
 pub mod mptable;
 
-use std::fs::File;
-use std::path::Path;
+use std::io::{Seek, SeekFrom};
 
-use devices::GuestMemory;
+use devices::{GuestMemory, HostFile};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -50,10 +49,16 @@ pub struct LoadedKernel {
     setup_header: Option<setup_header>,
 }
 
-/// Loads `path` (ELF vmlinux or bzImage) into guest memory.
-pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
+/// Loads the kernel (ELF vmlinux or bzImage) into guest memory.
+pub fn load_kernel(mem: &GuestMemory, kernel: &HostFile) -> Result<LoadedKernel> {
+    let path = kernel.name();
     let open = || {
-        File::open(path).map_err(|source| {
+        // An open file's descriptors share one offset: start each try at 0.
+        let opened = kernel.open(false).and_then(|mut f| {
+            f.seek(SeekFrom::Start(0))?;
+            Ok(f)
+        });
+        opened.map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 Error::KernelMissing {
                     path: path.to_path_buf(),
@@ -95,13 +100,14 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
 
 /// Loads the initramfs as high as possible below the MMIO hole; returns
 /// its address and size.
-pub fn load_initramfs(mem: &GuestMemory, path: &Path) -> Result<(u64, u64)> {
+pub fn load_initramfs(mem: &GuestMemory, initramfs: &HostFile) -> Result<(u64, u64)> {
     let file_err = |source| Error::File {
         what: "initramfs",
-        path: path.to_path_buf(),
+        path: initramfs.name().to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(file_err)?;
+    let mut file = initramfs.open(false).map_err(file_err)?;
+    file.seek(SeekFrom::Start(0)).map_err(file_err)?;
     let size = file.metadata().map_err(file_err)?.len();
     let end = low_ram_end(mem);
     let addr = end
@@ -286,11 +292,11 @@ mod tests {
         let path = dir.path().join("junk");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
         assert!(matches!(
-            load_kernel(&mem, &path),
+            load_kernel(&mem, &path.into()),
             Err(Error::KernelLoad(_))
         ));
         assert!(matches!(
-            load_kernel(&mem, &dir.path().join("missing")),
+            load_kernel(&mem, &dir.path().join("missing").into()),
             Err(Error::KernelMissing { .. })
         ));
     }
@@ -301,6 +307,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big.cpio");
         std::fs::write(&path, vec![0; 20 << 20]).unwrap();
-        assert!(matches!(load_initramfs(&mem, &path), Err(Error::Config(_))));
+        assert!(matches!(
+            load_initramfs(&mem, &path.into()),
+            Err(Error::Config(_))
+        ));
     }
 }

@@ -2,22 +2,20 @@
 
 mod connection;
 pub mod muxer;
-
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+mod persist;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 
 use super::drain::{BYTES_PER_WAKE, CHAINS_PER_WAKE};
 use super::{
-    drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, DeviceState,
-    Drained, QueueError, Served, VirtioDevice, ACTIVATE_TOKEN, TYPE_VSOCK,
+    drain_queue, read_config_bytes, ActivateError, Activation, ActivationSlot, Drained, QueueError,
+    Served, VirtioDevice, ACTIVATE_TOKEN,
 };
 pub use muxer::{connect_to_guest, Muxer};
+pub use persist::VsockState;
 
 const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: u32 = 0;
@@ -25,32 +23,12 @@ const TX_QUEUE: u32 = 1;
 const EVENT_QUEUE: u32 = 2;
 /// Largest payload accepted in one packet (Linux uses at most 64 KiB).
 const MAX_PKT_DATA: u32 = 64 * 1024;
-/// virtio_vsock_event id telling the driver every connection is gone.
-const EVENT_TRANSPORT_RESET: u32 = 0;
-
-/// Serializable device state (for snapshots).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VsockState {
-    pub guest_cid: u64,
-    /// The next port for a host-initiated connection. A restored device
-    /// carries on from here: the guest may still hold sockets bound to
-    /// ports used before the snapshot until it processes the transport
-    /// reset, and a new connection must not collide with them.
-    pub next_local_port: u32,
-}
 
 pub struct Vsock {
     guest_cid: u64,
     muxer: Muxer,
     slot: ActivationSlot,
     broken: bool,
-    /// The event queue's avail index when a transport reset was sent; the
-    /// guest has processed the reset once it posts a new event buffer.
-    reset_sent_at: Option<u16>,
-    /// Set once the guest has processed the transport reset (or none was
-    /// needed): a host connection made earlier could be reset with the
-    /// stale ones.
-    reset_done: Arc<AtomicBool>,
     /// The driver reset the device: the event loop closes every
     /// connection (it alone may change what epoll watches).
     connections_to_reset: bool,
@@ -58,110 +36,20 @@ pub struct Vsock {
 
 impl Vsock {
     /// A device for guest `cid` whose host side listens on `uds_path`.
-    pub fn new(guest_cid: u64, uds_path: &Path) -> std::io::Result<Self> {
+    pub fn new(guest_cid: u64, uds_path: &std::path::Path) -> std::io::Result<Self> {
         Ok(Vsock {
             guest_cid,
             muxer: Muxer::new(guest_cid, uds_path)?,
             slot: ActivationSlot::new()?,
             broken: false,
-            reset_sent_at: None,
-            reset_done: Arc::new(AtomicBool::new(true)),
             connections_to_reset: false,
         })
-    }
-
-    /// Becomes true once a restored guest has processed the transport
-    /// reset; connect to it only after that.
-    pub fn reset_done(&self) -> Arc<AtomicBool> {
-        self.reset_done.clone()
-    }
-
-    /// A device restored from `state`, its host side listening on
-    /// `uds_path` (a restored VM gets a new runtime directory).
-    pub fn restore(state: &VsockState, uds_path: &Path) -> std::io::Result<Self> {
-        let mut vsock = Vsock::new(state.guest_cid, uds_path)?;
-        vsock.muxer.continue_local_ports_from(state.next_local_port);
-        vsock.reset_done.store(false, Ordering::Release);
-        Ok(vsock)
-    }
-
-    fn vsock_state(&self) -> VsockState {
-        VsockState {
-            guest_cid: self.guest_cid,
-            next_local_port: self.muxer.next_local_port(),
-        }
     }
 
     /// Closes the host side once the VM has stopped (see
     /// [`Muxer::disconnect_host`]).
     pub fn disconnect_host(&mut self) {
         self.muxer.disconnect_host();
-    }
-
-    /// Tells the driver that every connection it had is gone: after a
-    /// restore the host ends of those connections belong to another
-    /// process (or none). Listening sockets survive, so the agent stays
-    /// reachable; connected ones get ECONNRESET.
-    fn send_transport_reset(&mut self) {
-        let Some(Activation {
-            mem,
-            queues,
-            interrupt,
-            rings,
-            ..
-        }) = self.slot.active.as_mut()
-        else {
-            return;
-        };
-        let queue = &mut queues[EVENT_QUEUE as usize];
-        let sent: Result<bool, QueueError> = (|| {
-            self.reset_sent_at = Some(queue.avail_idx(&*mem, Ordering::Acquire)?.0);
-            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
-                return Ok(false);
-            };
-            if rings.chain_writes_rings(&chain) {
-                return Err(QueueError::WritesRings);
-            }
-            let head = chain.head_index();
-            let written = match chain.writer(&*mem) {
-                Ok(mut w) if w.available_bytes() >= 4 => {
-                    use std::io::Write;
-                    w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).is_ok()
-                }
-                _ => false,
-            };
-            queue.add_used(&*mem, head, if written { 4 } else { 0 })?;
-            Ok(written)
-        })();
-        match sent {
-            Ok(true) => {
-                log::debug!("vsock: sent the guest a transport reset");
-                interrupt.signal_used_queue()
-            }
-            Ok(false) => {
-                crate::guest_warn!("vsock: no usable event buffer for the transport reset");
-                self.reset_sent_at = None;
-                self.reset_done.store(true, Ordering::Release);
-            }
-            Err(e) => {
-                crate::guest_error!("vsock: event queue is malformed: {e}");
-                self.broken = true;
-            }
-        }
-    }
-
-    /// The guest refills the event queue after handling an event, so a
-    /// new event buffer means it has reset its connections.
-    fn check_reset_done(&mut self) {
-        let (Some(sent_at), Some(active)) = (self.reset_sent_at, self.slot.active.as_ref()) else {
-            return;
-        };
-        let avail = active.queues[EVENT_QUEUE as usize].avail_idx(&active.mem, Ordering::Acquire);
-        if avail.is_ok_and(|idx| idx.0 != sent_at) {
-            log::debug!("vsock: the guest processed the transport reset");
-            self.reset_sent_at = None;
-            self.reset_done.store(true, Ordering::Release);
-        }
     }
 
     fn process_tx(&mut self, ops: &mut EventOps) {
@@ -272,13 +160,10 @@ impl Vsock {
 
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
-        TYPE_VSOCK
+        VIRTIO_ID_VSOCK
     }
     fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
         self.slot.queues()
-    }
-    fn state(&self) -> DeviceState {
-        DeviceState::Vsock(self.vsock_state())
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE; 3]
@@ -296,8 +181,9 @@ impl VirtioDevice for Vsock {
         self.slot.reset();
         self.connections_to_reset = true;
         self.broken = false;
-        self.reset_sent_at = None;
-        self.reset_done.store(true, Ordering::Release);
+    }
+    fn close_host(&mut self) {
+        self.disconnect_host();
     }
 }
 
@@ -314,21 +200,12 @@ impl MutEventSubscriber for Vsock {
                 if std::mem::take(&mut self.connections_to_reset) {
                     self.muxer.reset_all(ops);
                 }
-                let started = self.slot.on_activated(ops);
-                if started && self.slot.active.as_ref().is_some_and(|a| a.restored) {
-                    self.send_transport_reset();
-                    if self.broken {
-                        self.slot.fail(ops);
-                    }
-                }
+                self.slot.on_activated(ops);
                 return;
             }
             RX_QUEUE | TX_QUEUE | EVENT_QUEUE => {
                 if let Some(a) = &self.slot.active {
                     let _ = a.queue_events[token as usize].read();
-                }
-                if token == EVENT_QUEUE {
-                    self.check_reset_done();
                 }
             }
             _ => self.muxer.handle_event(token, events.event_set(), ops),

@@ -282,6 +282,29 @@ impl Muxer {
         self.next_local_port = port.max(FIRST_LOCAL_PORT);
     }
 
+    /// Every connection the guest may still think open: the live ones
+    /// and those whose end it has yet to hear of.
+    pub fn guest_connections(&self) -> Vec<ConnKey> {
+        let mut keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for c in &self.control {
+            if !keys.contains(&c.key) {
+                keys.push(c.key);
+            }
+        }
+        keys.sort_by_key(|k| (k.local_port, k.peer_port));
+        keys
+    }
+
+    /// Tells the guest that connections it had before a restore are gone
+    /// (their host ends belonged to another process): a reset each, ahead
+    /// of every packet of a new connection, so the guest hears of the old
+    /// ones first and a host program may connect at once.
+    pub fn reset_stale(&mut self, keys: &[ConnKey]) {
+        for &key in keys {
+            self.push_control(key, OP_RST, 0);
+        }
+    }
+
     fn allocate_local_port(&mut self) -> u32 {
         loop {
             let port = self.next_local_port;
@@ -642,6 +665,14 @@ impl Muxer {
             unwatch(ops, &conn.stream);
         }
         self.control.clear();
+    }
+}
+
+impl Drop for Muxer {
+    /// The socket file goes with the listener: nothing is left to connect
+    /// to a device that is gone.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

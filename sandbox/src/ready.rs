@@ -6,7 +6,6 @@
 //! host memory their unread data holds, on it), and the socket is gone
 //! once the signal came.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -44,12 +43,8 @@ impl ReadyListener {
         let path = PathBuf::from(format!("{}_{READY_PORT}", vsock_path.display()));
         let listener = devices::host_socket::bind_private(&path)?;
         listener.set_nonblocking(true)?;
-        // SAFETY: `listener` is a bound socket we own; listen() again on a
-        // listening socket only changes its backlog.
-        let rc = unsafe { libc::listen(listener.as_raw_fd(), BACKLOG) };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // listen() again on a listening socket only changes its backlog.
+        nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(BACKLOG)?)?;
         Ok(ReadyListener { listener, path })
     }
 
@@ -170,15 +165,12 @@ fn read_hello(conn: UnixStream, deadline: Instant) -> Result<(), String> {
 /// the ready signal is seen as soon as it arrives without spinning, and
 /// the caller still rechecks the VM's state every `timeout`.
 fn wait_readable(listener: &UnixListener, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfd` is one valid pollfd for the duration of the call; an
-    // error or EINTR just means the caller polls again.
-    unsafe { libc::poll(&mut pfd, 1, millis) };
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    // An error or EINTR just means the caller polls again.
+    let _ = poll(&mut fds, timeout);
 }
 
 #[cfg(test)]

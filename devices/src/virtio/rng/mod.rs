@@ -6,9 +6,13 @@ use std::io::{Read, Write};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 
+mod persist;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+
 use super::{
-    drain_queue, ActivateError, Activation, ActivationSlot, DeviceState, Drained, QueueError,
-    Served, VirtioDevice, TYPE_RNG, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, ActivateError, Activation, ActivationSlot, Drained, QueueError, Served,
+    VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
 };
 
 const QUEUE_SIZE: u16 = 64;
@@ -57,13 +61,10 @@ fn serve(source: &mut File, active: &mut Activation) -> Result<Drained, QueueErr
 
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
-        TYPE_RNG
+        VIRTIO_ID_RNG
     }
     fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
         self.slot.queues()
-    }
-    fn state(&self) -> DeviceState {
-        DeviceState::Rng
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]

@@ -23,8 +23,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use sandbox::{RestoreOptions, Sandbox};
 use serde::{Deserialize, Serialize};
-use vmm::{RestoreOptions, Vm};
 
 use crate::artifacts;
 
@@ -104,7 +104,7 @@ pub struct BootSpec {
 }
 
 impl BootSpec {
-    pub fn boot(&self, runtime_dir: Option<&Path>, console_log: Option<&Path>) -> Result<Vm> {
+    pub fn boot(&self, runtime_dir: Option<&Path>, console_log: Option<&Path>) -> Result<Sandbox> {
         let kernel = artifacts::find(
             self.kernel.as_deref(),
             "CAPSULE_KERNEL",
@@ -115,7 +115,7 @@ impl BootSpec {
             "CAPSULE_INITRAMFS",
             artifacts::INITRAMFS_FILE,
         )?;
-        let mut builder = Vm::builder()
+        let mut builder = Sandbox::builder()
             .kernel(&kernel)
             .initramfs(&initramfs)
             .cpus(self.cpus)
@@ -283,7 +283,7 @@ pub fn keep(name: &str, origin: &str) -> Result<u8> {
             let options = RestoreOptions {
                 runtime_dir: Some(runtime.clone()),
                 console_log: Some(console.clone()),
-                identity: vmm::Identity {
+                identity: sandbox::Identity {
                     hostname: hostname.clone(),
                     ..Default::default()
                 },
@@ -292,7 +292,7 @@ pub fn keep(name: &str, origin: &str) -> Result<u8> {
                 disks: disks.clone(),
                 ..Default::default()
             };
-            Vm::restore(snapshot, options)
+            Sandbox::restore(snapshot, options)
                 .with_context(|| format!("restoring {}", snapshot.display()))?
         }
     };
@@ -312,7 +312,7 @@ pub fn keep(name: &str, origin: &str) -> Result<u8> {
     result
 }
 
-fn serve(vm: &mut Vm, listener: &UnixListener) -> Result<u8> {
+fn serve(vm: &mut Sandbox, listener: &UnixListener) -> Result<u8> {
     loop {
         if let Some(exit) = vm.exit_reason() {
             eprintln!("capsule keeper: the VM ended: {exit}");
@@ -351,13 +351,13 @@ fn serve(vm: &mut Vm, listener: &UnixListener) -> Result<u8> {
     }
 }
 
-fn answer(vm: &mut Vm, req: Request) -> (Reply, bool) {
+fn answer(vm: &mut Sandbox, req: Request) -> (Reply, bool) {
     match req {
         Request::Info => (
             Reply::Info {
                 pid: std::process::id(),
                 vsock: vm.vsock_path().to_path_buf(),
-                hostname: vm.config().hostname.clone(),
+                hostname: vm.hostname().to_string(),
             },
             false,
         ),
@@ -374,7 +374,7 @@ fn answer(vm: &mut Vm, req: Request) -> (Reply, bool) {
                         memory_bytes_written: stats.memory_bytes_written,
                         memory_zero_bytes: stats.memory_zero_bytes,
                         paused_ms: stats.paused_for.as_secs_f64() * 1e3,
-                        disks: vm.config().disks.iter().map(|d| d.path.clone()).collect(),
+                        disks: vm.vm().external_files().to_vec(),
                     },
                     false,
                 ),

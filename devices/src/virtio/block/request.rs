@@ -1,0 +1,165 @@
+//! One virtio-blk request: parsed from its chain, checked, executed.
+
+use std::io::{Read, Write};
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+
+use super::{ID_LEN, REQUEST_MAX, SECTOR_SIZE};
+use crate::disk::DiskImage;
+use crate::virtio::Served;
+use crate::GuestMemory;
+
+const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+/// Bytes copied per step, so a huge guest buffer never means a huge host
+/// allocation.
+const COPY_CHUNK: usize = 128 * 1024;
+
+/// One request, parsed and executed. Returns the bytes written into the
+/// chain (data read plus the status byte; 0 if the chain had no room for
+/// a status byte at all) and the bytes moved.
+pub(super) struct Request;
+
+impl Request {
+    pub(super) fn execute(
+        mem: &GuestMemory,
+        chain: virtio_queue::DescriptorChain<&GuestMemory>,
+        disk: &mut DiskImage,
+        read_only: bool,
+        capacity: u64,
+        id: &[u8; ID_LEN],
+    ) -> Served {
+        const NOTHING: Served = Served { len: 0, bytes: 0 };
+        let mut reader = match chain.clone().reader(mem) {
+            Ok(r) => r,
+            Err(e) => {
+                crate::guest_warn!("virtio-blk: bad request chain: {e:?}");
+                return NOTHING;
+            }
+        };
+        let mut writer = match chain.writer(mem) {
+            Ok(w) => w,
+            Err(e) => {
+                crate::guest_warn!("virtio-blk: bad request chain: {e:?}");
+                return NOTHING;
+            }
+        };
+        let Some(data_len) = writer.available_bytes().checked_sub(1) else {
+            crate::guest_warn!("virtio-blk: request without room for a status byte");
+            return NOTHING;
+        };
+        let mut status_writer = match writer.split_at(data_len) {
+            Ok(w) => w,
+            Err(_) => return NOTHING,
+        };
+        let moved = data_len.max(reader.available_bytes()) as u64;
+        let mut header = [0u8; 16];
+        let status = if reader.read_exact(&mut header).is_err() {
+            STATUS_IOERR
+        } else {
+            let kind = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
+            let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+            match kind {
+                _ if data_len > REQUEST_MAX || reader.available_bytes() > REQUEST_MAX => {
+                    crate::guest_warn!(
+                        "virtio-blk: a request of more than {REQUEST_MAX} bytes (refused)"
+                    );
+                    STATUS_IOERR
+                }
+                VIRTIO_BLK_T_IN => {
+                    let len = writer.available_bytes();
+                    read_disk(disk, sector, capacity, len, &mut writer)
+                }
+                VIRTIO_BLK_T_OUT if read_only => STATUS_IOERR,
+                VIRTIO_BLK_T_OUT => {
+                    let len = reader.available_bytes();
+                    write_disk(disk, sector, capacity, len, &mut reader)
+                }
+                VIRTIO_BLK_T_FLUSH if read_only => STATUS_OK,
+                VIRTIO_BLK_T_FLUSH => match disk.sync_data() {
+                    Ok(()) => STATUS_OK,
+                    Err(_) => STATUS_IOERR,
+                },
+                VIRTIO_BLK_T_GET_ID => {
+                    let n = writer.available_bytes().min(ID_LEN);
+                    match writer.write_all(&id[..n]) {
+                        Ok(()) => STATUS_OK,
+                        Err(_) => STATUS_IOERR,
+                    }
+                }
+                _ => STATUS_UNSUPP,
+            }
+        };
+        if status_writer.write_all(&[status]).is_err() {
+            return NOTHING;
+        }
+        Served {
+            len: u32::try_from(writer.bytes_written() + 1).unwrap_or(u32::MAX),
+            bytes: moved,
+        }
+    }
+}
+
+/// Checks that `len` bytes at `sector` lie inside the disk.
+fn disk_range(sector: u64, len: usize, capacity: u64) -> Option<u64> {
+    let start = sector.checked_mul(SECTOR_SIZE)?;
+    let end = start.checked_add(len as u64)?;
+    (end <= capacity).then_some(start)
+}
+
+/// Copies `len` bytes at `sector` from the disk into the guest.
+fn read_disk(
+    disk: &DiskImage,
+    sector: u64,
+    capacity: u64,
+    len: usize,
+    writer: &mut impl Write,
+) -> u8 {
+    let Some(mut offset) = disk_range(sector, len, capacity) else {
+        return STATUS_IOERR;
+    };
+    let mut buf = vec![0u8; len.min(COPY_CHUNK)];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        if disk.read_exact_at(&mut buf[..n], offset).is_err()
+            || writer.write_all(&buf[..n]).is_err()
+        {
+            return STATUS_IOERR;
+        }
+        offset += n as u64;
+        left -= n;
+    }
+    STATUS_OK
+}
+
+/// Copies `len` bytes from the guest to the disk at `sector`.
+fn write_disk(
+    disk: &mut DiskImage,
+    sector: u64,
+    capacity: u64,
+    len: usize,
+    reader: &mut impl Read,
+) -> u8 {
+    let Some(mut offset) = disk_range(sector, len, capacity) else {
+        return STATUS_IOERR;
+    };
+    let mut buf = vec![0u8; len.min(COPY_CHUNK)];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        if reader.read_exact(&mut buf[..n]).is_err()
+            || disk.write_all_at(&buf[..n], offset).is_err()
+        {
+            return STATUS_IOERR;
+        }
+        offset += n as u64;
+        left -= n;
+    }
+    STATUS_OK
+}

@@ -1,0 +1,138 @@
+//! What a sandbox boots with: a VM configuration plus the agent's words
+//! on the kernel command line.
+
+use std::path::PathBuf;
+
+use vmm::{DiskConfig, HostFile, VmConfig};
+
+use crate::error::{Error, Result};
+use crate::guest::{valid_hostname, GuestInfo};
+use crate::ready::ReadyListener;
+use crate::sandbox::Sandbox;
+
+/// Builds a [`Sandbox`].
+pub struct SandboxBuilder {
+    config: VmConfig,
+    root: Option<DiskConfig>,
+    hostname: String,
+}
+
+impl Default for SandboxBuilder {
+    fn default() -> Self {
+        SandboxBuilder {
+            config: VmConfig::default(),
+            root: None,
+            hostname: "capsule".into(),
+        }
+    }
+}
+
+impl SandboxBuilder {
+    pub fn kernel(mut self, file: impl Into<HostFile>) -> Self {
+        self.config.kernel = file.into();
+        self
+    }
+    /// The initramfs holding the guest agent (required).
+    pub fn initramfs(mut self, file: impl Into<HostFile>) -> Self {
+        self.config.initramfs = Some(file.into());
+        self
+    }
+    pub fn cpus(mut self, cpus: u8) -> Self {
+        self.config.cpus = cpus;
+        self
+    }
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.config.memory_mib = mib;
+        self
+    }
+    /// Attaches a raw disk image (after the root filesystem, if any).
+    pub fn disk(mut self, file: impl Into<HostFile>, read_only: bool) -> Self {
+        self.config.disks.push(DiskConfig {
+            file: file.into(),
+            read_only,
+        });
+        self
+    }
+    /// Attaches `file` as `/dev/vda` and makes it the root filesystem.
+    pub fn rootfs(mut self, file: impl Into<HostFile>, read_only: bool) -> Self {
+        self.root = Some(DiskConfig {
+            file: file.into(),
+            read_only,
+        });
+        self
+    }
+    pub fn hostname(mut self, name: impl Into<String>) -> Self {
+        self.hostname = name.into();
+        self
+    }
+    pub fn cmdline_arg(mut self, arg: impl Into<String>) -> Self {
+        self.config.cmdline.push(arg.into());
+        self
+    }
+    pub fn verbose_console(mut self, on: bool) -> Self {
+        self.config.verbose_console = on;
+        self
+    }
+    pub fn console_to_stderr(mut self, on: bool) -> Self {
+        self.config.console_to_stderr = on;
+        self
+    }
+    pub fn console_log(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.console_log = Some(path.into());
+        self
+    }
+    pub fn runtime_dir(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.runtime_dir = Some(path.into());
+        self
+    }
+    pub fn layer_dir(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.layer_dir = Some(path.into());
+        self
+    }
+
+    /// The VM configuration the sandbox boots with.
+    pub fn vm_config(&self) -> Result<VmConfig> {
+        if !valid_hostname(&self.hostname) {
+            return Err(Error::Config(format!(
+                "invalid hostname {:?}: use letters, digits, '-' and '.', at most 64",
+                self.hostname
+            )));
+        }
+        if self.config.initramfs.is_none() {
+            return Err(Error::Config(
+                "an initramfs holding the guest agent is required".into(),
+            ));
+        }
+        let mut config = self.config.clone();
+        // The agent's words first: the caller's may add to them.
+        let mut words = vec![format!("capsule.hostname={}", self.hostname)];
+        if let Some(root) = &self.root {
+            config.disks.insert(0, root.clone());
+            words.push("capsule.root=/dev/vda".into());
+            if root.read_only {
+                words.push("capsule.ro".into());
+            }
+        }
+        words.append(&mut config.cmdline);
+        config.cmdline = words;
+        // Held until the ready socket listens.
+        config.start_paused = true;
+        Ok(config)
+    }
+
+    /// Boots the VM; the agent's ready signal is awaited with
+    /// [`Sandbox::wait_ready`].
+    pub fn boot(self) -> Result<Sandbox> {
+        let config = self.vm_config()?;
+        let mut vm = vmm::VmBuilder::from(config).boot()?;
+        let guest = GuestInfo {
+            hostname: self.hostname,
+            agent_ready: false,
+            root_on_disk: self.root.is_some(),
+        };
+        vm.set_annotation(guest.encode())?;
+        let ready = ReadyListener::bind(vm.vsock_path())?;
+        vm.resume()?;
+        Ok(Sandbox::new(vm, guest, Some(ready)))
+    }
+}

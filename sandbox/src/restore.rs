@@ -1,0 +1,145 @@
+//! Bringing a sandbox back from a snapshot: the VM restored (paused), the
+//! ready socket bound if the agent had yet to announce itself, and
+//! otherwise the agent reconnected and told who it is now.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use guest_agent::{ClientOptions, Identity};
+use vmm::{MemoryBackend, Vm};
+
+use crate::error::{Error, Result};
+use crate::guest::GuestInfo;
+use crate::ready::{connect_agent_with, ReadyListener};
+use crate::sandbox::Sandbox;
+
+/// How long a restored guest may take, by default, to come back: accept
+/// the agent connection and apply its identity. Generous: dozens of forks
+/// resuming at once on a busy host all do this first.
+pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How to restore a sandbox (see [`vmm::RestoreOptions`] for the VM's
+/// part).
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    pub memory: MemoryBackend,
+    pub runtime_dir: Option<PathBuf>,
+    pub console_log: Option<PathBuf>,
+    pub console_to_stderr: bool,
+    pub track_dirty: bool,
+    pub layer_dir: Option<PathBuf>,
+    /// The raw image under each of the snapshot's disks, in order (the
+    /// root filesystem first).
+    pub disks: Vec<PathBuf>,
+    /// Hostname and machine id for the restored guest (a fork wants new
+    /// ones, see [`crate::fork_identity`]); left as they were if unset.
+    /// The guest's wall clock is corrected and its kernel RNG reseeded
+    /// from the host on every restore regardless.
+    pub identity: Identity,
+    /// How long the resumed guest may take to answer its agent and apply
+    /// its identity (default [`DEFAULT_RESTORE_TIMEOUT`]); a guest that
+    /// takes longer fails the restore and is stopped.
+    pub timeout: Option<Duration>,
+}
+
+impl Sandbox {
+    /// Restores a sandbox snapshot into a new sandbox and resumes it; a
+    /// guest whose agent was ready at the snapshot is ready again when
+    /// this returns.
+    pub fn restore(dir: impl AsRef<Path>, options: RestoreOptions) -> Result<Sandbox> {
+        let started = Instant::now();
+        let vm = Vm::restore(
+            dir,
+            vmm::RestoreOptions {
+                memory: options.memory,
+                runtime_dir: options.runtime_dir,
+                console_log: options.console_log,
+                console_to_stderr: options.console_to_stderr,
+                track_dirty: options.track_dirty,
+                layer_dir: options.layer_dir,
+                disks: options.disks.into_iter().map(Into::into).collect(),
+                start_paused: true,
+            },
+        )?;
+        let guest = GuestInfo::decode(vm.annotation())?;
+        let ready = if guest.agent_ready {
+            None
+        } else {
+            Some(ReadyListener::bind(vm.vsock_path())?)
+        };
+        let mut timings = vm.restore_timings().cloned().unwrap_or_default();
+        let mut sb = Sandbox::new(vm, guest, ready);
+        let lap = Instant::now();
+        sb.vm.resume()?;
+        timings.phases.push(("resume", lap.elapsed()));
+        if sb.guest.agent_ready {
+            let lap = Instant::now();
+            let deadline = Instant::now() + options.timeout.unwrap_or(DEFAULT_RESTORE_TIMEOUT);
+            if let Err(e) = sb.send_identity(options.identity, deadline) {
+                return Err(sb.restore_failed(e, started));
+            }
+            timings
+                .phases
+                .push(("agent answers, takes identity", lap.elapsed()));
+            sb.ready_after = Some(started.elapsed());
+        }
+        sb.restore_timings = Some(timings);
+        Ok(sb)
+    }
+
+    /// Says how a restore failed: how the guest ended if it did, else as
+    /// for a boot that never got ready, with the console, which tells a
+    /// stalled guest from a crashed one.
+    fn restore_failed(&mut self, e: Error, started: Instant) -> Error {
+        // A guest that dies while resuming closes its agent connection:
+        // say how it ended, not that it closed.
+        if let Some(exit) = self.vm.wait(Some(Duration::from_millis(200))) {
+            return self.exit_error(exit);
+        }
+        if !e.is_guest_unresponsive() {
+            return e;
+        }
+        log::warn!(
+            "restore: the resumed guest stopped answering ({e}); the VM:\n{}",
+            self.vm.stall_report()
+        );
+        match e {
+            e @ Error::NotReady { .. } => e,
+            e => Error::NotReady {
+                seconds: started.elapsed().as_secs_f64(),
+                console: format!("({e})\n{}", self.vm.console_tail(20)),
+            },
+        }
+    }
+
+    /// Connects to the restored guest's agent and tells it who it is now
+    /// and what time it is, and has it reseed its kernel RNG.
+    fn send_identity(&mut self, identity: Identity, deadline: Instant) -> Result<()> {
+        let identity = crate::identity::complete(identity)?;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        if self.agent.is_none() {
+            // A guest resuming among many on a busy host may take all of
+            // the restore's time to answer anything: keepalives must not
+            // give up on it sooner.
+            let options = ClientOptions {
+                keepalive_timeout: left().max(ClientOptions::default().keepalive_timeout),
+                ..Default::default()
+            };
+            self.agent = Some(connect_agent_with(self.vm.vsock_path(), deadline, options)?);
+            log::debug!("restore: the agent answered");
+        }
+        let hostname = identity.hostname.clone();
+        let agent = self.agent.as_ref().expect("just connected");
+        let problems = agent.restored(identity, left())?;
+        log::debug!("restore: the guest took its identity");
+        // The guest writes these: a few, each cut short.
+        for p in problems.iter().take(4) {
+            let p: String = p.chars().take(200).collect();
+            devices::guest_warn!("restore: the guest could not apply its identity: {p}");
+        }
+        if let Some(name) = hostname {
+            self.update_guest(|g| g.hostname = name)?;
+        }
+        Ok(())
+    }
+}
