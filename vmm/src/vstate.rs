@@ -5,7 +5,8 @@ use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_bindings::CpuId;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::error::{Error, Result};
 use crate::layout::KVM_TSS;
@@ -44,6 +45,16 @@ pub fn create_vm() -> Result<(Kvm, VmFd)> {
 pub fn supported_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::kvm("reading supported CPUID"))
+}
+
+/// The CPUID a guest booted on this host is shown, as KVM reports it
+/// back once set on `vcpu` (a fresh one, whose CPUID a restore then
+/// replaces with the snapshot's).
+pub fn cpuid_shown(vcpu: &VcpuFd, supported: &CpuId, cpus: u8) -> Result<CpuId> {
+    vcpu.set_cpuid2(&crate::cpu::cpuid::for_vcpu(supported, 0, cpus))
+        .map_err(Error::kvm("setting CPUID"))?;
+    vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("reading CPUID"))
 }
 
 fn irqchip(vm_fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {

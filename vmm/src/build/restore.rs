@@ -88,8 +88,19 @@ pub fn restore(dir: &Path, options: RestoreOptions) -> Result<Vm> {
 
     let (kvm, vm_fd) = vstate::create_vm()?;
     let supported = vstate::supported_cpuid(&kvm)?;
-    snap.check_host(&persist::cpu_vendor(&supported), &supported)?;
-    clock.lap("create the KVM VM");
+    let mut fds = Vec::new();
+    for i in 0..snap.vcpus.len() {
+        let fd = vm_fd
+            .create_vcpu(i as u64)
+            .map_err(Error::kvm("creating a vCPU"))?;
+        fds.push(fd);
+    }
+    // What a guest booted here would be shown, as KVM reports it back
+    // (PVM adjusts CPUID to the host's: its guests' user code runs
+    // natively).
+    let here = vstate::cpuid_shown(&fds[0], &supported, snap.info.cpus)?;
+    snap.check_host(&persist::cpu_vendor(&supported), &here)?;
+    clock.lap("create the KVM VM and vCPUs");
 
     let root = chain.remove(0);
     let (mem, uffd) = map_memory(dir, &snap, root, &chain, options.memory)?;
@@ -100,13 +111,8 @@ pub fn restore(dir: &Path, options: RestoreOptions) -> Result<Vm> {
     // restored device raises is delivered into a LAPIC, and restoring the
     // LAPIC afterwards would erase it.
     vstate::restore(&vm_fd, &snap.vm)?;
-    let mut fds = Vec::new();
-    for (i, state) in snap.vcpus.iter().enumerate() {
-        let fd = vm_fd
-            .create_vcpu(i as u64)
-            .map_err(Error::kvm("creating a vCPU"))?;
-        cpu_state::restore(&fd, state)?;
-        fds.push(fd);
+    for (fd, state) in fds.iter().zip(&snap.vcpus) {
+        cpu_state::restore(fd, state)?;
     }
     clock.lap("restore vCPU and VM state");
 
