@@ -34,7 +34,7 @@ artifacts: kernel agent
 	  images/build-rootfs.sh $(ARTIFACTS)/rootfs.ext4
 
 build: deps
-	cargo build --release --bins --examples
+	cargo build --release --bins --examples -p capsule -p capsule-vmm
 
 demo: artifacts build
 	@scripts/demo.sh

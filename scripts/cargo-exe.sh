@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds with `cargo ARGS... --no-run --message-format=json` and prints the
-# path of the executable whose target is named NAME.
+# Builds with `cargo ARGS... --message-format=json` (with --no-run for
+# `test`) and prints the path of the executable whose target is named NAME.
 # usage: scripts/cargo-exe.sh NAME cargo-subcommand [args...]
 set -euo pipefail
 name="$1"; shift
-cargo "$@" --no-run --message-format=json | python3 -c '
+no_run=()
+[ "$1" = test ] && no_run=(--no-run)
+cargo "$@" "${no_run[@]}" --message-format=json | python3 -c '
 import json, sys
 name = sys.argv[1]
 for line in sys.stdin:

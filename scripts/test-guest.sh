@@ -16,6 +16,10 @@ cd "$(dirname "$0")/.."
 mode=$(scripts/kvm-mode.sh)
 bin=$(scripts/cargo-exe.sh guest test --release --test guest)
 [ -n "$bin" ] || { echo "test-guest: could not build the guest test binary" >&2; exit 1; }
+# The child each kept sandbox runs in, found by the capsule CLI.
+CAPSULE_VMM=$(scripts/cargo-exe.sh capsule-vmm build --release -p capsule-vmm)
+[ -n "$CAPSULE_VMM" ] || { echo "test-guest: could not build capsule-vmm" >&2; exit 1; }
+export CAPSULE_VMM
 
 if [ "$mode" = direct ]; then
     log=$(mktemp)
@@ -54,7 +58,7 @@ for t in $tests; do
     for attempt in 1 2 3; do
         set +e
         out=$(testhost/run.sh --timeout 300 \
-            --env CAPSULE_KERNEL --env CAPSULE_INITRAMFS --env CAPSULE_ROOTFS --env CAPSULE_BZIMAGE \
+            --env CAPSULE_KERNEL --env CAPSULE_INITRAMFS --env CAPSULE_ROOTFS --env CAPSULE_BZIMAGE --env CAPSULE_VMM \
             -- "$bin" --exact "$t" --test-threads=1 --color never 2>&1)
         rc=$?
         set -e

@@ -9,13 +9,14 @@ use clap::Args;
 use sandbox::{MemoryBackend, RestoreOptions, Sandbox};
 
 use crate::exec::{self, CommandArgs};
-use crate::keeper::{self, Origin, Reply, Request};
+use crate::keeper::{self, Origin};
+use sandbox::Machine;
 
 /// Runs a command in the kept sandbox `name`.
 pub fn exec_in(name: &str, argv: &[String], args: &CommandArgs) -> Result<u8> {
-    let Reply::Info { vsock, .. } = keeper::request(name, &Request::Info)? else {
-        bail!("sandbox {name:?} gave an unexpected reply");
-    };
+    // Its child must be there: a stale socket would just time out.
+    drop(keeper::connect(name)?);
+    let vsock = keeper::vsock_path(name)?;
     let agent = sandbox::connect_agent(&vsock)
         .with_context(|| format!("connecting to sandbox {name:?}"))?;
     let status = exec::stream(&agent, argv, args).with_context(|| format!("sandbox {name:?}"))?;
@@ -52,36 +53,30 @@ pub struct SnapshotArgs {
 
 pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
     let dir = keeper::absolute(&args.to)?;
-    let reply = keeper::request(
-        &args.name,
-        &Request::Snapshot {
-            dir: dir.clone(),
-            diff: args.diff,
-        },
-    )?;
-    if let Reply::Snapshot {
-        memory_bytes_written,
-        memory_zero_bytes,
-        paused_ms,
-        disks,
-    } = reply
-    {
-        eprintln!(
-            "capsule: snapshot of {} in {}: {:.1} MiB of memory written ({:.1} MiB of zero pages skipped), guest paused {paused_ms:.1} ms",
-            args.name,
-            dir.display(),
-            memory_bytes_written as f64 / (1 << 20) as f64,
-            memory_zero_bytes as f64 / (1 << 20) as f64,
-        );
-        let disks: String = disks
-            .iter()
-            .map(|d| format!(" --disk {}", d.display()))
-            .collect();
-        eprintln!(
-            "capsule: restore it with: capsule restore {}{disks} [-- COMMAND]",
-            dir.display()
-        );
-    }
+    let mut child = keeper::connect(&args.name)?;
+    let stats = child
+        .snapshot(&dir, args.diff)
+        .with_context(|| format!("sandbox {:?}: snapshot failed", args.name))?;
+    eprintln!(
+        "capsule: snapshot of {} in {}: {:.1} MiB of memory written ({:.1} MiB of zero pages skipped), guest paused {:.1} ms",
+        args.name,
+        dir.display(),
+        stats.memory_bytes_written as f64 / (1 << 20) as f64,
+        stats.memory_zero_bytes as f64 / (1 << 20) as f64,
+        stats.paused_for.as_secs_f64() * 1e3,
+    );
+    let disks: String = child
+        .info()?
+        .external_files
+        .iter()
+        .map(|d| format!(" --disk {}", d.display()))
+        .collect();
+    eprintln!(
+        "capsule: restore it with: capsule restore {}{disks} [-- COMMAND]",
+        dir.display()
+    );
+    // The child keeps running: this was only a connection to it.
+    child.detach();
     Ok(0)
 }
 
@@ -356,15 +351,13 @@ pub struct StopArgs {
 }
 
 pub fn stop(args: StopArgs) -> Result<u8> {
-    keeper::request(&args.name, &Request::Stop)?;
+    keeper::stop(&args.name)?;
     Ok(0)
 }
 
 pub fn ls() -> Result<u8> {
-    for (name, info) in keeper::list()? {
-        if let Reply::Info { pid, hostname, .. } = info {
-            println!("{name}\tpid {pid}\thostname {hostname}");
-        }
+    for s in keeper::list()? {
+        println!("{}\tpid {}\thostname {}", s.name, s.pid, s.hostname);
     }
     Ok(0)
 }

@@ -44,9 +44,6 @@ enum Command {
     Stop(commands::StopArgs),
     /// List the kept sandboxes.
     Ls,
-    /// The process that keeps a sandbox (started by --keep).
-    #[command(name = "__keeper", hide = true)]
-    Keeper { name: String, origin: String },
 }
 
 fn main() -> ExitCode {
@@ -63,7 +60,6 @@ fn main() -> ExitCode {
         Command::Fork(args) => commands::fork(args),
         Command::Stop(args) => commands::stop(args),
         Command::Ls => commands::ls(),
-        Command::Keeper { name, origin } => keeper::keep(&name, &origin),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -98,7 +98,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         }
     }
     let t0 = Instant::now();
-    let mut vm = spec.boot(None, None)?;
+    let mut vm = spec.boot()?;
     let ready = vm.ready_after().unwrap_or_default();
     let t_exec = Instant::now();
     let status = match exec::stream(vm.agent()?, &args.command, &args.command_args) {

@@ -7,7 +7,6 @@ use vmm::{DiskConfig, HostFile, VmConfig};
 
 use crate::error::{Error, Result};
 use crate::guest::{valid_hostname, GuestInfo};
-use crate::ready::ReadyListener;
 use crate::sandbox::Sandbox;
 
 /// Builds a [`Sandbox`].
@@ -120,19 +119,20 @@ impl SandboxBuilder {
         Ok(config)
     }
 
-    /// Boots the VM; the agent's ready signal is awaited with
-    /// [`Sandbox::wait_ready`].
-    pub fn boot(self) -> Result<Sandbox> {
-        let config = self.vm_config()?;
-        let mut vm = vmm::VmBuilder::from(config).boot()?;
-        let guest = GuestInfo {
-            hostname: self.hostname,
+    /// What the sandbox will know of its guest.
+    pub fn guest_info(&self) -> GuestInfo {
+        GuestInfo {
+            hostname: self.hostname.clone(),
             agent_ready: false,
             root_on_disk: self.root.is_some(),
-        };
-        vm.set_annotation(guest.encode())?;
-        let ready = ReadyListener::bind(vm.vsock_path())?;
-        vm.resume()?;
-        Ok(Sandbox::new(vm, guest, Some(ready)))
+        }
+    }
+
+    /// Boots the VM in this process; the agent's ready signal is awaited
+    /// with [`Sandbox::wait_ready`].
+    pub fn boot(self) -> Result<Sandbox> {
+        let config = self.vm_config()?;
+        let vm = vmm::VmBuilder::from(config).boot()?;
+        Sandbox::adopt_booted(vm, self.guest_info())
     }
 }

@@ -18,6 +18,10 @@ pub enum Error {
     StoppedBeforeReady { exit: String, console: String },
     #[error("snapshot: {0}")]
     Snapshot(String),
+    #[error(transparent)]
+    Child(#[from] capsule_vmm::client::ClientError),
+    #[error("the capsule-vmm child: {0}")]
+    ChildAnswer(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -23,14 +23,17 @@
 //! ```
 
 mod builder;
+mod child;
 mod error;
 mod guest;
 mod identity;
+mod machine;
 mod ready;
 mod restore;
 mod sandbox;
 
 pub use builder::SandboxBuilder;
+pub use child::{ChildOptions, ChildVm};
 pub use error::{Error, Result};
 pub use guest::{valid_hostname, GuestInfo};
 pub use guest_agent::{
@@ -38,6 +41,7 @@ pub use guest_agent::{
     ExitStatus, Identity, Output,
 };
 pub use identity::fork_identity;
+pub use machine::Machine;
 pub use restore::{RestoreOptions, DEFAULT_RESTORE_TIMEOUT};
 pub use sandbox::{connect_agent, Sandbox};
 pub use vmm::{MemoryBackend, SnapshotStats, Vm, VmExit};

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use guest_agent::{ClientOptions, Identity};
-use vmm::{MemoryBackend, Vm};
+use vmm::{MemoryBackend, RestoreTimings, Vm};
+
+use crate::machine::Machine;
 
 use crate::error::{Error, Result};
 use crate::guest::GuestInfo;
@@ -43,39 +45,55 @@ pub struct RestoreOptions {
 }
 
 impl Sandbox {
-    /// Restores a sandbox snapshot into a new sandbox and resumes it; a
-    /// guest whose agent was ready at the snapshot is ready again when
-    /// this returns.
+    /// Restores a sandbox snapshot into a new sandbox in this process and
+    /// resumes it; a guest whose agent was ready at the snapshot is ready
+    /// again when this returns.
     pub fn restore(dir: impl AsRef<Path>, options: RestoreOptions) -> Result<Sandbox> {
         let started = Instant::now();
         let vm = Vm::restore(
             dir,
             vmm::RestoreOptions {
                 memory: options.memory,
-                runtime_dir: options.runtime_dir,
-                console_log: options.console_log,
+                runtime_dir: options.runtime_dir.clone(),
+                console_log: options.console_log.clone(),
                 console_to_stderr: options.console_to_stderr,
                 track_dirty: options.track_dirty,
-                layer_dir: options.layer_dir,
-                disks: options.disks.into_iter().map(Into::into).collect(),
+                layer_dir: options.layer_dir.clone(),
+                disks: options.disks.iter().map(Into::into).collect(),
                 start_paused: true,
             },
         )?;
-        let guest = GuestInfo::decode(vm.annotation())?;
+        let annotation = vm.annotation().to_vec();
+        let timings = vm.restore_timings().cloned().unwrap_or_default();
+        Sandbox::adopt_restored(vm, &annotation, timings, &options, started)
+    }
+}
+
+impl<M: Machine> Sandbox<M> {
+    /// A sandbox over `machine`, just restored (still paused) from a
+    /// snapshot whose annotation is `annotation`: resumed, and if its
+    /// agent was ready, reconnected and given its identity.
+    pub fn adopt_restored(
+        machine: M,
+        annotation: &[u8],
+        mut timings: RestoreTimings,
+        options: &RestoreOptions,
+        started: Instant,
+    ) -> Result<Sandbox<M>> {
+        let guest = GuestInfo::decode(annotation)?;
         let ready = if guest.agent_ready {
             None
         } else {
-            Some(ReadyListener::bind(vm.vsock_path())?)
+            Some(ReadyListener::bind(machine.vsock_path())?)
         };
-        let mut timings = vm.restore_timings().cloned().unwrap_or_default();
-        let mut sb = Sandbox::new(vm, guest, ready);
+        let mut sb = Sandbox::new(machine, guest, ready);
         let lap = Instant::now();
         sb.vm.resume()?;
         timings.phases.push(("resume", lap.elapsed()));
         if sb.guest.agent_ready {
             let lap = Instant::now();
             let deadline = Instant::now() + options.timeout.unwrap_or(DEFAULT_RESTORE_TIMEOUT);
-            if let Err(e) = sb.send_identity(options.identity, deadline) {
+            if let Err(e) = sb.send_identity(options.identity.clone(), deadline) {
                 return Err(sb.restore_failed(e, started));
             }
             timings

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use guest_agent::{AgentClient, ExecRequest, Output};
 use vmm::{KvmFlavor, RestoreTimings, SnapshotStats, Vm, VmExit, PVM_HINT};
 
+use crate::machine::Machine;
+
 use crate::builder::SandboxBuilder;
 use crate::error::{Error, Result};
 use crate::guest::GuestInfo;
@@ -20,7 +22,9 @@ const AGENT_ANSWER_MIN: Duration = Duration::from_secs(5);
 /// How long the agent has to agree to power off.
 const SHUTDOWN_ASK_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub struct Sandbox {
+/// A sandbox over a machine: a VM in this process by default, or one in
+/// a `capsule-vmm` child ([`crate::ChildVm`]).
+pub struct Sandbox<M: Machine = Vm> {
     // First: the agent's threads end before the VM's host side closes.
     pub(crate) agent: Option<AgentClient>,
     /// Open until the agent announced itself, then closed so the guest
@@ -29,7 +33,7 @@ pub struct Sandbox {
     pub(crate) ready_after: Option<Duration>,
     pub(crate) guest: GuestInfo,
     pub(crate) restore_timings: Option<RestoreTimings>,
-    pub(crate) vm: Vm,
+    pub(crate) vm: M,
 }
 
 /// Opens a connection to the guest agent of a VM whose vsock device
@@ -44,7 +48,17 @@ impl Sandbox {
         SandboxBuilder::default()
     }
 
-    pub(crate) fn new(vm: Vm, guest: GuestInfo, ready_listener: Option<ReadyListener>) -> Self {
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+}
+
+impl<M: Machine> Sandbox<M> {
+    pub(crate) fn new(vm: M, guest: GuestInfo, ready_listener: Option<ReadyListener>) -> Self {
         Sandbox {
             agent: None,
             ready_listener,
@@ -55,12 +69,28 @@ impl Sandbox {
         }
     }
 
-    pub fn vm(&self) -> &Vm {
+    /// A sandbox over `machine`, just booted from
+    /// [`SandboxBuilder::vm_config`] and still paused: the ready socket
+    /// listens before the guest runs.
+    pub fn adopt_booted(mut machine: M, guest: GuestInfo) -> Result<Sandbox<M>> {
+        machine.set_annotation(guest.encode())?;
+        let ready = ReadyListener::bind(machine.vsock_path())?;
+        machine.resume()?;
+        Ok(Sandbox::new(machine, guest, Some(ready)))
+    }
+
+    /// The machine under the sandbox.
+    pub fn machine(&self) -> &M {
         &self.vm
     }
 
-    pub fn vm_mut(&mut self) -> &mut Vm {
+    pub fn machine_mut(&mut self) -> &mut M {
         &mut self.vm
+    }
+
+    /// The machine, leaving the sandbox (a kept child goes on running).
+    pub fn into_machine(self) -> M {
+        self.vm
     }
 
     pub fn guest(&self) -> &GuestInfo {
@@ -84,7 +114,7 @@ impl Sandbox {
 
     pub(crate) fn update_guest(&mut self, update: impl FnOnce(&mut GuestInfo)) -> Result<()> {
         update(&mut self.guest);
-        Ok(self.vm.set_annotation(self.guest.encode())?)
+        self.vm.set_annotation(self.guest.encode())
     }
 
     /// Waits for the guest agent's ready signal; ready means the agent
@@ -99,14 +129,11 @@ impl Sandbox {
                 "the ready signal was already consumed".into(),
             ));
         };
-        let exit = self.vm.exit_watch();
-        let waited = wait_for_agent(
-            listener,
-            self.vm.vsock_path(),
-            deadline,
-            AGENT_ANSWER_MIN,
-            || exit.get().is_some(),
-        )?;
+        let vsock = self.vm.vsock_path().to_path_buf();
+        let vm = &self.vm;
+        let waited = wait_for_agent(listener, &vsock, deadline, AGENT_ANSWER_MIN, || {
+            vm.exit_reason().is_some()
+        })?;
         let after = self.vm.started_at().elapsed();
         match waited {
             AgentWait::Ready(agent) => self.agent = Some(agent),
@@ -151,8 +178,10 @@ impl Sandbox {
     /// How the VM ended, as an error of a guest that never got ready.
     pub(crate) fn exit_error(&self, exit: VmExit) -> Error {
         match self.vm.exit_error(exit) {
-            vmm::Error::Stopped { exit, console } => Error::StoppedBeforeReady { exit, console },
-            other => other.into(),
+            Error::Vm(vmm::Error::Stopped { exit, console }) => {
+                Error::StoppedBeforeReady { exit, console }
+            }
+            other => other,
         }
     }
 
@@ -213,20 +242,20 @@ impl Sandbox {
     /// A snapshot of the sandbox (see [`Vm::snapshot`]); what the sandbox
     /// knows of its guest goes with it.
     pub fn snapshot(&mut self, dir: impl AsRef<Path>) -> Result<SnapshotStats> {
-        Ok(self.vm.snapshot(dir)?)
+        self.vm.snapshot(dir.as_ref(), false)
     }
 
     /// A diff snapshot (see [`Vm::snapshot_diff`]).
     pub fn snapshot_diff(&mut self, dir: impl AsRef<Path>) -> Result<SnapshotStats> {
-        Ok(self.vm.snapshot_diff(dir)?)
+        self.vm.snapshot(dir.as_ref(), true)
     }
 
     pub fn pause(&mut self) -> Result<()> {
-        Ok(self.vm.pause()?)
+        self.vm.pause()
     }
 
     pub fn resume(&mut self) -> Result<()> {
-        Ok(self.vm.resume()?)
+        self.vm.resume()
     }
 
     pub fn vsock_path(&self) -> &Path {

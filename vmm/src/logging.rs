@@ -11,6 +11,28 @@ struct StderrLogger {
     start: Instant,
 }
 
+/// Most bytes stderr may hold when it is a file (a supervised child's
+/// log): past it the file starts over, so a guest cannot fill the disk
+/// through the VMM's warnings, however long it runs.
+pub const STDERR_FILE_MAX: u64 = 4 << 20;
+
+/// Starts stderr over if it is a regular file past [`STDERR_FILE_MAX`].
+fn cap_stderr_file() {
+    use std::os::fd::AsFd;
+    let stderr = std::io::stderr();
+    let fd = stderr.as_fd();
+    let Ok(st) = nix::sys::stat::fstat(fd) else {
+        return;
+    };
+    let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    if regular && st.st_size as u64 > STDERR_FILE_MAX && nix::unistd::ftruncate(fd, 0).is_ok() {
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "(this log passed {STDERR_FILE_MAX} bytes and was started over)"
+        );
+    }
+}
+
 impl log::Log for StderrLogger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
         metadata.level() <= log::max_level()
@@ -41,6 +63,7 @@ impl log::Log for StderrLogger {
         // Straight to the descriptor, not through eprintln!, which a test
         // harness captures: a test that ends the process (a guest that
         // died in the nested test host) would lose the report.
+        cap_stderr_file();
         let _ = writeln!(
             std::io::stderr().lock(),
             "{}[{when}{} {}] {}",

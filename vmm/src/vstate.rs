@@ -1,11 +1,11 @@
 //! The KVM VM itself: opening KVM, creating the VM with its in-kernel
 //! interrupt controllers and PIT, and their state for a snapshot.
 
+use kvm_bindings::CpuId;
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::error::{Error, Result};
