@@ -10,7 +10,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sandbox::{ExecEvent, ExecRequest, Sandbox, SandboxBuilder, VmExit};
+use sandbox::{ExecEvent, ExecRequest, Machine, Sandbox, SandboxBuilder, VmExit};
 use vmm::KvmFlavor;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -149,12 +149,15 @@ fn boot(builder: SandboxBuilder) -> Sandbox {
 
 /// Unwraps the result of talking to the guest; a failure shows the last
 /// console lines, which say whether the guest itself died.
-fn guest_ok<T, E: Into<sandbox::Error>>(vm: &mut Sandbox, result: Result<T, E>) -> T {
+fn guest_ok<T, E: Into<sandbox::Error>, M: Machine>(
+    vm: &mut Sandbox<M>,
+    result: Result<T, E>,
+) -> T {
     guest_ok_doing(vm, "talking to the guest", result)
 }
 
-fn guest_ok_doing<T, E: Into<sandbox::Error>>(
-    vm: &mut Sandbox,
+fn guest_ok_doing<T, E: Into<sandbox::Error>, M: Machine>(
+    vm: &mut Sandbox<M>,
     what: &str,
     result: Result<T, E>,
 ) -> T {
@@ -194,7 +197,7 @@ fn guest_ok_doing<T, E: Into<sandbox::Error>>(
 /// Unwraps a restore. Inside the nested test host, a guest that reset
 /// without a word or stopped answering while it resumed ends the test with
 /// the status scripts/test-guest.sh runs once more, as for a running guest.
-fn restore_ok(what: &str, result: sandbox::Result<Sandbox>) -> Sandbox {
+fn restore_ok<M: Machine>(what: &str, result: sandbox::Result<Sandbox<M>>) -> Sandbox<M> {
     let e = match result {
         Ok(vm) => return vm,
         Err(e) => e,
@@ -248,12 +251,12 @@ fn died_without_a_word(console: &str) -> bool {
     std::env::var_os("CAPSULE_IN_TESTHOST").is_some() && !vmm::console_shows_guest_failure(console)
 }
 
-fn sh(vm: &mut Sandbox, script: &str) -> sandbox::Output {
+fn sh<M: Machine>(vm: &mut Sandbox<M>, script: &str) -> sandbox::Output {
     let result = vm.exec(["sh", "-c", script]);
     guest_ok_doing(vm, &format!("exec {script:?}"), result)
 }
 
-fn sh_ok(vm: &mut Sandbox, script: &str) -> String {
+fn sh_ok<M: Machine>(vm: &mut Sandbox<M>, script: &str) -> String {
     let out = sh(vm, script);
     assert!(
         out.status.success(),
@@ -268,7 +271,7 @@ fn sh_ok(vm: &mut Sandbox, script: &str) -> String {
 /// Asks the guest to power off and checks it did. Inside the nested test
 /// host a guest that agrees and then stalls without a word ends the test
 /// with the status scripts/test-guest.sh runs once more, as mid-command.
-fn stop(mut vm: Sandbox) {
+fn stop<M: Machine>(mut vm: Sandbox<M>) {
     let asked = vm
         .agent()
         .and_then(|agent| Ok(agent.shutdown(false, Duration::from_secs(10))?));
@@ -702,5 +705,6 @@ fn twenty_sequential_boots_leak_nothing() {
     assert_eq!(runtime_dirs(), dirs, "runtime directories leaked");
 }
 
+mod child;
 mod hostile;
 mod snapshot;
