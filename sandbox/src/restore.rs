@@ -117,15 +117,22 @@ impl<M: Machine> Sandbox<M> {
         if !e.is_guest_unresponsive() {
             return e;
         }
-        log::warn!(
-            "restore: the resumed guest stopped answering ({e}); the VM:\n{}",
-            self.vm.stall_report()
-        );
+        let report = self.vm.stall_report();
+        log::warn!("restore: the resumed guest stopped answering ({e}); the VM:\n{report}");
+        // Signs that the VMM is at fault go with the error.
+        let faults: String = report
+            .lines()
+            .filter(|l| l.starts_with(vmm::VMM_AT_FAULT))
+            .map(|l| format!("{l}\n"))
+            .collect();
         match e {
-            e @ Error::NotReady { .. } => e,
+            Error::NotReady { seconds, console } => Error::NotReady {
+                seconds,
+                console: format!("{faults}{console}"),
+            },
             e => Error::NotReady {
                 seconds: started.elapsed().as_secs_f64(),
-                console: format!("({e})\n{}", self.vm.console_tail(20)),
+                console: format!("{faults}({e})\n{}", self.vm.console_tail(20)),
             },
         }
     }

@@ -28,7 +28,7 @@ fn boot_in_child(builder: SandboxBuilder, dir: PathBuf) -> Sandbox<ChildVm> {
     let child = ChildVm::boot(&config, in_child(dir)).expect("boot in a capsule-vmm child");
     let mut sb = Sandbox::adopt_booted(child, builder.guest_info()).expect("adopt");
     let ready = sb.wait_ready(READY_TIMEOUT);
-    guest_ok_doing(&mut sb, "waiting for the agent", ready);
+    ready_ok(&mut sb, ready);
     sb
 }
 

@@ -46,6 +46,16 @@ impl Threads {
         }
     }
 
+    /// CPU time, in clock ticks, of the thread registered as `name`.
+    pub fn cpu_ticks(&self, name: &str) -> Option<u64> {
+        let tid = lock(&self.0).iter().find(|(n, _)| n == name)?.1;
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+        let rest = stat.rsplit_once(") ")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        Some(field(14)? + field(15)?)
+    }
+
     /// One line: each thread's state and CPU time in clock ticks, user +
     /// system, and of that how much ran the guest: a vCPU thread busy in
     /// the guest is a guest spinning, busy outside it is KVM looping.
@@ -80,7 +90,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The lock, if it comes free within `patience`: a vCPU holds a device's
 /// lock only for one register access.
-fn lock_within<T>(m: &Mutex<T>, patience: Duration) -> Option<MutexGuard<'_, T>> {
+fn lock_within<T: ?Sized>(m: &Mutex<T>, patience: Duration) -> Option<MutexGuard<'_, T>> {
     let deadline = Instant::now() + patience;
     loop {
         match m.try_lock() {
@@ -92,6 +102,78 @@ fn lock_within<T>(m: &Mutex<T>, patience: Duration) -> Option<MutexGuard<'_, T>>
             Err(TryLockError::WouldBlock) => return None,
         }
     }
+}
+
+/// How long a stall is watched for signs that the VMM is at fault.
+const WATCH: Duration = Duration::from_millis(500);
+
+/// Signs, watched for [`WATCH`], that a guest stopped answering because of
+/// the VMM rather than by itself: a device that has not taken requests
+/// the guest queued (a lost notification, a stuck device), a device whose
+/// lock stays held, a device thread running flat out. Empty when there
+/// are none: the guest (or the machine under it) stopped by itself.
+pub(crate) fn vmm_at_fault(
+    mem: &GuestMemory,
+    transports: &[Arc<Mutex<MmioTransport>>],
+    threads: &Threads,
+) -> Vec<String> {
+    let before = request_queues(mem, transports);
+    let cpu_before = threads.cpu_ticks("devices");
+    std::thread::sleep(WATCH);
+    let after = request_queues(mem, transports);
+    let cpu_after = threads.cpu_ticks("devices");
+    let mut signs = Vec::new();
+    for ((i, q, a), (_, _, b)) in before.iter().zip(&after) {
+        match (a, b) {
+            (None, None) => signs.push(format!("virtio {i}: its lock was held throughout")),
+            (Some((_, seen_a)), Some((avail, seen))) if avail != seen && seen == seen_a => signs
+                .push(format!(
+                    "virtio {i} q{q}: the device took none of the guest's requests in {WATCH:?} \
+                     (avail {avail}, seen {seen})"
+                )),
+            _ => {}
+        }
+    }
+    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+        // Clock ticks are 10 ms: 40 of 50 is flat out.
+        if b.saturating_sub(a) >= 40 {
+            signs.push(format!("the device thread ran flat out for {WATCH:?}"));
+        }
+    }
+    signs.dedup();
+    signs
+}
+
+/// Every ready queue that carries requests: (device, queue, (avail,
+/// seen)), or None for a device whose lock could not be had.
+fn request_queues(
+    mem: &GuestMemory,
+    transports: &[Arc<Mutex<MmioTransport>>],
+) -> Vec<(usize, usize, Option<(u16, u16)>)> {
+    let mut out = Vec::new();
+    for (i, transport) in transports.iter().enumerate() {
+        // A device holds its lock for one batch of requests, a few ms.
+        let patience = Duration::from_millis(200);
+        let Some(t) = lock_within(transport, patience) else {
+            out.push((i, usize::MAX, None));
+            continue;
+        };
+        let state = t.state();
+        let Some(device) = lock_within(t.device(), patience) else {
+            out.push((i, usize::MAX, None));
+            continue;
+        };
+        for (q, queue) in state.queues.iter().enumerate().filter(|(_, q)| q.ready) {
+            if device.queue_waits_for_host(q) {
+                continue;
+            }
+            let avail = mem
+                .read_obj::<u16>(GuestAddress(queue.avail_ring.wrapping_add(2)))
+                .unwrap_or(queue.next_avail);
+            out.push((i, q, Some((avail, queue.next_avail))));
+        }
+    }
+    out
 }
 
 /// One line per virtio device: its pending interrupt status, then per
@@ -174,4 +256,81 @@ pub(crate) fn vcpu_positions(vcpus: &[VcpuHandle], samples: usize) -> String {
         report.push('\n');
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::virtio::mmio::{DRIVER_INIT_SEQUENCE, STATUS_ALL_OK};
+    use devices::virtio::vsock::Vsock;
+    use devices::virtio::RingMap;
+    use devices::BusDevice;
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// A started transport over `device` whose queues sit at 1 MiB,
+    /// 256 KiB apart (desc, avail +64 KiB, used +128 KiB); nothing serves
+    /// it, as with a device that lost its notifications.
+    fn started(
+        mem: &GuestMemory,
+        device: impl devices::virtio::VirtioDevice + 'static,
+    ) -> Arc<Mutex<MmioTransport>> {
+        let mut t = MmioTransport::new(
+            Arc::new(Mutex::new(device)),
+            mem.clone(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            RingMap::new(),
+        )
+        .unwrap();
+        let mut write = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
+        write(0x70, DRIVER_INIT_SEQUENCE[0]);
+        write(0x70, DRIVER_INIT_SEQUENCE[1]);
+        write(0x24, 1);
+        write(0x20, 1); // VIRTIO_F_VERSION_1
+        write(0x70, DRIVER_INIT_SEQUENCE[2]);
+        for q in 0..3u32 {
+            let base = 0x10_0000 + u64::from(q) * 0x4_0000;
+            write(0x30, q);
+            write(0x38, 16);
+            write(0x80, base as u32);
+            write(0x90, (base + 0x1_0000) as u32);
+            write(0xa0, (base + 0x2_0000) as u32);
+            write(0x44, 1);
+        }
+        write(0x70, STATUS_ALL_OK);
+        Arc::new(Mutex::new(t))
+    }
+
+    #[test]
+    fn requests_the_device_never_takes_are_the_vmm_s_fault_and_waiting_buffers_are_not() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = Vsock::new(3, &dir.path().join("v.sock")).unwrap();
+        let transports = vec![started(&mem, vsock)];
+        let threads = Threads::default();
+        // The guest posted receive buffers (queue 0): they wait for the
+        // host, nothing is wrong.
+        mem.write_obj(4u16, GuestAddress(0x10_0000 + 0x1_0000 + 2))
+            .unwrap();
+        assert_eq!(
+            vmm_at_fault(&mem, &transports, &threads),
+            Vec::<String>::new()
+        );
+        // It queued packets for the device (queue 1) that nobody takes.
+        mem.write_obj(2u16, GuestAddress(0x14_0000 + 0x1_0000 + 2))
+            .unwrap();
+        let signs = vmm_at_fault(&mem, &transports, &threads);
+        assert_eq!(signs.len(), 1, "{signs:?}");
+        assert!(
+            signs[0].starts_with("virtio 0 q1: the device took none"),
+            "{signs:?}"
+        );
+        // A device whose lock stays held.
+        let held = transports[0].lock().unwrap();
+        let signs = vmm_at_fault(&mem, &transports, &threads);
+        drop(held);
+        assert_eq!(
+            signs,
+            vec!["virtio 0: its lock was held throughout".to_string()]
+        );
+    }
 }

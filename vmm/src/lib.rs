@@ -44,4 +44,4 @@ pub use diagnose::console_shows_guest_failure;
 pub use error::{Error, Result, PVM_HINT};
 pub use exit::VmExit;
 pub use host::KvmFlavor;
-pub use vm::{ExitWatch, SnapshotStats, Vm, MAX_ANNOTATION};
+pub use vm::{ExitWatch, SnapshotStats, Vm, MAX_ANNOTATION, VMM_AT_FAULT};

@@ -168,6 +168,13 @@ pub trait VirtioDevice: MutEventSubscriber + persist::Persist + Send {
     /// The VM has stopped and the event loop with it: close the host side
     /// (sockets, backends), so host programs see the end rather than wait.
     fn close_host(&mut self) {}
+    /// Whether the guest's buffers on queue `index` wait for the host to
+    /// fill them (vsock's receive queue) rather than carry requests the
+    /// device takes at once: only the latter, left untaken, is the
+    /// device's fault.
+    fn queue_waits_for_host(&self, _index: usize) -> bool {
+        false
+    }
 }
 
 /// Copies `src[offset..]` into `data`, zero-filling past the end: how every

@@ -44,6 +44,9 @@ use crate::gate::PauseGate;
 use crate::host::KvmFlavor;
 use crate::runtime_dir::RuntimeDir;
 
+/// How a [`Vm::stall_report`] line naming a sign of the VMM's fault starts.
+pub const VMM_AT_FAULT: &str = "VMM at fault: ";
+
 /// Most bytes of annotation a VM carries into its snapshots.
 pub const MAX_ANNOTATION: usize = 64 << 10;
 
@@ -177,14 +180,28 @@ impl Vm {
     /// where each vCPU is (sampled by pausing it for a moment), the vCPU
     /// and device threads' state and CPU time, and the console's last
     /// lines.
+    ///
+    /// First come the signs, watched for half a second, that the VMM is at
+    /// fault (each line starting with [`VMM_AT_FAULT`]); none means the
+    /// guest stopped by itself.
     pub fn stall_report(&self) -> String {
         let positions = if self.paused {
             String::new()
         } else {
             crate::diagnose::vcpu_positions(&self.vcpus, 3)
         };
+        // A vCPU that does not answer a pause is stuck outside the guest.
+        let mut faults =
+            crate::diagnose::vmm_at_fault(&self.mem, &self.transports, &self.vcpu_ctx.threads);
+        if positions.contains(" ? (") {
+            faults.push("a vCPU thread did not answer a pause".into());
+        }
+        let faults: String = faults
+            .iter()
+            .map(|f| format!("{VMM_AT_FAULT}{f}\n"))
+            .collect();
         format!(
-            "{}{positions}{}\nconsole:\n{}",
+            "{faults}{}{positions}{}\nconsole:\n{}",
             crate::diagnose::queue_report(&self.mem, &self.transports),
             self.vcpu_ctx.threads.report(),
             self.console_tail(10)

@@ -185,6 +185,9 @@ impl VirtioDevice for Vsock {
     fn close_host(&mut self) {
         self.disconnect_host();
     }
+    fn queue_waits_for_host(&self, index: usize) -> bool {
+        index == RX_QUEUE as usize || index == EVENT_QUEUE as usize
+    }
 }
 
 impl MutEventSubscriber for Vsock {
