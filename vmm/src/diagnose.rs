@@ -123,8 +123,9 @@ pub(crate) fn vmm_at_fault(
     let after = request_queues(mem, transports);
     let cpu_after = threads.cpu_ticks("devices");
     let mut signs = Vec::new();
-    for ((i, q, a), (_, _, b)) in before.iter().zip(&after) {
-        match (a, b) {
+    for (a, b) in before.iter().zip(&after) {
+        let (i, q) = (a.device, a.queue);
+        match (a.positions, b.positions) {
             (None, None) => signs.push(format!("virtio {i}: its lock was held throughout")),
             (Some((_, seen_a)), Some((avail, seen))) if avail != seen && seen == seen_a => signs
                 .push(format!(
@@ -144,23 +145,32 @@ pub(crate) fn vmm_at_fault(
     signs
 }
 
-/// Every ready queue that carries requests: (device, queue, (avail,
-/// seen)), or None for a device whose lock could not be had.
-fn request_queues(
-    mem: &GuestMemory,
-    transports: &[Arc<Mutex<MmioTransport>>],
-) -> Vec<(usize, usize, Option<(u16, u16)>)> {
+/// Where one request queue stood.
+struct QueueSample {
+    device: usize,
+    queue: usize,
+    /// (avail, seen), or None for a device whose lock could not be had.
+    positions: Option<(u16, u16)>,
+}
+
+/// Every ready queue that carries requests.
+fn request_queues(mem: &GuestMemory, transports: &[Arc<Mutex<MmioTransport>>]) -> Vec<QueueSample> {
     let mut out = Vec::new();
     for (i, transport) in transports.iter().enumerate() {
         // A device holds its lock for one batch of requests, a few ms.
         let patience = Duration::from_millis(200);
+        let busy = || QueueSample {
+            device: i,
+            queue: usize::MAX,
+            positions: None,
+        };
         let Some(t) = lock_within(transport, patience) else {
-            out.push((i, usize::MAX, None));
+            out.push(busy());
             continue;
         };
         let state = t.state();
         let Some(device) = lock_within(t.device(), patience) else {
-            out.push((i, usize::MAX, None));
+            out.push(busy());
             continue;
         };
         for (q, queue) in state.queues.iter().enumerate().filter(|(_, q)| q.ready) {
@@ -170,7 +180,11 @@ fn request_queues(
             let avail = mem
                 .read_obj::<u16>(GuestAddress(queue.avail_ring.wrapping_add(2)))
                 .unwrap_or(queue.next_avail);
-            out.push((i, q, Some((avail, queue.next_avail))));
+            out.push(QueueSample {
+                device: i,
+                queue: q,
+                positions: Some((avail, queue.next_avail)),
+            });
         }
     }
     out
