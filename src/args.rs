@@ -154,3 +154,25 @@ mod tests {
         assert!(parse_cpus("300").is_err());
     }
 }
+
+/// What a guest's disk flushes do (`--flush`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Flush {
+    /// Sync the image file before the flush completes: what the guest was
+    /// told is on disk survives a host crash (the default).
+    #[default]
+    Honour,
+    /// Complete flushes at once and let the host's page cache write back:
+    /// faster for sync-heavy work; a host crash or power loss can lose
+    /// writes the guest believed durable (a guest crash loses nothing).
+    Writeback,
+}
+
+impl Flush {
+    pub fn policy(self) -> vmm::FlushPolicy {
+        match self {
+            Flush::Honour => vmm::FlushPolicy::Honour,
+            Flush::Writeback => vmm::FlushPolicy::Writeback,
+        }
+    }
+}

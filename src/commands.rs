@@ -108,6 +108,9 @@ pub struct SnapshotDisks {
     /// each is checked to be the image the snapshot was taken with.
     #[arg(long = "disk", value_name = "IMAGE")]
     pub disks: Vec<PathBuf>,
+    /// What the guest's disk flushes do.
+    #[arg(long, value_enum, default_value_t)]
+    pub flush: crate::args::Flush,
 }
 
 impl SnapshotDisks {
@@ -159,6 +162,7 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
             snapshot: keeper::absolute(&args.snapshot)?,
             hostname: args.hostname.clone(),
             disks: args.disks.absolute()?,
+            flush: args.disks.flush.policy(),
         };
         keeper::start(name, &origin)?;
         let code = if args.command.is_empty() {
@@ -180,6 +184,7 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
             ..Default::default()
         },
         disks: args.disks.absolute()?,
+        flush: args.disks.flush.policy(),
         ..Default::default()
     };
     let mut vm =
@@ -196,7 +201,9 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
     {
         let _ = vm.vm().save_working_set(&args.snapshot);
     }
-    vm.shutdown(Duration::from_secs(10))?;
+    // The restored VM's disk writes live in a layer in its runtime
+    // directory, which goes with it: nothing is worth a clean power-off.
+    vm.kill();
     if args.timings {
         if let Some(phases) = vm.restore_timings() {
             eprint!("capsule: where the restore went:\n{phases}");
@@ -317,6 +324,7 @@ fn run_fork(i: usize, args: &ForkArgs) -> Result<ForkResult> {
         memory: args.memory_backend.memory(),
         identity: sandbox::fork_identity(format!("fork-{i}"))?,
         disks: args.disks.absolute()?,
+        flush: args.disks.flush.policy(),
         ..Default::default()
     };
     let mut vm =

@@ -92,6 +92,7 @@ pub struct BootSpec {
     pub disks: Vec<PathBuf>,
     pub console: bool,
     pub boot_timeout_ms: u64,
+    pub flush: vmm::FlushPolicy,
 }
 
 impl BootSpec {
@@ -113,6 +114,7 @@ impl BootSpec {
             .cpus(self.cpus)
             .memory_mib(self.memory_mib)
             .hostname(&self.hostname)
+            .flush(self.flush)
             .console_to_stderr(self.console)
             .verbose_console(self.console);
         if let Some(rootfs) = &self.rootfs {
@@ -153,6 +155,7 @@ pub enum Origin {
         hostname: Option<String>,
         /// The raw images under the snapshot's disks, in order.
         disks: Vec<PathBuf>,
+        flush: vmm::FlushPolicy,
     },
 }
 
@@ -181,6 +184,7 @@ pub fn start(name: &str, origin: &Origin) -> Result<PathBuf> {
             snapshot,
             hostname,
             disks,
+            flush,
         } => {
             let restore = RestoreOptions {
                 identity: sandbox::Identity {
@@ -190,6 +194,7 @@ pub fn start(name: &str, origin: &Origin) -> Result<PathBuf> {
                 // A kept sandbox is suspended again later: let that be a diff.
                 track_dirty: true,
                 disks: disks.clone(),
+                flush: *flush,
                 ..Default::default()
             };
             ChildVm::restore(snapshot, &restore, options)

@@ -33,6 +33,9 @@ pub struct RunArgs {
     /// Extra raw disk image, attached after the root disk (repeatable).
     #[arg(long)]
     disk: Vec<PathBuf>,
+    /// What the guest's disk flushes do.
+    #[arg(long, value_enum, default_value_t)]
+    flush: args::Flush,
     /// Guest kernel (vmlinux or bzImage).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -74,6 +77,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         read_only: args.read_only,
         disks: args.disk.clone(),
         console: args.console,
+        flush: args.flush.policy(),
         boot_timeout_ms: args.boot_timeout.as_millis() as u64,
     };
     if args.keep {

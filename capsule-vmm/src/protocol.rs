@@ -83,6 +83,8 @@ pub struct DiskSpec {
     /// The image's name, for messages and the disk's id.
     pub name: PathBuf,
     pub read_only: bool,
+    #[serde(default)]
+    pub flush: vmm::FlushPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +96,9 @@ pub struct RestoreSpec {
     /// diff against this one.
     pub track_dirty: bool,
     pub memory: MemorySpec,
+    /// What the restored disks do with the guest's flushes.
+    #[serde(default)]
+    pub flush: vmm::FlushPolicy,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -399,6 +399,7 @@ fn boot(spec: BootSpec, fds: Vec<OwnedFd>) -> Result<Vm, Failure> {
         .map(|d| DiskConfig {
             file: HostFile::open_file(fds.next().expect("counted"), &d.name),
             read_only: d.read_only,
+            flush: d.flush,
         })
         .collect();
     let config = VmConfig {
@@ -434,6 +435,7 @@ fn restore(spec: RestoreSpec, fds: Vec<OwnedFd>) -> Result<Vm, Failure> {
         track_dirty: spec.track_dirty,
         disks,
         start_paused: true,
+        flush: spec.flush,
         ..RestoreOptions::default()
     };
     Vm::restore(Path::new(&spec.snapshot), options).map_err(vmm_failure)

@@ -72,6 +72,7 @@ fn boot_spec(disks: usize) -> BootSpec {
             .map(|i| capsule_vmm::protocol::DiskSpec {
                 name: format!("disk{i}.img").into(),
                 read_only: false,
+                flush: Default::default(),
             })
             .collect(),
         cmdline: vec!["capsule.test=1".into()],
@@ -184,6 +185,7 @@ fn a_child_boots_snapshots_and_its_snapshot_restores_in_another() {
         disks: vec!["disk0.img".into()],
         track_dirty: false,
         memory: Default::default(),
+        flush: Default::default(),
     };
     assert_eq!(
         refused_with(b.client(), Op::Restore(restore.clone()), &[]),

@@ -370,6 +370,7 @@ fn a_saved_disk_is_frozen_and_restores_as_it_was() {
         index: 0,
         external: Some(&base),
         vsock_path: &dir.path().join("unused.sock"),
+        flush: Default::default(),
     };
     let restored = Block::restore(&saved, &ctx).unwrap();
     let mut r = Driver::new(restored, 16);
@@ -399,4 +400,18 @@ fn a_saved_disk_is_frozen_and_restores_as_it_was() {
         e.contains("is not the image the snapshot was taken with"),
         "{e}"
     );
+}
+
+/// Honour syncs the file for every flush (a sync that fails is the
+/// guest's I/O error); writeback completes flushes without one. /dev/null
+/// cannot be synced, which tells the two apart.
+#[test]
+fn the_flush_policy_decides_whether_a_flush_syncs() {
+    use devices::virtio::block::FlushPolicy;
+    let mut honour = Driver::new(Block::open("/dev/null", false).unwrap(), 16);
+    assert_eq!(request(&mut honour, FLUSH, 0, 0, false).0, IOERR);
+    let mut block = Block::open("/dev/null", false).unwrap();
+    block.set_flush_policy(FlushPolicy::Writeback);
+    let mut writeback = Driver::new(block, 16);
+    assert_eq!(request(&mut writeback, FLUSH, 0, 0, false).0, OK);
 }

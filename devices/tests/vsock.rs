@@ -587,6 +587,7 @@ fn a_restored_device_resets_the_old_connections_before_anything_new() {
             index: 0,
             external: None,
             vsock_path: &path,
+            flush: Default::default(),
         },
     )
     .unwrap();

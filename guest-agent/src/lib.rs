@@ -7,5 +7,6 @@ pub mod protocol;
 
 pub use client::{
     AgentClient, ClientError, ClientOptions, ExecEvent, ExecHandle, ExecInput, Output,
+    PendingRestored,
 };
 pub use protocol::{ExecRequest, ExitStatus, Identity};

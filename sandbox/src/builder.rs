@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use vmm::{DiskConfig, HostFile, VmConfig};
+use vmm::{DiskConfig, FlushPolicy, HostFile, VmConfig};
 
 use crate::error::{Error, Result};
 use crate::guest::{valid_hostname, GuestInfo};
@@ -14,6 +14,7 @@ pub struct SandboxBuilder {
     config: VmConfig,
     root: Option<DiskConfig>,
     hostname: String,
+    flush: FlushPolicy,
 }
 
 impl Default for SandboxBuilder {
@@ -22,6 +23,7 @@ impl Default for SandboxBuilder {
             config: VmConfig::default(),
             root: None,
             hostname: "capsule".into(),
+            flush: FlushPolicy::default(),
         }
     }
 }
@@ -49,6 +51,7 @@ impl SandboxBuilder {
         self.config.disks.push(DiskConfig {
             file: file.into(),
             read_only,
+            flush: FlushPolicy::default(),
         });
         self
     }
@@ -57,7 +60,13 @@ impl SandboxBuilder {
         self.root = Some(DiskConfig {
             file: file.into(),
             read_only,
+            flush: FlushPolicy::default(),
         });
+        self
+    }
+    /// What the guest's flushes do, on every disk (see [`FlushPolicy`]).
+    pub fn flush(mut self, policy: FlushPolicy) -> Self {
+        self.flush = policy;
         self
     }
     pub fn hostname(mut self, name: impl Into<String>) -> Self {
@@ -111,6 +120,9 @@ impl SandboxBuilder {
             if root.read_only {
                 words.push("capsule.ro".into());
             }
+        }
+        for disk in &mut config.disks {
+            disk.flush = self.flush;
         }
         words.append(&mut config.cmdline);
         config.cmdline = words;

@@ -105,6 +105,7 @@ impl ChildVm {
                 .map(|d| DiskSpec {
                     name: d.file.name().to_path_buf(),
                     read_only: d.read_only,
+                    flush: d.flush,
                 })
                 .collect(),
             cmdline: config.cmdline.clone(),
@@ -134,6 +135,7 @@ impl ChildVm {
                 MemoryBackend::Uffd { prefetch } => MemorySpec::Uffd { prefetch },
                 _ => MemorySpec::File,
             },
+            flush: options.flush,
         };
         let vm = ChildVm::start(child)?;
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();

@@ -38,6 +38,8 @@ pub struct RestoreOptions {
     /// The guest's wall clock is corrected and its kernel RNG reseeded
     /// from the host on every restore regardless.
     pub identity: Identity,
+    /// What the restored disks do with the guest's flushes.
+    pub flush: vmm::FlushPolicy,
     /// How long the resumed guest may take to answer its agent and apply
     /// its identity (default [`DEFAULT_RESTORE_TIMEOUT`]); a guest that
     /// takes longer fails the restore and is stopped.
@@ -61,6 +63,7 @@ impl Sandbox {
                 layer_dir: options.layer_dir.clone(),
                 disks: options.disks.iter().map(Into::into).collect(),
                 start_paused: true,
+                flush: options.flush,
             },
         )?;
         let annotation = vm.annotation().to_vec();
@@ -98,7 +101,7 @@ impl<M: Machine> Sandbox<M> {
             }
             timings
                 .phases
-                .push(("agent answers, takes identity", lap.elapsed()));
+                .push(("agent answers, identity sent", lap.elapsed()));
             sb.ready_after = Some(started.elapsed());
         }
         sb.restore_timings = Some(timings);
@@ -155,13 +158,9 @@ impl<M: Machine> Sandbox<M> {
         }
         let hostname = identity.hostname.clone();
         let agent = self.agent.as_ref().expect("just connected");
-        let problems = agent.restored(identity, left())?;
-        log::debug!("restore: the guest took its identity");
-        // The guest writes these: a few, each cut short.
-        for p in problems.iter().take(4) {
-            let p: String = p.chars().take(200).collect();
-            devices::guest_warn!("restore: the guest could not apply its identity: {p}");
-        }
+        // Not waited for: the agent applies it before anything sent after
+        // it, so the first command needs no round trip of its own.
+        self.identity_pending = Some(agent.send_restored(identity)?);
         if let Some(name) = hostname {
             self.update_guest(|g| g.hostname = name)?;
         }

@@ -33,6 +33,8 @@ pub struct Sandbox<M: Machine = Vm> {
     pub(crate) ready_after: Option<Duration>,
     pub(crate) guest: GuestInfo,
     pub(crate) restore_timings: Option<RestoreTimings>,
+    /// The answer to the identity a restore sent, until it comes.
+    pub(crate) identity_pending: Option<guest_agent::PendingRestored>,
     pub(crate) vm: M,
 }
 
@@ -65,6 +67,7 @@ impl<M: Machine> Sandbox<M> {
             ready_after: None,
             guest,
             restore_timings: None,
+            identity_pending: None,
             vm,
         }
     }
@@ -188,6 +191,7 @@ impl<M: Machine> Sandbox<M> {
     /// The connection to the guest agent (opened on first use, and again
     /// if the last one was lost).
     pub fn agent(&mut self) -> Result<&AgentClient> {
+        self.collect_identity_answer();
         if self
             .agent
             .as_ref()
@@ -199,6 +203,25 @@ impl<M: Machine> Sandbox<M> {
             self.agent = Some(connect_agent(self.vm.vsock_path())?);
         }
         Ok(self.agent.as_ref().expect("just connected"))
+    }
+
+    /// Reports what a restored guest could not apply of its identity, once
+    /// it has said.
+    fn collect_identity_answer(&mut self) {
+        let Some(answer) = self.identity_pending.as_ref().and_then(|p| p.try_take()) else {
+            return;
+        };
+        self.identity_pending = None;
+        match answer {
+            Ok(problems) => {
+                // The guest writes these: a few, each cut short.
+                for p in problems.iter().take(4) {
+                    let p: String = p.chars().take(200).collect();
+                    devices::guest_warn!("restore: the guest could not apply its identity: {p}");
+                }
+            }
+            Err(e) => log::warn!("restore: the guest did not take its identity: {e}"),
+        }
     }
 
     /// Runs a command to completion and collects its output.

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub use devices::virtio::block::FlushPolicy;
 pub use devices::HostFile;
 
 use crate::error::{Error, Result};
@@ -13,6 +14,8 @@ use crate::layout::{MAX_MEMORY_MIB, MAX_VCPUS};
 pub struct DiskConfig {
     pub file: HostFile,
     pub read_only: bool,
+    /// What the guest's flushes do (see [`FlushPolicy`]).
+    pub flush: FlushPolicy,
 }
 
 /// Everything needed to boot a VM.
@@ -133,6 +136,7 @@ impl VmBuilder {
         self.config.disks.push(DiskConfig {
             file: file.into(),
             read_only,
+            flush: FlushPolicy::default(),
         });
         self
     }
@@ -225,4 +229,6 @@ pub struct RestoreOptions {
     pub disks: Vec<HostFile>,
     /// Leave the restored vCPUs stopped until [`crate::Vm::resume`].
     pub start_paused: bool,
+    /// What the restored disks do with the guest's flushes.
+    pub flush: FlushPolicy,
 }

@@ -39,7 +39,9 @@ mod vm;
 mod vstate;
 
 pub use build::{RestoreTimings, GUEST_CID};
-pub use config::{DiskConfig, HostFile, MemoryBackend, RestoreOptions, VmBuilder, VmConfig};
+pub use config::{
+    DiskConfig, FlushPolicy, HostFile, MemoryBackend, RestoreOptions, VmBuilder, VmConfig,
+};
 pub use diagnose::console_shows_guest_failure;
 pub use error::{Error, Result, PVM_HINT};
 pub use exit::VmExit;

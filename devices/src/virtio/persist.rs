@@ -68,6 +68,9 @@ pub struct RestoreContext<'a> {
     pub external: Option<&'a crate::HostFile>,
     /// Where the vsock device's host side listens.
     pub vsock_path: &'a Path,
+    /// What a restored disk does with the guest's flushes (host policy,
+    /// not kept in the snapshot).
+    pub flush: super::block::FlushPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -280,11 +280,21 @@ impl AgentClient {
         identity: Identity,
         timeout: Duration,
     ) -> Result<Vec<String>, ClientError> {
-        match self.request(&Open::Restored(identity), timeout)? {
-            Reply::Restored { problems } => Ok(problems),
-            Reply::Error { code, message } => Err(ClientError::Refused { code, message }),
-            other => Err(ClientError::UnexpectedReply(other)),
-        }
+        self.send_restored(identity)?.wait(timeout)
+    }
+
+    /// Tells a restored guest its new identity without waiting for the
+    /// answer: the agent applies it before it reads anything sent after,
+    /// so a command sent next runs with it. The answer is collected from
+    /// the returned [`PendingRestored`].
+    pub fn send_restored(&self, identity: Identity) -> Result<PendingRestored, ClientError> {
+        let slot = self
+            .conn
+            .open(&Open::Restored(identity), StreamKind::Request)?;
+        Ok(PendingRestored {
+            conn: self.conn.clone(),
+            slot,
+        })
     }
 
     /// Asks the agent to stop every process and power the VM off, waiting
@@ -297,6 +307,41 @@ impl AgentClient {
             Ok(other) => Err(ClientError::UnexpectedReply(other)),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The answer to an identity sent with [`AgentClient::send_restored`].
+pub struct PendingRestored {
+    conn: Arc<Connection>,
+    slot: Arc<stream::StreamSlot>,
+}
+
+fn restored_answer(reply: Reply) -> Result<Vec<String>, ClientError> {
+    match reply {
+        Reply::Restored { problems } => Ok(problems),
+        Reply::Error { code, message } => Err(ClientError::Refused { code, message }),
+        other => Err(ClientError::UnexpectedReply(other)),
+    }
+}
+
+impl PendingRestored {
+    /// What could not be applied, once the agent has answered; None while
+    /// it has not.
+    pub fn try_take(&self) -> Option<Result<Vec<String>, ClientError>> {
+        self.slot.try_reply().map(|r| r.and_then(restored_answer))
+    }
+
+    /// Waits up to `timeout` for the answer.
+    pub fn wait(&self, timeout: Duration) -> Result<Vec<String>, ClientError> {
+        self.slot
+            .wait_reply(Instant::now() + timeout)
+            .and_then(restored_answer)
+    }
+}
+
+impl Drop for PendingRestored {
+    fn drop(&mut self) {
+        self.conn.forget(self.slot.id);
     }
 }
 

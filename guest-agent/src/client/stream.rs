@@ -188,6 +188,16 @@ impl StreamSlot {
         self.changed.notify_all();
     }
 
+    /// The reply to the stream's Open if it has come (or why it never
+    /// will), without waiting.
+    pub fn try_reply(&self) -> Option<Result<Reply, ClientError>> {
+        let mut s = lock(&self.state);
+        if let Some(reply) = s.reply.take() {
+            return Some(Ok(reply));
+        }
+        s.lost.as_ref().map(|lost| Err(lost.error()))
+    }
+
     /// Waits for the reply to the stream's Open.
     pub fn wait_reply(&self, deadline: Instant) -> Result<Reply, ClientError> {
         let mut s = lock(&self.state);

@@ -50,8 +50,9 @@ pub fn boot(config: VmConfig) -> Result<Vm> {
     )?;
     let devices = &mut foundation.devices;
     for disk in &config.disks {
-        let block = Block::open(disk.file.clone(), disk.read_only)
+        let mut block = Block::open(disk.file.clone(), disk.read_only)
             .map_err(|e| Error::Device(e.to_string()))?;
+        block.set_flush_policy(disk.flush);
         devices.add_virtio(&vm_fd, &mem, Arc::new(Mutex::new(block)), None)?;
     }
     devices.add_virtio(&vm_fd, &mem, Arc::new(Mutex::new(Rng::new()?)), None)?;

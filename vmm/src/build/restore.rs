@@ -83,7 +83,7 @@ pub fn restore(dir: &Path, options: RestoreOptions) -> Result<Vm> {
         .clone()
         .unwrap_or_else(|| runtime.path.clone());
     crate::private::ensure_private_dir(&work_dir)?;
-    let devices = restore_devices(dir, &snap, &options.disks, &work_dir, &runtime.path)?;
+    let devices = restore_devices(dir, &snap, &options, &work_dir, &runtime.path)?;
     clock.lap("open disks and devices");
 
     let (kvm, vm_fd) = vstate::create_vm()?;
@@ -172,12 +172,12 @@ pub fn restore(dir: &Path, options: RestoreOptions) -> Result<Vm> {
 fn restore_devices(
     dir: &Path,
     snap: &Snapshot,
-    named: &[devices::HostFile],
+    options: &RestoreOptions,
     work_dir: &Path,
     runtime_dir: &Path,
 ) -> Result<Vec<SharedDevice>> {
     let vsock_path = runtime_dir.join("vsock.sock");
-    let mut named = named.iter();
+    let mut named = options.disks.iter();
     let mut kinds: Vec<u32> = Vec::new();
     let mut built = Vec::with_capacity(snap.devices.virtio.len());
     for (n, saved) in snap.devices.virtio.iter().enumerate() {
@@ -194,6 +194,7 @@ fn restore_devices(
             index,
             external,
             vsock_path: &vsock_path,
+            flush: options.flush,
         };
         let device = device_persist::restore(saved, &ctx)
             .map_err(|e| Error::Snapshot(format!("virtio device {n}: {e}")))?;

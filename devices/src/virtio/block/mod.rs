@@ -45,11 +45,28 @@ pub enum BlockError {
     Io(#[from] std::io::Error),
 }
 
+/// What a guest's flush request does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlushPolicy {
+    /// The disk's file is synced (`fdatasync`) before the flush completes:
+    /// what the guest's filesystem was told is on disk survives a crash of
+    /// the host. The safe default.
+    #[default]
+    Honour,
+    /// Flushes complete at once and the host writes the data back when
+    /// its page cache does: faster for sync-heavy work, and a guest or VMM
+    /// crash loses nothing, but a host crash or power loss can lose (or
+    /// tear) writes the guest believed durable.
+    Writeback,
+}
+
 pub struct Block {
     disk: DiskImage,
     read_only: bool,
     capacity_sectors: u64,
     id: [u8; ID_LEN],
+    flush: FlushPolicy,
     slot: ActivationSlot,
 }
 
@@ -87,8 +104,14 @@ impl Block {
             read_only,
             capacity_sectors: len / SECTOR_SIZE,
             id,
+            flush: FlushPolicy::default(),
             slot: ActivationSlot::new()?,
         })
+    }
+
+    /// What the guest's flushes do from now on.
+    pub fn set_flush_policy(&mut self, flush: FlushPolicy) {
+        self.flush = flush;
     }
 
     pub fn disk(&self) -> &DiskImage {
@@ -154,7 +177,7 @@ impl MutEventSubscriber for Block {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let (disk, read_only, id) = (&mut self.disk, self.read_only, &self.id);
+        let (disk, read_only, id, flush) = (&mut self.disk, self.read_only, &self.id, self.flush);
         let capacity = self.capacity_sectors * SECTOR_SIZE;
         self.slot
             .on_single_queue_event(events, ops, "virtio-blk", |active| {
@@ -166,7 +189,7 @@ impl MutEventSubscriber for Block {
                     ..
                 } = active;
                 drain_queue(mem, &mut queues[0], interrupt, rings, |chain| {
-                    Request::execute(mem, chain, disk, read_only, capacity, id)
+                    Request::execute(mem, chain, disk, read_only, capacity, id, flush)
                 })
             });
     }

@@ -171,6 +171,7 @@ impl Block {
                 })?;
             block.read_only = false;
         }
+        block.flush = ctx.flush;
         Ok(block)
     }
 }

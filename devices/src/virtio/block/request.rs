@@ -7,7 +7,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 
-use super::{ID_LEN, REQUEST_MAX, SECTOR_SIZE};
+use super::{FlushPolicy, ID_LEN, REQUEST_MAX, SECTOR_SIZE};
 use crate::disk::DiskImage;
 use crate::virtio::Served;
 use crate::GuestMemory;
@@ -33,6 +33,7 @@ impl Request {
         read_only: bool,
         capacity: u64,
         id: &[u8; ID_LEN],
+        flush: FlushPolicy,
     ) -> Served {
         const NOTHING: Served = Served { len: 0, bytes: 0 };
         let mut reader = match chain.clone().reader(mem) {
@@ -80,7 +81,7 @@ impl Request {
                     let len = reader.available_bytes();
                     write_disk(disk, sector, capacity, len, &mut reader)
                 }
-                VIRTIO_BLK_T_FLUSH if read_only => STATUS_OK,
+                VIRTIO_BLK_T_FLUSH if read_only || flush == FlushPolicy::Writeback => STATUS_OK,
                 VIRTIO_BLK_T_FLUSH => match disk.sync_data() {
                     Ok(()) => STATUS_OK,
                     Err(_) => STATUS_IOERR,
