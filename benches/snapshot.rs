@@ -80,7 +80,10 @@ fn restore_to_first_exec(c: &mut Criterion) {
     // The working set the prefetching backend replays.
     {
         let options = RestoreOptions {
-            memory: MemoryBackend::Uffd { prefetch: false },
+            vm: vmm::RestoreOptions {
+                memory: MemoryBackend::Uffd { prefetch: false },
+                ..Default::default()
+            },
             ..Default::default()
         };
         let mut vm = Sandbox::restore(&dir, options).expect("restore");
@@ -99,7 +102,10 @@ fn restore_to_first_exec(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let options = RestoreOptions {
-                        memory,
+                        vm: vmm::RestoreOptions {
+                            memory,
+                            ..Default::default()
+                        },
                         ..Default::default()
                     };
                     let t = Instant::now();
@@ -127,7 +133,6 @@ fn fork_all(dir: &Path, n: usize) -> sandbox::Result<Vec<Sandbox>> {
             .map(|i| {
                 scope.spawn(move || {
                     let options = RestoreOptions {
-                        memory: MemoryBackend::File,
                         identity: fork_identity(format!("fork-{i}"))?,
                         ..Default::default()
                     };

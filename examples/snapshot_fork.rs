@@ -41,7 +41,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut replicas = Vec::new();
     for i in 0..forks {
         let options = RestoreOptions {
-            memory: MemoryBackend::File,
+            // The default backend: replicas share the memory file's pages.
+            vm: vmm::RestoreOptions {
+                memory: MemoryBackend::File,
+                ..Default::default()
+            },
             identity: fork_identity(format!("replica-{i}"))?,
             ..Default::default()
         };

@@ -117,6 +117,17 @@ impl SnapshotDisks {
     pub fn absolute(&self) -> Result<Vec<PathBuf>> {
         self.disks.iter().map(|d| keeper::absolute(d)).collect()
     }
+
+    /// The VM's restore options: these disks and flush policy, memory
+    /// backed as `memory` says.
+    fn vm_options(&self, memory: Backend) -> Result<vmm::RestoreOptions> {
+        Ok(vmm::RestoreOptions {
+            memory: memory.memory(),
+            disks: self.absolute()?.into_iter().map(Into::into).collect(),
+            flush: self.flush.policy(),
+            ..Default::default()
+        })
+    }
 }
 
 /// Adds what the CLI user should do to a snapshot's disk error.
@@ -178,13 +189,11 @@ pub fn restore(args: RestoreArgs) -> Result<u8> {
     }
     let t0 = Instant::now();
     let options = RestoreOptions {
-        memory: args.memory_backend.memory(),
+        vm: args.disks.vm_options(args.memory_backend)?,
         identity: sandbox::Identity {
             hostname: args.hostname.clone(),
             ..Default::default()
         },
-        disks: args.disks.absolute()?,
-        flush: args.disks.flush.policy(),
         ..Default::default()
     };
     let mut vm =
@@ -321,10 +330,8 @@ struct ForkResult {
 fn run_fork(i: usize, args: &ForkArgs) -> Result<ForkResult> {
     let t0 = Instant::now();
     let options = RestoreOptions {
-        memory: args.memory_backend.memory(),
+        vm: args.disks.vm_options(args.memory_backend)?,
         identity: sandbox::fork_identity(format!("fork-{i}"))?,
-        disks: args.disks.absolute()?,
-        flush: args.disks.flush.policy(),
         ..Default::default()
     };
     let mut vm =

@@ -187,14 +187,18 @@ pub fn start(name: &str, origin: &Origin) -> Result<PathBuf> {
             flush,
         } => {
             let restore = RestoreOptions {
+                vm: vmm::RestoreOptions {
+                    // A kept sandbox is suspended again later: let that
+                    // be a diff.
+                    track_dirty: true,
+                    disks: disks.iter().map(Into::into).collect(),
+                    flush: *flush,
+                    ..Default::default()
+                },
                 identity: sandbox::Identity {
                     hostname: hostname.clone(),
                     ..Default::default()
                 },
-                // A kept sandbox is suspended again later: let that be a diff.
-                track_dirty: true,
-                disks: disks.clone(),
-                flush: *flush,
                 ..Default::default()
             };
             ChildVm::restore(snapshot, &restore, options)

@@ -125,17 +125,17 @@ impl ChildVm {
         child: ChildOptions,
     ) -> Result<Sandbox<ChildVm>> {
         let started = Instant::now();
-        let disks: Vec<vmm::HostFile> = options.disks.iter().map(Into::into).collect();
+        let disks = &options.vm.disks;
         let fds = open_all(&disks.iter().collect::<Vec<_>>(), &vec![false; disks.len()])?;
         let spec = RestoreSpec {
             snapshot: std::path::absolute(dir)?,
             disks: disks.iter().map(|d| d.name().to_path_buf()).collect(),
-            track_dirty: options.track_dirty,
-            memory: match options.memory {
+            track_dirty: options.vm.track_dirty,
+            memory: match options.vm.memory {
                 MemoryBackend::Uffd { prefetch } => MemorySpec::Uffd { prefetch },
                 _ => MemorySpec::File,
             },
-            flush: options.flush,
+            flush: options.vm.flush,
         };
         let vm = ChildVm::start(child)?;
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();

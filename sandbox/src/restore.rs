@@ -2,11 +2,11 @@
 //! ready socket bound if the agent had yet to announce itself, and
 //! otherwise the agent reconnected and told who it is now.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use guest_agent::{ClientOptions, Identity};
-use vmm::{MemoryBackend, RestoreTimings, Vm};
+use vmm::{RestoreTimings, Vm};
 
 use crate::machine::Machine;
 
@@ -20,26 +20,18 @@ use crate::sandbox::Sandbox;
 /// resuming at once on a busy host all do this first.
 pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// How to restore a sandbox (see [`vmm::RestoreOptions`] for the VM's
-/// part).
+/// How to restore a sandbox.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
-    pub memory: MemoryBackend,
-    pub runtime_dir: Option<PathBuf>,
-    pub console_log: Option<PathBuf>,
-    pub console_to_stderr: bool,
-    pub track_dirty: bool,
-    pub layer_dir: Option<PathBuf>,
-    /// The raw image under each of the snapshot's disks, in order (the
-    /// root filesystem first).
-    pub disks: Vec<PathBuf>,
+    /// The VM's part: memory backend, directories, the raw image under
+    /// each of the snapshot's disks (the root filesystem first), flush
+    /// policy. It is always restored paused, then resumed here.
+    pub vm: vmm::RestoreOptions,
     /// Hostname and machine id for the restored guest (a fork wants new
     /// ones, see [`crate::fork_identity`]); left as they were if unset.
     /// The guest's wall clock is corrected and its kernel RNG reseeded
     /// from the host on every restore regardless.
     pub identity: Identity,
-    /// What the restored disks do with the guest's flushes.
-    pub flush: vmm::FlushPolicy,
     /// How long the resumed guest may take to answer its agent and apply
     /// its identity (default [`DEFAULT_RESTORE_TIMEOUT`]); a guest that
     /// takes longer fails the restore and is stopped.
@@ -55,15 +47,8 @@ impl Sandbox {
         let vm = Vm::restore(
             dir,
             vmm::RestoreOptions {
-                memory: options.memory,
-                runtime_dir: options.runtime_dir.clone(),
-                console_log: options.console_log.clone(),
-                console_to_stderr: options.console_to_stderr,
-                track_dirty: options.track_dirty,
-                layer_dir: options.layer_dir.clone(),
-                disks: options.disks.iter().map(Into::into).collect(),
                 start_paused: true,
-                flush: options.flush,
+                ..options.vm.clone()
             },
         )?;
         let annotation = vm.annotation().to_vec();

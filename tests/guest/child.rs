@@ -53,7 +53,7 @@ fn a_child_runs_the_guest_and_its_snapshot_forks_into_children() {
     for i in 0..3 {
         let options = sandbox::RestoreOptions {
             identity: sandbox::fork_identity(format!("fork-{i}")).unwrap(),
-            disks: vec![disk.clone()],
+            vm: super::snapshot::with_disk(&disk),
             ..Default::default()
         };
         let dir = private(tmp.path(), &format!("fork{i}"));

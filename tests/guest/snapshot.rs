@@ -20,6 +20,14 @@ fn start_counter(vm: &mut Sandbox) {
     );
 }
 
+/// A VM restore that names `disk` again as the snapshot's one disk.
+pub(super) fn with_disk(disk: &Path) -> vmm::RestoreOptions {
+    vmm::RestoreOptions {
+        disks: vec![disk.into()],
+        ..Default::default()
+    }
+}
+
 fn count(vm: &mut Sandbox) -> u64 {
     let out = sh_ok(vm, "cat /tmp/count");
     out.trim()
@@ -60,7 +68,7 @@ fn a_restored_guest_continues_where_it_was() {
     // The snapshot holds only its own files: the disk under it is named
     // again.
     let options = sandbox::RestoreOptions {
-        disks: vec![disk.clone()],
+        vm: with_disk(&disk),
         ..Default::default()
     };
     let mut restored = restore_ok("restore", Sandbox::restore(&snap, options));
@@ -363,10 +371,9 @@ fn twenty_forks_share_memory_and_keep_their_disk_writes_apart() {
                 let (snap, disk) = (&snap, &disk);
                 scope.spawn(move || {
                     let options = sandbox::RestoreOptions {
-                        // The backend that shares one copy between forks.
-                        memory: sandbox::MemoryBackend::File,
+                        // The default backend shares one copy between forks.
                         identity: sandbox::fork_identity(format!("fork-{i}")).unwrap(),
-                        disks: vec![disk.clone()],
+                        vm: with_disk(disk),
                         ..Default::default()
                     };
                     restore_ok("restore", Sandbox::restore(snap, options))
@@ -502,7 +509,10 @@ fn userfaultfd_restores_lazily_and_prefetches_the_recorded_working_set() {
     vm.kill();
 
     let uffd = |prefetch| sandbox::RestoreOptions {
-        memory: sandbox::MemoryBackend::Uffd { prefetch },
+        vm: vmm::RestoreOptions {
+            memory: sandbox::MemoryBackend::Uffd { prefetch },
+            ..Default::default()
+        },
         ..Default::default()
     };
     // Lazily: only what the guest touches is copied in.

@@ -52,12 +52,18 @@ impl BlockState {
     }
 }
 
-/// A new layer's name: unique among the VMs of every process sharing a
-/// work directory (the file is created new, never replaced).
-fn new_layer_path(dir: &Path, index: usize) -> PathBuf {
+/// Puts a new copy-on-write layer over `disk` in `dir`, under a name
+/// unique among the VMs of every process sharing the directory (the file
+/// is created new, never replaced).
+fn push_new_layer(disk: &mut DiskImage, dir: &Path, index: usize) -> Result<(), PersistError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let seq = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!("disk{index}-{}-{seq}.layer", std::process::id()))
+    let top = dir.join(format!("disk{index}-{}-{seq}.layer", std::process::id()));
+    disk.push_layer(&top).map_err(|source| PersistError::File {
+        what: "creating the disk layer",
+        path: top,
+        source,
+    })
 }
 
 impl Persist for Block {
@@ -74,14 +80,7 @@ impl Persist for Block {
                     "disk {i} is already {depth} layers deep, the most a restore opens"
                 )));
             }
-            let top = new_layer_path(ctx.work_dir, i);
-            self.disk
-                .push_layer(&top)
-                .map_err(|source| PersistError::File {
-                    what: "creating the disk layer",
-                    path: top,
-                    source,
-                })?;
+            push_new_layer(&mut self.disk, ctx.work_dir, i)?;
         }
         let layers = self
             .disk
@@ -160,15 +159,7 @@ impl Block {
             )));
         }
         if !state.read_only {
-            let top = new_layer_path(ctx.work_dir, i);
-            block
-                .disk
-                .push_layer(&top)
-                .map_err(|source| PersistError::File {
-                    what: "creating the disk layer",
-                    path: top,
-                    source,
-                })?;
+            push_new_layer(&mut block.disk, ctx.work_dir, i)?;
             block.read_only = false;
         }
         block.flush = ctx.flush;
