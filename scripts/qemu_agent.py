@@ -79,8 +79,9 @@ def exec_true(cid, deadline=60):
     """Connects to the agent of guest `cid` and runs `true`. Retries while
     the agent is not listening yet, and when the connection is reset: a
     guest restored by QEMU gets a vsock transport reset after it resumes,
-    which drops a connection made before the guest processed it (Capsule
-    waits for that itself before it reports a restore done)."""
+    which drops a connection made before the guest processed it (Capsule's
+    restored device resets the old connections in order instead, so a new
+    one can be made at once)."""
     end = time.monotonic() + deadline
     while True:
         agent = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)

@@ -181,6 +181,15 @@ impl DiskImage {
         Ok(image)
     }
 
+    /// The file of a raw image (not a layer), whose bytes are the disk's
+    /// at the same offsets.
+    pub fn raw_file(&self) -> Option<&File> {
+        match self {
+            DiskImage::Raw { file, .. } => Some(file),
+            DiskImage::Layer(_) => None,
+        }
+    }
+
     /// How many files make up the image (1 for a raw image).
     pub fn depth(&self) -> usize {
         match self {

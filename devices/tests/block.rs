@@ -415,3 +415,25 @@ fn the_flush_policy_decides_whether_a_flush_syncs() {
     let mut writeback = Driver::new(block, 16);
     assert_eq!(request(&mut writeback, FLUSH, 0, 0, false).0, OK);
 }
+
+/// A read lands in guest memory straight from a raw disk's file, and the
+/// pages it wrote are marked dirty: a diff snapshot must carry them.
+#[test]
+fn a_read_marks_the_guest_pages_it_fills_dirty() {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    let (_dir, path, mut d) = setup(true);
+    let region = d.mem.find_region(GuestAddress(DATA)).unwrap();
+    let page = DATA - region.start_addr().0;
+    (**region).bitmap().reset();
+    assert!(!region.bitmap().dirty_at(page as usize));
+    let (status, len) = request(&mut d, IN, 2, 8192, true);
+    assert_eq!((status, len), (OK, 8193));
+    assert_eq!(
+        d.read(DATA, 8192),
+        std::fs::read(&path).unwrap()[1024..1024 + 8192]
+    );
+    let region = d.mem.find_region(GuestAddress(DATA)).unwrap();
+    assert!(region.bitmap().dirty_at(page as usize));
+    assert!(region.bitmap().dirty_at(page as usize + 4096));
+}

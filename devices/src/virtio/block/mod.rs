@@ -17,7 +17,7 @@ use super::{
 use crate::disk::DiskImage;
 use crate::HostFile;
 pub use persist::{layer_name, BlockState};
-use request::Request;
+use request::{Request, Target};
 
 pub const SECTOR_SIZE: u64 = 512;
 
@@ -67,6 +67,8 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; ID_LEN],
     flush: FlushPolicy,
+    /// The bounce buffer requests are copied through.
+    buf: Vec<u8>,
     slot: ActivationSlot,
 }
 
@@ -105,6 +107,7 @@ impl Block {
             capacity_sectors: len / SECTOR_SIZE,
             id,
             flush: FlushPolicy::default(),
+            buf: vec![0; request::COPY_BUFFER],
             slot: ActivationSlot::new()?,
         })
     }
@@ -177,8 +180,14 @@ impl MutEventSubscriber for Block {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let (disk, read_only, id, flush) = (&mut self.disk, self.read_only, &self.id, self.flush);
-        let capacity = self.capacity_sectors * SECTOR_SIZE;
+        let mut target = Target {
+            disk: &mut self.disk,
+            read_only: self.read_only,
+            capacity: self.capacity_sectors * SECTOR_SIZE,
+            id: &self.id,
+            flush: self.flush,
+            buf: &mut self.buf,
+        };
         self.slot
             .on_single_queue_event(events, ops, "virtio-blk", |active| {
                 let Activation {
@@ -189,7 +198,7 @@ impl MutEventSubscriber for Block {
                     ..
                 } = active;
                 drain_queue(mem, &mut queues[0], interrupt, rings, |chain| {
-                    Request::execute(mem, chain, disk, read_only, capacity, id, flush)
+                    Request::execute(mem, chain, &mut target)
                 })
             });
     }

@@ -25,16 +25,29 @@ const COPY_CHUNK: usize = 128 * 1024;
 /// a status byte at all) and the bytes moved.
 pub(super) struct Request;
 
+/// What a request is served against.
+pub(super) struct Target<'a> {
+    pub disk: &'a mut DiskImage,
+    pub read_only: bool,
+    /// In bytes.
+    pub capacity: u64,
+    pub id: &'a [u8; ID_LEN],
+    pub flush: FlushPolicy,
+    /// Every copy goes through this one buffer: no allocation (and, at
+    /// this size, no mmap and page faults) per request.
+    pub buf: &'a mut [u8],
+}
+
+/// The size of [`Target::buf`].
+pub(super) const COPY_BUFFER: usize = COPY_CHUNK;
+
 impl Request {
     pub(super) fn execute(
         mem: &GuestMemory,
         chain: virtio_queue::DescriptorChain<&GuestMemory>,
-        disk: &mut DiskImage,
-        read_only: bool,
-        capacity: u64,
-        id: &[u8; ID_LEN],
-        flush: FlushPolicy,
+        t: &mut Target,
     ) -> Served {
+        let (read_only, capacity, flush) = (t.read_only, t.capacity, t.flush);
         const NOTHING: Served = Served { len: 0, bytes: 0 };
         let mut reader = match chain.clone().reader(mem) {
             Ok(r) => r,
@@ -43,7 +56,7 @@ impl Request {
                 return NOTHING;
             }
         };
-        let mut writer = match chain.writer(mem) {
+        let mut writer = match chain.clone().writer(mem) {
             Ok(w) => w,
             Err(e) => {
                 crate::guest_warn!("virtio-blk: bad request chain: {e:?}");
@@ -59,6 +72,9 @@ impl Request {
             Err(_) => return NOTHING,
         };
         let moved = data_len.max(reader.available_bytes()) as u64;
+        // Data a read put into guest memory straight from the disk file,
+        // past the writer.
+        let mut direct = 0;
         let mut header = [0u8; 16];
         let status = if reader.read_exact(&mut header).is_err() {
             STATUS_IOERR
@@ -74,21 +90,49 @@ impl Request {
                 }
                 VIRTIO_BLK_T_IN => {
                     let len = writer.available_bytes();
-                    read_disk(disk, sector, capacity, len, &mut writer)
+                    match t.disk.raw_file() {
+                        Some(file) => {
+                            let status = transfer_direct(
+                                mem,
+                                &chain,
+                                file,
+                                sector,
+                                capacity,
+                                len,
+                                Direction::FromDisk,
+                            );
+                            if status == STATUS_OK {
+                                direct = len;
+                            }
+                            status
+                        }
+                        None => read_disk(t.disk, t.buf, sector, capacity, len, &mut writer),
+                    }
                 }
                 VIRTIO_BLK_T_OUT if read_only => STATUS_IOERR,
                 VIRTIO_BLK_T_OUT => {
                     let len = reader.available_bytes();
-                    write_disk(disk, sector, capacity, len, &mut reader)
+                    match t.disk.raw_file() {
+                        Some(file) => transfer_direct(
+                            mem,
+                            &chain,
+                            file,
+                            sector,
+                            capacity,
+                            len,
+                            Direction::ToDisk,
+                        ),
+                        None => write_disk(t.disk, t.buf, sector, capacity, len, &mut reader),
+                    }
                 }
                 VIRTIO_BLK_T_FLUSH if read_only || flush == FlushPolicy::Writeback => STATUS_OK,
-                VIRTIO_BLK_T_FLUSH => match disk.sync_data() {
+                VIRTIO_BLK_T_FLUSH => match t.disk.sync_data() {
                     Ok(()) => STATUS_OK,
                     Err(_) => STATUS_IOERR,
                 },
                 VIRTIO_BLK_T_GET_ID => {
                     let n = writer.available_bytes().min(ID_LEN);
-                    match writer.write_all(&id[..n]) {
+                    match writer.write_all(&t.id[..n]) {
                         Ok(()) => STATUS_OK,
                         Err(_) => STATUS_IOERR,
                     }
@@ -100,9 +144,79 @@ impl Request {
             return NOTHING;
         }
         Served {
-            len: u32::try_from(writer.bytes_written() + 1).unwrap_or(u32::MAX),
+            len: u32::try_from(writer.bytes_written() + direct + 1).unwrap_or(u32::MAX),
             bytes: moved,
         }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    FromDisk,
+    ToDisk,
+}
+
+/// Moves a request's `len` data bytes between guest memory and a raw disk
+/// file at `sector` with no copy in between: the guest's buffers are read
+/// into or written from directly. For a read they are the chain's
+/// device-writable buffers (the status byte after them stays the
+/// writer's); for a write, its device-readable ones after the 16-byte
+/// header.
+fn transfer_direct(
+    mem: &GuestMemory,
+    chain: &virtio_queue::DescriptorChain<&GuestMemory>,
+    file: &std::fs::File,
+    sector: u64,
+    capacity: u64,
+    len: usize,
+    direction: Direction,
+) -> u8 {
+    use std::io::{Seek, SeekFrom};
+    use vm_memory::{GuestAddress, GuestMemoryBackend, ReadVolatile, WriteVolatile};
+    let Some(mut offset) = disk_range(sector, len, capacity) else {
+        return STATUS_IOERR;
+    };
+    let writable = direction == Direction::FromDisk;
+    let mut skip = if writable { 0 } else { 16 };
+    let mut left = len;
+    let mut file = file;
+    for desc in chain.clone() {
+        if left == 0 {
+            break;
+        }
+        if desc.is_write_only() != writable {
+            continue;
+        }
+        let dlen = desc.len() as usize;
+        let s = skip.min(dlen);
+        skip -= s;
+        let n = (dlen - s).min(left);
+        if n == 0 {
+            continue;
+        }
+        let Some(addr) = desc.addr().0.checked_add(s as u64) else {
+            return STATUS_IOERR;
+        };
+        let Ok(mut slice) = mem.get_slice(GuestAddress(addr), n) else {
+            return STATUS_IOERR;
+        };
+        if file.seek(SeekFrom::Start(offset)).is_err() {
+            return STATUS_IOERR;
+        }
+        let moved = match direction {
+            Direction::FromDisk => file.read_exact_volatile(&mut slice),
+            Direction::ToDisk => file.write_all_volatile(&slice),
+        };
+        if moved.is_err() {
+            return STATUS_IOERR;
+        }
+        offset += n as u64;
+        left -= n;
+    }
+    if left == 0 {
+        STATUS_OK
+    } else {
+        STATUS_IOERR
     }
 }
 
@@ -116,6 +230,7 @@ fn disk_range(sector: u64, len: usize, capacity: u64) -> Option<u64> {
 /// Copies `len` bytes at `sector` from the disk into the guest.
 fn read_disk(
     disk: &DiskImage,
+    buf: &mut [u8],
     sector: u64,
     capacity: u64,
     len: usize,
@@ -124,7 +239,6 @@ fn read_disk(
     let Some(mut offset) = disk_range(sector, len, capacity) else {
         return STATUS_IOERR;
     };
-    let mut buf = vec![0u8; len.min(COPY_CHUNK)];
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len());
@@ -142,6 +256,7 @@ fn read_disk(
 /// Copies `len` bytes from the guest to the disk at `sector`.
 fn write_disk(
     disk: &mut DiskImage,
+    buf: &mut [u8],
     sector: u64,
     capacity: u64,
     len: usize,
@@ -150,7 +265,6 @@ fn write_disk(
     let Some(mut offset) = disk_range(sector, len, capacity) else {
         return STATUS_IOERR;
     };
-    let mut buf = vec![0u8; len.min(COPY_CHUNK)];
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len());
