@@ -164,8 +164,20 @@ pub enum Origin {
 pub fn start(name: &str, origin: &Origin) -> Result<PathBuf> {
     let dir = dir(name)?;
     let runtime = runtime(name)?;
-    if ChildVm::connect(&runtime).is_ok() {
-        bail!("a sandbox named {name:?} is already running (capsule stop {name})");
+    // Only a sandbox that is certainly gone (no socket, or nobody on it)
+    // is replaced: one that does not answer may still be running.
+    match ChildVm::connect(&runtime) {
+        Ok(_) => bail!("a sandbox named {name:?} is already running (capsule stop {name})"),
+        Err(sandbox::Error::Child(capsule_vmm::client::ClientError::Channel(
+            capsule_vmm::channel::ChannelError::Io(e),
+        ))) if matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        ) => {}
+        Err(e) => bail!(
+            "a sandbox named {name:?} exists and does not answer ({e}); capsule stop {name} \
+             stops it"
+        ),
     }
     let _ = std::fs::remove_dir_all(&dir);
     vmm::private::ensure_private_dir(&dir)?;

@@ -14,6 +14,9 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::protocol::{MAX_FDS, MAX_MESSAGE};
 
+/// The most descriptors the kernel passes with one message.
+const SCM_MAX_FD: usize = 253;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
     #[error("the peer closed the connection")]
@@ -131,7 +134,10 @@ impl Channel {
     /// The next message and the descriptors that came with it.
     pub fn recv<T: DeserializeOwned>(&self) -> Result<(T, Vec<OwnedFd>), ChannelError> {
         let mut buf = vec![0u8; MAX_MESSAGE + 1];
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+        // Room for as many descriptors as the kernel ever passes at once
+        // (SCM_MAX_FD): a message with more than we take is refused with
+        // all of them closed, never cut short with some left open.
+        let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
         let (len, fds, truncated) = loop {
             let mut iov = [IoSliceMut::new(&mut buf)];
             match recvmsg::<UnixAddr>(
@@ -171,6 +177,9 @@ impl Channel {
         }
         if truncated || len > MAX_MESSAGE {
             return Err(ChannelError::TooLarge);
+        }
+        if fds.len() > MAX_FDS {
+            return Err(ChannelError::TooManyFds);
         }
         let message = serde_json::from_slice(&buf[..len])
             .map_err(|e| ChannelError::Malformed(e.to_string()))?;

@@ -136,6 +136,13 @@ impl ChildClient {
             SockFlag::SOCK_CLOEXEC,
             None,
         )?;
+        // A child whose backlog is full (busy with a long snapshot) must
+        // not hold the connect forever.
+        let limit = nix::sys::time::TimeVal::new(
+            timeout.as_secs() as i64,
+            i64::from(timeout.subsec_micros()),
+        );
+        nix::sys::socket::setsockopt(&fd, sockopt::SendTimeout, &limit)?;
         connect(fd.as_raw_fd(), &UnixAddr::new(&path)?).map_err(|e| {
             ClientError::Channel(ChannelError::Io(std::io::Error::new(
                 std::io::Error::from(e).kind(),
@@ -180,6 +187,8 @@ impl ChildClient {
                 Some(FromChild::Reply { id: got, result }) if got == id => {
                     return result.map_err(ClientError::Failed)
                 }
+                // A late reply to a call that timed out: dropped.
+                Some(FromChild::Reply { id: got, .. }) if got < id => {}
                 Some(FromChild::Reply { id: got, result }) => {
                     return Err(ClientError::Unexpected(format!(
                         "a reply to request {got} ({result:?}) while waiting for {id}"
@@ -224,13 +233,18 @@ impl ChildClient {
         if let Some(event) = self.events.pop_front() {
             return Ok(Some(event));
         }
-        match self.receive(Instant::now() + timeout)? {
-            None => Ok(None),
-            Some(FromChild::Event { event }) => {
-                self.keep(event);
-                Ok(self.events.pop_front())
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.receive(deadline)? {
+                None => return Ok(None),
+                Some(FromChild::Event { event }) => {
+                    self.keep(event);
+                    return Ok(self.events.pop_front());
+                }
+                // A late reply to a call that timed out: dropped.
+                Some(FromChild::Reply { id, .. }) if id < self.next_id => {}
+                Some(other) => return Err(ClientError::Unexpected(format!("{other:?} unasked"))),
             }
-            Some(other) => Err(ClientError::Unexpected(format!("{other:?} unasked"))),
         }
     }
 

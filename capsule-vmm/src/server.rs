@@ -99,9 +99,14 @@ impl Server {
             if readable.listener {
                 self.accept();
             }
-            for i in readable.conns.into_iter().rev() {
-                let message = self.conns[i].recv::<Request>();
-                match message {
+            // Connections that fail are dropped after the round, so every
+            // index stays valid through it.
+            let mut dead = vec![false; self.conns.len()];
+            for i in readable.conns {
+                if dead[i] {
+                    continue;
+                }
+                match self.conns[i].recv::<Request>() {
                     Ok((request, fds)) => {
                         let (reply, event) = self.handle(request.op, fds);
                         let reply = FromChild::Reply {
@@ -109,10 +114,10 @@ impl Server {
                             result: reply,
                         };
                         if self.conns[i].send(&reply, &[]).is_err() {
-                            self.conns.remove(i);
+                            dead[i] = true;
                         }
                         if let Some(event) = event {
-                            self.broadcast(event);
+                            self.broadcast(event, &mut dead);
                         }
                     }
                     Err(ChannelError::Malformed(why)) => {
@@ -120,17 +125,22 @@ impl Server {
                             id: 0,
                             result: Err(failure(FailureCode::BadRequest, why)),
                         };
-                        let _ = self.conns[i].send(&reply, &[]);
+                        if self.conns[i].send(&reply, &[]).is_err() {
+                            dead[i] = true;
+                        }
                     }
                     Err(ChannelError::TooLarge | ChannelError::TooManyFds) => {
                         log::warn!("dropping a connection that sent an oversized message");
-                        self.conns.remove(i);
+                        dead[i] = true;
                     }
-                    Err(_) => {
-                        self.conns.remove(i);
-                    }
+                    Err(_) => dead[i] = true,
                 }
             }
+            let mut i = 0;
+            self.conns.retain(|_| {
+                i += 1;
+                !dead[i - 1]
+            });
         }
     }
 
@@ -184,9 +194,15 @@ impl Server {
         }
     }
 
-    fn broadcast(&mut self, event: Event) {
+    /// Sends `event` to every connection, marking in `dead` those that
+    /// cannot take it.
+    fn broadcast(&mut self, event: Event, dead: &mut [bool]) {
         let message = FromChild::Event { event };
-        self.conns.retain(|c| c.send(&message, &[]).is_ok());
+        for (conn, dead) in self.conns.iter().zip(dead.iter_mut()) {
+            if !*dead && conn.send(&message, &[]).is_err() {
+                *dead = true;
+            }
+        }
     }
 
     /// The VM has ended: everyone hears why, then the child exits.
@@ -197,9 +213,13 @@ impl Server {
             .and_then(|vm| vm.wait(Some(Duration::ZERO)))
             .unwrap_or(vmm::VmExit::Stopped);
         log::info!("the VM ended: {reason}");
-        self.broadcast(Event::Exited {
-            reason: reason.into(),
-        });
+        let mut dead = vec![false; self.conns.len()];
+        self.broadcast(
+            Event::Exited {
+                reason: reason.into(),
+            },
+            &mut dead,
+        );
         drop(self.vm.take());
         let _ = std::fs::remove_file(CONTROL_SOCKET);
         Ok(())

@@ -254,6 +254,31 @@ fn hostile_messages_get_errors_and_change_nothing() {
         refused_with(&mut raw, Op::Pause, &[f.as_fd()]),
         FailureCode::BadRequest
     );
+    // More descriptors than a message may carry: the connection is
+    // dropped and none of them stays open in the child.
+    let fd_count = || {
+        std::fs::read_dir(format!("/proc/{}/fd", c.process.id()))
+            .unwrap()
+            .count()
+    };
+    let before = fd_count();
+    let flood = connect_raw(&c.dir);
+    let _hello = flood.recv::<FromChild>().unwrap();
+    send_with_fds(&flood, br#"{"id":1,"op":{"op":"info"}}"#, 40);
+    assert!(
+        matches!(
+            flood.recv::<FromChild>(),
+            Err(capsule_vmm::channel::ChannelError::Closed)
+        ),
+        "the flooding connection is dropped"
+    );
+    drop(flood);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        fd_count(),
+        before,
+        "no descriptor of the flood stays open in the child"
+    );
     // The child still works for everyone.
     assert!(matches!(
         c.client().call(Op::Info, &[], WAIT),
@@ -283,4 +308,23 @@ fn connect_raw(dir: &Path) -> Channel {
     let ch = Channel::from_fd(fd);
     ch.set_read_timeout(Some(WAIT)).unwrap();
     ch
+}
+
+/// Sends `bytes` with `n` descriptors (of /dev/null) attached, past the
+/// channel's own limit, as a hostile peer would.
+fn send_with_fds(channel: &Channel, bytes: &[u8], n: usize) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let null = File::open("/dev/null").unwrap();
+    let fds: Vec<_> = (0..n).map(|_| null.try_clone().unwrap()).collect();
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let iov = [std::io::IoSlice::new(bytes)];
+    sendmsg::<UnixAddr>(
+        channel.as_fd().as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&raw)],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
 }

@@ -15,7 +15,9 @@ pub enum HostFile {
 }
 
 impl HostFile {
-    /// An open file, called `name` in messages (and in a disk's id).
+    /// An open file, called `name` in messages (and in a disk's id). Its
+    /// position is the VMM's from now on: whoever handed it over uses it
+    /// no more (a disk reads and writes through it).
     pub fn open_file(file: File, name: impl AsRef<Path>) -> HostFile {
         HostFile::Open {
             file: Arc::new(file),

@@ -25,6 +25,8 @@ use crate::sandbox::Sandbox;
 const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Short requests.
 const QUICK: Duration = Duration::from_secs(10);
+/// How long a child gets to stop its VM before it is killed outright.
+const KILL_PATIENCE: Duration = Duration::from_secs(3);
 
 pub struct ChildVm {
     client: Mutex<ChildClient>,
@@ -154,7 +156,16 @@ impl ChildVm {
         let timings = RestoreTimings {
             phases: timings
                 .iter()
-                .map(|(phase, ms)| (leak_phase(phase), Duration::from_secs_f64(ms / 1e3)))
+                .take(32)
+                .map(|(phase, ms)| {
+                    let phase: String = phase.chars().take(64).collect();
+                    let ms = if ms.is_finite() {
+                        ms.clamp(0.0, 1e9)
+                    } else {
+                        0.0
+                    };
+                    (phase.into(), Duration::from_secs_f64(ms / 1e3))
+                })
                 .collect(),
         };
         Sandbox::adopt_restored(vm, &annotation, timings, options, started)
@@ -241,12 +252,6 @@ impl ChildVm {
     }
 }
 
-/// Phase names cross the protocol as strings; the handful a restore has
-/// are kept for the process's life.
-fn leak_phase(phase: &str) -> &'static str {
-    Box::leak(phase.chars().take(64).collect::<String>().into_boxed_str())
-}
-
 impl Machine for ChildVm {
     fn vsock_path(&self) -> &Path {
         &self.vsock_path
@@ -292,13 +297,22 @@ impl Machine for ChildVm {
         exit
     }
     fn kill(&mut self) -> VmExit {
-        let _ = self.call(Op::Kill, &[], QUICK);
-        match self.wait(Some(QUICK)) {
+        let _ = self.call(Op::Kill, &[], KILL_PATIENCE);
+        match self.wait(Some(KILL_PATIENCE)) {
             Some(exit) => exit,
             None => {
-                // A child that does not answer is stopped the hard way.
-                if let Some(process) = self.process.as_mut() {
-                    let _ = process.kill();
+                // A child that does not answer is stopped the hard way:
+                // ours by its handle, another's by the pid its connection
+                // still holds (the child cannot be gone and its pid reused
+                // while that connection is open).
+                match self.process.as_mut() {
+                    Some(process) => {
+                        let _ = process.kill();
+                    }
+                    None => {
+                        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    }
                 }
                 self.reap();
                 self.record(VmExit::Stopped);

@@ -32,9 +32,11 @@ pub struct RestoreOptions {
     /// The guest's wall clock is corrected and its kernel RNG reseeded
     /// from the host on every restore regardless.
     pub identity: Identity,
-    /// How long the resumed guest may take to answer its agent and apply
-    /// its identity (default [`DEFAULT_RESTORE_TIMEOUT`]); a guest that
-    /// takes longer fails the restore and is stopped.
+    /// How long the resumed guest may take to answer its agent (default
+    /// [`DEFAULT_RESTORE_TIMEOUT`]); a guest that takes longer fails the
+    /// restore and is stopped. Its identity is then sent without waiting:
+    /// the agent applies it before anything sent after it, and what it
+    /// could not apply is logged when its answer comes.
     pub timeout: Option<Duration>,
 }
 
@@ -77,7 +79,7 @@ impl<M: Machine> Sandbox<M> {
         let mut sb = Sandbox::new(machine, guest, ready);
         let lap = Instant::now();
         sb.vm.resume()?;
-        timings.phases.push(("resume", lap.elapsed()));
+        timings.phases.push(("resume".into(), lap.elapsed()));
         if sb.guest.agent_ready {
             let lap = Instant::now();
             let deadline = Instant::now() + options.timeout.unwrap_or(DEFAULT_RESTORE_TIMEOUT);
@@ -86,7 +88,7 @@ impl<M: Machine> Sandbox<M> {
             }
             timings
                 .phases
-                .push(("agent answers, identity sent", lap.elapsed()));
+                .push(("agent answers, identity sent".into(), lap.elapsed()));
             sb.ready_after = Some(started.elapsed());
         }
         sb.restore_timings = Some(timings);

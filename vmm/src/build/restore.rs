@@ -21,7 +21,8 @@ use crate::vstate;
 /// Where a restore's time went, phase by phase, in order.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreTimings {
-    pub phases: Vec<(&'static str, Duration)>,
+    /// (phase, time); names are the VMM's own, or a child's, as it said.
+    pub phases: Vec<(std::borrow::Cow<'static, str>, Duration)>,
 }
 
 impl RestoreTimings {
@@ -47,7 +48,7 @@ struct Stopwatch {
 impl Stopwatch {
     fn lap(&mut self, phase: &'static str) {
         let now = Instant::now();
-        self.timings.phases.push((phase, now - self.at));
+        self.timings.phases.push((phase.into(), now - self.at));
         self.at = now;
     }
 }

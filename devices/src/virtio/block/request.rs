@@ -176,6 +176,10 @@ fn transfer_direct(
     let Some(mut offset) = disk_range(sector, len, capacity) else {
         return STATUS_IOERR;
     };
+    // The file's offset is the device's: it alone uses the descriptor's
+    // position (everything else reads and writes at explicit offsets),
+    // and a supervisor that handed the descriptor over has closed its
+    // copy.
     let writable = direction == Direction::FromDisk;
     let mut skip = if writable { 0 } else { 16 };
     let mut left = len;

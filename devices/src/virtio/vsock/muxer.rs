@@ -283,15 +283,20 @@ impl Muxer {
     }
 
     /// Every connection the guest may still think open: the live ones
-    /// and those whose end it has yet to hear of.
+    /// (at most [`MAX_CONNECTIONS`]) and those whose reset it has yet to
+    /// take, at most as many again. A reset answering a packet for no
+    /// connection at all is not one: the guest had nothing open there.
     pub fn guest_connections(&self) -> Vec<ConnKey> {
         let mut keys: Vec<ConnKey> = self.conns.keys().copied().collect();
-        for c in &self.control {
-            if !keys.contains(&c.key) {
-                keys.push(c.key);
-            }
-        }
+        let pending = self
+            .control
+            .iter()
+            .filter(|c| c.op == OP_RST)
+            .map(|c| c.key)
+            .take(MAX_CONNECTIONS);
+        keys.extend(pending);
         keys.sort_by_key(|k| (k.local_port, k.peer_port));
+        keys.dedup();
         keys
     }
 
