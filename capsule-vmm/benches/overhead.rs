@@ -27,9 +27,8 @@ fn exe() -> PathBuf {
 }
 
 fn private_dir(parent: &Path, name: &str) -> PathBuf {
-    use std::os::unix::fs::DirBuilderExt;
     let dir = parent.join(name);
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    vmm::private::ensure_private_dir(&dir).unwrap();
     dir
 }
 

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::Read;
 
+use capsule_vmm::protocol::to_hex as hex;
 use guest_agent::Identity;
 
 use crate::error::Result;
@@ -12,10 +13,6 @@ fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut bytes = [0u8; N];
     File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes))?;
     Ok(bytes)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A new identity for one fork: `hostname` and a random machine id.

@@ -8,13 +8,6 @@ use sandbox::{ChildOptions, ChildVm};
 
 use super::*;
 
-fn private(parent: &Path, name: &str) -> PathBuf {
-    use std::os::unix::fs::DirBuilderExt;
-    let dir = parent.join(name);
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
-    dir
-}
-
 fn in_child(dir: PathBuf) -> ChildOptions {
     let mut options = ChildOptions::new(dir);
     options.customize = Box::new(|cmd| {
@@ -37,7 +30,7 @@ fn a_child_runs_the_guest_and_its_snapshot_forks_into_children() {
     let _watchdog = Watchdog::arm(TEST_LIMIT);
     let tmp = tempfile::tempdir().unwrap();
     let (_disk_dir, disk) = scratch_file("data.img", 8 << 20);
-    let mut sb = boot_in_child(builder().disk(&disk, false), private(tmp.path(), "base"));
+    let mut sb = boot_in_child(builder().disk(&disk, false), tmp.path().join("base"));
     assert_ne!(
         sb.machine().pid(),
         std::process::id(),
@@ -56,7 +49,7 @@ fn a_child_runs_the_guest_and_its_snapshot_forks_into_children() {
             vm: super::snapshot::with_disk(&disk),
             ..Default::default()
         };
-        let dir = private(tmp.path(), &format!("fork{i}"));
+        let dir = tmp.path().join(format!("fork{i}"));
         let mut fork = restore_ok(
             "restore in a child",
             ChildVm::restore(&snap, &options, in_child(dir)),
@@ -82,7 +75,7 @@ fn a_child_runs_the_guest_and_its_snapshot_forks_into_children() {
 fn a_child_that_dies_is_seen_to_have_died() {
     let _watchdog = Watchdog::arm(TEST_LIMIT);
     let tmp = tempfile::tempdir().unwrap();
-    let mut sb = boot_in_child(builder(), private(tmp.path(), "doomed"));
+    let mut sb = boot_in_child(builder(), tmp.path().join("doomed"));
     let pid = nix::unistd::Pid::from_raw(sb.machine().pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
     let exit = sb.wait(Some(Duration::from_secs(30)));
