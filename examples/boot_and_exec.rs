@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use sandbox::VmSettings;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (kernel, initramfs) = (

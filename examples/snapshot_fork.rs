@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use sandbox::VmSettings;
+
 use sandbox::{fork_identity, MemoryBackend, RestoreOptions, Sandbox};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

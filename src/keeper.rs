@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use sandbox::{ChildOptions, ChildVm, GuestInfo, Machine, RestoreOptions, Sandbox, SandboxBuilder};
+use sandbox::{
+    ChildOptions, ChildVm, GuestInfo, Machine, RestoreOptions, Sandbox, SandboxBuilder, VmSettings,
+};
 
 use crate::artifacts;
 

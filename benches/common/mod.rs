@@ -1,7 +1,7 @@
 //! What every benchmark needs: a VM builder with the guest artifacts, on
 //! hardware KVM.
 
-use sandbox::{Sandbox, SandboxBuilder};
+use sandbox::{Sandbox, SandboxBuilder, VmSettings};
 use vmm::KvmFlavor;
 
 /// A builder for a 256 MiB guest from `CAPSULE_KERNEL` and

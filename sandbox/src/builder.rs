@@ -1,9 +1,7 @@
 //! What a sandbox boots with: a VM configuration plus the agent's words
 //! on the kernel command line.
 
-use std::path::PathBuf;
-
-use vmm::{DiskConfig, FlushPolicy, HostFile, VmConfig};
+use vmm::{DiskConfig, FlushPolicy, HostFile, VmConfig, VmSettings};
 
 use crate::error::{Error, Result};
 use crate::guest::{valid_hostname, GuestInfo};
@@ -28,34 +26,16 @@ impl Default for SandboxBuilder {
     }
 }
 
+impl VmSettings for SandboxBuilder {
+    fn vm_config_mut(&mut self) -> &mut VmConfig {
+        &mut self.config
+    }
+}
+
+/// What a sandbox adds to the machine's settings ([`VmSettings`]).
 impl SandboxBuilder {
-    pub fn kernel(mut self, file: impl Into<HostFile>) -> Self {
-        self.config.kernel = file.into();
-        self
-    }
-    /// The initramfs holding the guest agent (required).
-    pub fn initramfs(mut self, file: impl Into<HostFile>) -> Self {
-        self.config.initramfs = Some(file.into());
-        self
-    }
-    pub fn cpus(mut self, cpus: u8) -> Self {
-        self.config.cpus = cpus;
-        self
-    }
-    pub fn memory_mib(mut self, mib: u64) -> Self {
-        self.config.memory_mib = mib;
-        self
-    }
-    /// Attaches a raw disk image (after the root filesystem, if any).
-    pub fn disk(mut self, file: impl Into<HostFile>, read_only: bool) -> Self {
-        self.config.disks.push(DiskConfig {
-            file: file.into(),
-            read_only,
-            flush: FlushPolicy::default(),
-        });
-        self
-    }
-    /// Attaches `file` as `/dev/vda` and makes it the root filesystem.
+    /// Attaches `file` as `/dev/vda` and makes it the root filesystem
+    /// (disks from [`VmSettings::disk`] come after it).
     pub fn rootfs(mut self, file: impl Into<HostFile>, read_only: bool) -> Self {
         self.root = Some(DiskConfig {
             file: file.into(),
@@ -71,30 +51,6 @@ impl SandboxBuilder {
     }
     pub fn hostname(mut self, name: impl Into<String>) -> Self {
         self.hostname = name.into();
-        self
-    }
-    pub fn cmdline_arg(mut self, arg: impl Into<String>) -> Self {
-        self.config.cmdline.push(arg.into());
-        self
-    }
-    pub fn verbose_console(mut self, on: bool) -> Self {
-        self.config.verbose_console = on;
-        self
-    }
-    pub fn console_to_stderr(mut self, on: bool) -> Self {
-        self.config.console_to_stderr = on;
-        self
-    }
-    pub fn console_log(mut self, path: impl Into<PathBuf>) -> Self {
-        self.config.console_log = Some(path.into());
-        self
-    }
-    pub fn runtime_dir(mut self, path: impl Into<PathBuf>) -> Self {
-        self.config.runtime_dir = Some(path.into());
-        self
-    }
-    pub fn layer_dir(mut self, path: impl Into<PathBuf>) -> Self {
-        self.config.layer_dir = Some(path.into());
         self
     }
 

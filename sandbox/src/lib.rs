@@ -9,6 +9,7 @@
 //! ```no_run
 //! # fn main() -> Result<(), sandbox::Error> {
 //! use std::time::Duration;
+//! use sandbox::VmSettings; // kernel, cpus, memory and the rest
 //! let mut sb = sandbox::Sandbox::builder()
 //!     .kernel("vmlinux")
 //!     .initramfs("initramfs.cpio")
@@ -44,4 +45,4 @@ pub use identity::fork_identity;
 pub use machine::Machine;
 pub use restore::{RestoreOptions, DEFAULT_RESTORE_TIMEOUT};
 pub use sandbox::{connect_agent, Sandbox};
-pub use vmm::{MemoryBackend, SnapshotStats, Vm, VmExit};
+pub use vmm::{MemoryBackend, SnapshotStats, Vm, VmExit, VmSettings};

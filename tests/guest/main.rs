@@ -10,7 +10,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sandbox::{ExecEvent, ExecRequest, Machine, Sandbox, SandboxBuilder, VmExit};
+use sandbox::{ExecEvent, ExecRequest, Machine, Sandbox, SandboxBuilder, VmExit, VmSettings};
 use vmm::KvmFlavor;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);

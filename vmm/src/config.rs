@@ -114,56 +114,72 @@ impl From<VmConfig> for VmBuilder {
     }
 }
 
-impl VmBuilder {
-    pub fn kernel(mut self, file: impl Into<HostFile>) -> Self {
-        self.config.kernel = file.into();
+/// The machine settings every builder of a VM shares: [`VmBuilder`], and
+/// builders layered over it (the sandbox's) that add their own. Each sets
+/// one field of the [`VmConfig`] being built.
+pub trait VmSettings: Sized {
+    /// The configuration being built.
+    fn vm_config_mut(&mut self) -> &mut VmConfig;
+
+    fn kernel(mut self, file: impl Into<HostFile>) -> Self {
+        self.vm_config_mut().kernel = file.into();
         self
     }
-    pub fn initramfs(mut self, file: impl Into<HostFile>) -> Self {
-        self.config.initramfs = Some(file.into());
+    /// The initramfs (for a sandbox, the one holding the guest agent).
+    fn initramfs(mut self, file: impl Into<HostFile>) -> Self {
+        self.vm_config_mut().initramfs = Some(file.into());
         self
     }
-    pub fn cpus(mut self, cpus: u8) -> Self {
-        self.config.cpus = cpus;
+    fn cpus(mut self, cpus: u8) -> Self {
+        self.vm_config_mut().cpus = cpus;
         self
     }
-    pub fn memory_mib(mut self, mib: u64) -> Self {
-        self.config.memory_mib = mib;
+    fn memory_mib(mut self, mib: u64) -> Self {
+        self.vm_config_mut().memory_mib = mib;
         self
     }
     /// Attaches a raw disk image as the next `/dev/vdX`.
-    pub fn disk(mut self, file: impl Into<HostFile>, read_only: bool) -> Self {
-        self.config.disks.push(DiskConfig {
+    fn disk(mut self, file: impl Into<HostFile>, read_only: bool) -> Self {
+        self.vm_config_mut().disks.push(DiskConfig {
             file: file.into(),
             read_only,
             flush: FlushPolicy::default(),
         });
         self
     }
-    pub fn cmdline_arg(mut self, arg: impl Into<String>) -> Self {
-        self.config.cmdline.push(arg.into());
+    fn cmdline_arg(mut self, arg: impl Into<String>) -> Self {
+        self.vm_config_mut().cmdline.push(arg.into());
         self
     }
-    pub fn verbose_console(mut self, on: bool) -> Self {
-        self.config.verbose_console = on;
+    fn verbose_console(mut self, on: bool) -> Self {
+        self.vm_config_mut().verbose_console = on;
         self
     }
-    pub fn console_to_stderr(mut self, on: bool) -> Self {
-        self.config.console_to_stderr = on;
+    fn console_to_stderr(mut self, on: bool) -> Self {
+        self.vm_config_mut().console_to_stderr = on;
         self
     }
-    pub fn console_log(mut self, path: impl Into<PathBuf>) -> Self {
-        self.config.console_log = Some(path.into());
+    fn console_log(mut self, path: impl Into<PathBuf>) -> Self {
+        self.vm_config_mut().console_log = Some(path.into());
         self
     }
-    pub fn runtime_dir(mut self, path: impl Into<PathBuf>) -> Self {
-        self.config.runtime_dir = Some(path.into());
+    fn runtime_dir(mut self, path: impl Into<PathBuf>) -> Self {
+        self.vm_config_mut().runtime_dir = Some(path.into());
         self
     }
-    pub fn layer_dir(mut self, path: impl Into<PathBuf>) -> Self {
-        self.config.layer_dir = Some(path.into());
+    fn layer_dir(mut self, path: impl Into<PathBuf>) -> Self {
+        self.vm_config_mut().layer_dir = Some(path.into());
         self
     }
+}
+
+impl VmSettings for VmBuilder {
+    fn vm_config_mut(&mut self) -> &mut VmConfig {
+        &mut self.config
+    }
+}
+
+impl VmBuilder {
     pub fn start_paused(mut self, paused: bool) -> Self {
         self.config.start_paused = paused;
         self

@@ -41,6 +41,7 @@ mod vstate;
 pub use build::{RestoreTimings, GUEST_CID};
 pub use config::{
     DiskConfig, FlushPolicy, HostFile, MemoryBackend, RestoreOptions, VmBuilder, VmConfig,
+    VmSettings,
 };
 pub use diagnose::console_shows_guest_failure;
 pub use error::{Error, Result, PVM_HINT};

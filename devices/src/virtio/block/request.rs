@@ -240,21 +240,10 @@ fn read_disk(
     len: usize,
     writer: &mut impl Write,
 ) -> u8 {
-    let Some(mut offset) = disk_range(sector, len, capacity) else {
-        return STATUS_IOERR;
-    };
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len());
-        if disk.read_exact_at(&mut buf[..n], offset).is_err()
-            || writer.write_all(&buf[..n]).is_err()
-        {
-            return STATUS_IOERR;
-        }
-        offset += n as u64;
-        left -= n;
-    }
-    STATUS_OK
+    in_pieces(sector, len, capacity, buf.len(), |offset, n| {
+        disk.read_exact_at(&mut buf[..n], offset)?;
+        writer.write_all(&buf[..n])
+    })
 }
 
 /// Copies `len` bytes from the guest to the disk at `sector`.
@@ -266,15 +255,29 @@ fn write_disk(
     len: usize,
     reader: &mut impl Read,
 ) -> u8 {
+    in_pieces(sector, len, capacity, buf.len(), |offset, n| {
+        reader.read_exact(&mut buf[..n])?;
+        disk.write_all_at(&buf[..n], offset)
+    })
+}
+
+/// Runs `step(disk offset, length)` over the `len` bytes at `sector` in
+/// pieces of at most `piece` bytes (the bounce buffer's size), stopping at
+/// the first error; the range is checked against the disk first.
+fn in_pieces(
+    sector: u64,
+    len: usize,
+    capacity: u64,
+    piece: usize,
+    mut step: impl FnMut(u64, usize) -> std::io::Result<()>,
+) -> u8 {
     let Some(mut offset) = disk_range(sector, len, capacity) else {
         return STATUS_IOERR;
     };
     let mut left = len;
     while left > 0 {
-        let n = left.min(buf.len());
-        if reader.read_exact(&mut buf[..n]).is_err()
-            || disk.write_all_at(&buf[..n], offset).is_err()
-        {
+        let n = left.min(piece);
+        if step(offset, n).is_err() {
             return STATUS_IOERR;
         }
         offset += n as u64;
