@@ -59,6 +59,7 @@ bench: artifacts build
 	scripts/compare-qemu.sh
 	scripts/compare-qemu.sh --snapshot
 	scripts/compare-qemu.sh --block
+	scripts/compare-qemu.sh --debian
 
 # cargo-fuzz targets (fuzz/): what Capsule reads from guests, agents and
 # snapshot files. Each runs FUZZ_SECONDS; findings land in fuzz/artifacts/.

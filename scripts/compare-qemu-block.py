@@ -12,8 +12,8 @@ around it (one agent round trip each, the same for both):
   seq read    256 MiB in 1 MiB O_DIRECT reads                   MB/s
   4k reads    16 MiB in 4 KiB O_DIRECT reads, one request each  IOPS
               (queue depth 1, sequential offsets: busybox has no
-              random-offset reader, and a process per read would
-              measure process creation)
+              random-offset reader; scripts/compare-qemu-debian.py
+              has the random row, from Python in a Debian root)
   small files 2000 files of a few bytes written by the shell into a
               fresh ext2, then sync and unmount                  s
 
@@ -24,7 +24,6 @@ needed. ROUNDS (default 2) tunes it.
 """
 
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,9 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qemu_agent import (  # noqa: E402
-    AGENT_PORT, CAPSULE, HELLO, HELLO_PAYLOAD, READY_PORT, frame, qemu_command, read_frame, run,
-)
+from qemu_agent import CAPSULE, agent_run, boot_qemu, stop_qemu  # noqa: E402
 
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
 DISK_MIB = 512
@@ -97,32 +94,12 @@ def capsule(workdir):
 def qemu(workdir):
     cid = 7
     img = disk(workdir, "qemu.img")
-    listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    listener.bind((socket.VMADDR_CID_ANY, READY_PORT))
-    listener.listen(1)
-    listener.settimeout(300)
     extra = ["-drive", f"file={img},format=raw,if=none,id=d0", "-device", "virtio-blk-device,drive=d0"]
-    proc = subprocess.Popen(qemu_command(cid, workdir, extra=extra), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, _ = boot_qemu(cid, workdir, extra=extra)
     try:
-        conn, _ = listener.accept()
-        read_frame(conn)
-        conn.close()
-
-        def run_cmd(script):
-            agent = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            agent.settimeout(600)
-            agent.connect((cid, AGENT_PORT))
-            agent.sendall(frame(HELLO, 0, HELLO_PAYLOAD))
-            read_frame(agent)
-            _, status = run(agent, ["sh", "-c", script])
-            agent.close()
-            assert status.get("code") == 0, (script, status)
-        return timed_rounds(run_cmd)
+        return timed_rounds(lambda script: agent_run(cid, ["sh", "-c", script]))
     finally:
-        listener.close()
-        proc.kill()
-        proc.wait()
+        stop_qemu(proc)
 
 
 def main():

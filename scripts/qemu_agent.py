@@ -6,6 +6,8 @@ import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 KERNEL = os.environ["CAPSULE_KERNEL"]
@@ -63,12 +65,12 @@ def read_frame(sock):
     return kind, stream, read_exact(sock, length - 5)
 
 
-def qemu_command(cid, workdir, memory="256M", extra=()):
+def qemu_command(cid, workdir, memory="256M", extra=(), cpus=1, cmdline=CMDLINE):
     return [
         "qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host",
-        "-smp", "1", "-m", memory, "-nodefaults", "-no-user-config", "-nographic",
+        "-smp", str(cpus), "-m", memory, "-nodefaults", "-no-user-config", "-nographic",
         "-no-reboot", "-serial", f"file:{workdir}/qemu-console-{cid}.log",
-        "-kernel", KERNEL, "-initrd", INITRAMFS, "-append", CMDLINE,
+        "-kernel", KERNEL, "-initrd", INITRAMFS, "-append", cmdline,
         "-device", "virtio-rng-device",
         "-device", f"vhost-vsock-device,guest-cid={cid}",
         *extra,
@@ -136,3 +138,49 @@ class Qmp:
 
     def close(self):
         self.sock.close()
+
+
+def boot_qemu(cid, workdir, timeout=300, **kwargs):
+    """Launches QEMU microvm (`kwargs` as for qemu_command) and waits for
+    the agent's hello. Returns (the process, seconds from launch to ready).
+    Kills QEMU and shows its console's tail if the guest never gets ready."""
+    listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    listener.bind((socket.VMADDR_CID_ANY, READY_PORT))
+    listener.listen(1)
+    listener.settimeout(timeout)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(qemu_command(cid, workdir, **kwargs), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        conn, _ = listener.accept()
+        read_frame(conn)
+        ready = time.monotonic() - t0
+        conn.close()
+        return proc, ready
+    except BaseException:
+        stop_qemu(proc)
+        log = open(f"{workdir}/qemu-console-{cid}.log", errors="replace").read()[-2000:]
+        sys.stderr.write(f"QEMU guest {cid} never got ready; console tail:\n{log}\n")
+        raise
+    finally:
+        listener.close()
+
+
+def stop_qemu(proc):
+    proc.kill()
+    proc.wait()
+
+
+def agent_run(cid, argv, timeout=600):
+    """Runs `argv` through the agent of QEMU guest `cid` on a connection
+    of its own and checks that it exited 0."""
+    agent = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    agent.settimeout(timeout)
+    try:
+        agent.connect((cid, AGENT_PORT))
+        agent.sendall(frame(HELLO, 0, HELLO_PAYLOAD))
+        read_frame(agent)
+        _, status = run(agent, argv)
+        assert status.get("code") == 0, (argv, status)
+    finally:
+        agent.close()
