@@ -25,7 +25,7 @@ pub fn exec_in(name: &str, argv: &[String], args: &CommandArgs) -> Result<u8> {
 
 #[derive(Args, Debug)]
 pub struct ExecArgs {
-    /// The sandbox's name.
+    /// The kept sandbox's name, or a daemon sandbox's id (`sb-...`).
     name: String,
     #[command(flatten)]
     command_args: CommandArgs,
@@ -35,6 +35,9 @@ pub struct ExecArgs {
 }
 
 pub fn exec(args: ExecArgs) -> Result<u8> {
+    if args.name.starts_with(crate::manage::DAEMON_ID_PREFIX) {
+        return crate::manage::exec(&args.name, &args.command, &args.command_args);
+    }
     exec_in(&args.name, &args.command, &args.command_args)
 }
 

@@ -78,6 +78,12 @@ fn check_name(name: &str) -> Result<()> {
     if !ok {
         bail!("invalid sandbox name {name:?}: use letters, digits, '-', '_' and '.', at most 64");
     }
+    if name.starts_with(crate::manage::DAEMON_ID_PREFIX) {
+        bail!(
+            "invalid sandbox name {name:?}: names starting {:?} are the daemon's sandbox ids",
+            crate::manage::DAEMON_ID_PREFIX
+        );
+    }
     Ok(())
 }
 

@@ -1,11 +1,17 @@
 //! `capsule`: isolated, on-demand KVM microVMs.
 
+mod api;
 mod args;
 mod artifacts;
+mod client;
 mod commands;
+mod daemon;
 mod exec;
 mod keeper;
+mod labels;
+mod manage;
 mod run;
+mod store;
 
 use std::process::ExitCode;
 
@@ -44,6 +50,19 @@ enum Command {
     Stop(commands::StopArgs),
     /// List the kept sandboxes.
     Ls,
+    /// Run the sandbox manager: the HTTP API on $CAPSULE_HOME/api.sock,
+    /// state in SQLite, one supervised VMM process per sandbox.
+    Serve(daemon::ServeArgs),
+    /// Sandboxes managed by the daemon (`capsule serve`).
+    #[command(subcommand)]
+    Sandbox(manage::SandboxCommand),
+    /// Groups and their quotas (daemon).
+    #[command(subcommand)]
+    Group(manage::GroupCommand),
+    /// What happened to the daemon's sandboxes, in order.
+    Events(manage::EventsArgs),
+    /// End a daemon sandbox (the same as `capsule sandbox rm`).
+    Rm { id: String },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +79,11 @@ fn main() -> ExitCode {
         Command::Fork(args) => commands::fork(args),
         Command::Stop(args) => commands::stop(args),
         Command::Ls => commands::ls(),
+        Command::Serve(args) => daemon::serve(args),
+        Command::Sandbox(command) => manage::sandbox(command),
+        Command::Group(command) => manage::group(command),
+        Command::Events(args) => manage::events(args),
+        Command::Rm { id } => manage::sandbox(manage::SandboxCommand::Rm { id }),
     };
     match result {
         Ok(code) => ExitCode::from(code),

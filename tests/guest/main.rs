@@ -739,5 +739,6 @@ fn twenty_sequential_boots_leak_nothing() {
 }
 
 mod child;
+mod daemon;
 mod hostile;
 mod snapshot;

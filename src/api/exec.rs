@@ -1,0 +1,212 @@
+//! `POST /v1/sandboxes/{id}/exec`: a command whose output streams back as
+//! newline-delimited JSON (`application/x-ndjson`), one event per line, as
+//! the guest produces it. The same framing will carry PTYs and files.
+//!
+//! ```text
+//! {"type":"started","pid":42}
+//! {"type":"stdout","data":"aGVsbG8K"}           base64: output is bytes
+//! {"type":"exit","exit_code":0,"signal":null,"timed_out":false}
+//! {"type":"error","code":"lost","message":"..."}  the last line, if the stream broke
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use sandbox::{ExecEvent, ExecRequest};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Json, Path};
+use crate::daemon::AppState;
+use crate::store::SandboxState;
+
+/// Longest command timeout: 30 days.
+const MAX_TIMEOUT_SECONDS: u64 = 30 * 24 * 3600;
+/// Events buffered between the guest and a slow client; past this the
+/// guest is held back by the agent's flow control, never the daemon's
+/// memory.
+const BUFFERED_EVENTS: usize = 64;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// Program and arguments; the program is looked up in `PATH`.
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the user's home).
+    pub cwd: Option<String>,
+    /// `name`, `uid` or `uid:gid` (default: root).
+    pub user: Option<String>,
+    /// Kill the command after this many seconds.
+    pub timeout_seconds: Option<u64>,
+    /// Text given to the command's stdin, then end of file (default: none).
+    pub stdin: Option<String>,
+}
+
+/// One line of an exec's output stream.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecLine {
+    Started {
+        pid: i32,
+    },
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
+    Exit {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+impl ExecBody {
+    fn request(&self) -> Result<ExecRequest, ApiError> {
+        if self.cmd.is_empty() || self.cmd[0].is_empty() {
+            return Err(ApiError::bad_request("cmd must name a program"));
+        }
+        if self.cmd.iter().any(|a| a.contains('\0')) {
+            return Err(ApiError::bad_request("cmd arguments may not contain NUL"));
+        }
+        if let Some(bad) = self
+            .env
+            .keys()
+            .find(|k| k.is_empty() || k.contains(['=', '\0']))
+        {
+            return Err(ApiError::bad_request(format!(
+                "env name {bad:?} is not valid"
+            )));
+        }
+        if let Some(t) = self.timeout_seconds {
+            if t == 0 || t > MAX_TIMEOUT_SECONDS {
+                return Err(ApiError::bad_request(format!(
+                    "timeout_seconds must be 1 to {MAX_TIMEOUT_SECONDS}"
+                )));
+            }
+        }
+        Ok(ExecRequest {
+            argv: self.cmd.clone(),
+            env: self.env.clone().into_iter().collect(),
+            cwd: self.cwd.clone(),
+            user: self.user.clone(),
+            stdin: self.stdin.is_some(),
+            timeout_ms: self.timeout_seconds.map(|t| t * 1000),
+        })
+    }
+}
+
+fn line(event: &ExecLine) -> Bytes {
+    let mut bytes = serde_json::to_vec(event).unwrap_or_default();
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+/// Run a command in a sandbox, its output streamed.
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/exec", operation_id = "exec", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = ExecBody,
+    responses(
+        (status = 200, description = "The command's events, one JSON object per line",
+         content_type = "application/x-ndjson", body = ExecLine),
+        (status = 400, description = "Bad command", body = ErrorBody),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 409, description = "It is not running", body = ErrorBody),
+        (status = 502, description = "Its guest did not take the command", body = ErrorBody),
+    )
+)]
+pub async fn exec(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Json(body): Json<ExecBody>,
+) -> Result<Response, ApiError> {
+    let request = body.request()?;
+    let record = state.supervisor.store().sandbox(&id)?;
+    let live = match (record.state, state.supervisor.live(&id)) {
+        (SandboxState::Running, Some(live)) => live,
+        (s, _) => {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is {s}, not running"
+            )))
+        }
+    };
+    let stdin = body.stdin.clone();
+    let mut handle = super::sandboxes::blocking(move || live.agent.exec(request))
+        .await?
+        .map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::BAD_GATEWAY,
+                "guest_unavailable",
+                format!("sandbox {id}'s guest did not take the command: {e}"),
+            )
+        })?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(BUFFERED_EVENTS);
+    let pid = handle.pid();
+    std::thread::Builder::new()
+        .name("exec-stream".into())
+        .spawn(move || {
+            if let Some(text) = stdin {
+                let input = handle.input();
+                std::thread::spawn(move || {
+                    let _ = input.write_stdin(text.as_bytes());
+                    let _ = input.close_stdin();
+                });
+            }
+            let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
+            if tx.blocking_send(line(&ExecLine::Started { pid })).is_err() {
+                let _ = handle.kill();
+                return;
+            }
+            loop {
+                let event = match handle.next_event() {
+                    Ok(Some(ExecEvent::Stdout(d))) => ExecLine::Stdout { data: b64(&d) },
+                    Ok(Some(ExecEvent::Stderr(d))) => ExecLine::Stderr { data: b64(&d) },
+                    Ok(Some(ExecEvent::Exit(status))) => {
+                        let _ = tx.blocking_send(line(&ExecLine::Exit {
+                            exit_code: status.code,
+                            signal: status.signal,
+                            timed_out: status.timed_out,
+                        }));
+                        return;
+                    }
+                    broken => {
+                        let message = match broken {
+                            Err(e) => e.to_string(),
+                            _ => "the command's stream ended without an exit status".into(),
+                        };
+                        let _ = tx.blocking_send(line(&ExecLine::Error {
+                            code: "lost".into(),
+                            message,
+                        }));
+                        return;
+                    }
+                };
+                // A client that went away: the command goes too.
+                if tx.blocking_send(line(&event)).is_err() {
+                    let _ = handle.kill();
+                    return;
+                }
+            }
+        })
+        .map_err(|e| ApiError::internal(format!("starting the stream: {e}")))?;
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let body = Body::from_stream(tokio_stream::StreamExt::map(
+        stream,
+        Ok::<_, std::convert::Infallible>,
+    ));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}

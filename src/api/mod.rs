@@ -1,0 +1,111 @@
+//! The HTTP API: every resource under `/v1`, errors as JSON with a stable
+//! code, and the OpenAPI document generated from these handlers
+//! (`/openapi.json`; checked in as `docs/openapi.json`).
+
+pub mod error;
+mod events;
+pub mod exec;
+mod extract;
+mod groups;
+pub mod model;
+mod sandboxes;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post, put};
+use axum::Router;
+use utoipa::OpenApi;
+
+use crate::daemon::AppState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Capsule",
+        description = "Isolated, on-demand KVM microVM sandboxes. Errors are JSON \
+                       (`{\"code\": ..., \"message\": ...}`) with a stable code.",
+        version = "1"
+    ),
+    paths(
+        sandboxes::create,
+        sandboxes::list,
+        sandboxes::get_one,
+        sandboxes::delete,
+        sandboxes::patch,
+        sandboxes::set_timeout,
+        exec::exec,
+        groups::create,
+        groups::list,
+        groups::get_one,
+        groups::set_quota,
+        groups::delete,
+        events::list,
+        events::stream,
+    ),
+    tags(
+        (name = "sandboxes", description = "Sandboxes: create, inspect, run commands, end"),
+        (name = "groups", description = "Groups and their quotas"),
+        (name = "events", description = "What happened to sandboxes, in order")
+    )
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document, pretty-printed (as checked in).
+pub fn openapi_json() -> String {
+    let mut text = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    text.push('\n');
+    text
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/v1/sandboxes",
+            post(sandboxes::create).get(sandboxes::list),
+        )
+        .route(
+            "/v1/sandboxes/{id}",
+            get(sandboxes::get_one)
+                .delete(sandboxes::delete)
+                .patch(sandboxes::patch),
+        )
+        .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
+        .route("/v1/sandboxes/{id}/exec", post(exec::exec))
+        .route("/v1/groups", post(groups::create).get(groups::list))
+        .route(
+            "/v1/groups/{name}",
+            get(groups::get_one).delete(groups::delete),
+        )
+        .route("/v1/groups/{name}/quota", put(groups::set_quota))
+        .route("/v1/events", get(events::list))
+        .route("/v1/events/stream", get(events::stream))
+        .route("/openapi.json", get(|| async { openapi_json() }))
+        .fallback(|| async {
+            error::ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint (see /openapi.json)",
+            )
+        })
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_checked_in_openapi_document_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
+        let current = super::openapi_json();
+        if std::env::var_os("CAPSULE_WRITE_OPENAPI").is_some() {
+            std::fs::write(path, &current).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            checked_in == current,
+            "docs/openapi.json is stale: run CAPSULE_WRITE_OPENAPI=1 cargo test -p capsule \
+             the_checked_in_openapi_document_is_current, and commit it"
+        );
+    }
+}

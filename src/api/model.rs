@@ -1,0 +1,93 @@
+//! The API's resources as they travel: request and response bodies, in
+//! snake_case JSON, described for the OpenAPI document.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::store::{EndReason, SandboxRecord, SandboxState};
+
+/// A time as the API shows it: RFC 3339 in UTC, to the millisecond.
+pub fn timestamp(unix_ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms.max(0) as u64);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// POST /v1/sandboxes
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// An ext4 root filesystem image on the daemon's host (default: the
+    /// guest's initramfs alone).
+    pub rootfs: Option<String>,
+    /// Guest kernel (default: the daemon's).
+    pub kernel: Option<String>,
+    /// Initramfs holding the guest agent (default: the daemon's).
+    pub initramfs: Option<String>,
+    /// vCPUs, 1 to 32 (default 1).
+    pub cpus: Option<u32>,
+    /// Guest memory in MiB, 32 and up (default 256).
+    pub memory_mib: Option<u32>,
+    /// The group whose quota it counts against (default `default`).
+    pub group: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Seconds until it expires and is destroyed (default 300; 0: never).
+    pub timeout_seconds: Option<u64>,
+}
+
+/// Why and when a sandbox ended.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Ending {
+    pub reason: EndReason,
+    pub detail: String,
+    pub at: String,
+}
+
+/// A sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Sandbox {
+    pub id: String,
+    pub state: SandboxState,
+    pub group: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: String,
+    /// When it expires, if it does.
+    pub end_at: Option<String>,
+    /// Set once it has ended.
+    pub ended: Option<Ending>,
+}
+
+impl From<&SandboxRecord> for Sandbox {
+    fn from(r: &SandboxRecord) -> Self {
+        Sandbox {
+            id: r.id.clone(),
+            state: r.state,
+            group: r.group.clone(),
+            cpus: r.cpus,
+            memory_mib: r.memory_mib,
+            labels: r.labels.clone(),
+            created_at: timestamp(r.created_at),
+            end_at: r.end_at.map(timestamp),
+            ended: r.end_reason.map(|reason| Ending {
+                reason,
+                detail: r.end_detail.clone().unwrap_or_default(),
+                at: timestamp(r.ended_at.unwrap_or(r.created_at)),
+            }),
+        }
+    }
+}
+
+/// GET /v1/sandboxes query.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListSandboxes {
+    /// Kubernetes-style: `owner=alice,job!=7,tier in (a,b),!debug`.
+    pub label_selector: Option<String>,
+    /// Comma-separated states (default: all but `ended`).
+    pub state: Option<String>,
+}

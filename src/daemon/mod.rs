@@ -1,0 +1,211 @@
+//! `capsule serve`: the sandbox manager. It keeps its state in SQLite,
+//! runs one supervised `capsule-vmm` child per sandbox, and serves the HTTP
+//! API on a Unix socket (0600, `$CAPSULE_HOME/api.sock`) or, with
+//! `--listen`, on TCP behind a bearer token.
+//!
+//! ```text
+//! $CAPSULE_HOME/
+//!     api.sock       the API (only this user can connect)
+//!     daemon/
+//!         state.db   sandboxes, groups, events (SQLite, WAL)
+//!         vms/<id>/  each sandbox's child (see supervisor)
+//! ```
+
+mod pidfd;
+pub mod supervisor;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use axum::extract::Request;
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use clap::Args;
+
+use crate::api::error::ApiError;
+use crate::store::Store;
+use supervisor::Supervisor;
+
+/// What every request handler can reach.
+pub struct AppState {
+    pub supervisor: Arc<Supervisor>,
+    /// The guest kernel and initramfs used when a create names none.
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Also listen on this TCP address (e.g. 127.0.0.1:7878); every
+    /// request there needs `Authorization: Bearer <token>`, the token read
+    /// from --token-file.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token for --listen (made, 0600, with a fresh
+    /// token if missing).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Guest kernel for sandboxes that name none.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs holding the guest agent, for sandboxes that name none.
+    #[arg(long)]
+    pub initramfs: Option<PathBuf>,
+}
+
+/// The API socket: `$CAPSULE_HOME/api.sock`.
+pub fn socket_path() -> Result<PathBuf> {
+    Ok(crate::keeper::home()?.join("api.sock"))
+}
+
+pub fn serve(args: ServeArgs) -> Result<u8> {
+    let home = crate::keeper::home()?;
+    let root = home.join("daemon");
+    vmm::private::ensure_private_dir(&root)?;
+    let kernel = crate::artifacts::find(
+        args.kernel.as_deref(),
+        "CAPSULE_KERNEL",
+        crate::artifacts::KERNEL_FILE,
+    )?;
+    let initramfs = crate::artifacts::find(
+        args.initramfs.as_deref(),
+        "CAPSULE_INITRAMFS",
+        crate::artifacts::INITRAMFS_FILE,
+    )?;
+    let store = Store::open(&root.join("state.db")).context("opening the state database")?;
+    let supervisor = Supervisor::new(root, Arc::new(Mutex::new(store)))?;
+    supervisor
+        .adopt()
+        .context("adopting the sandboxes left running")?;
+    let token = match (&args.listen, &args.token_file) {
+        (Some(_), Some(path)) => Some(read_or_make_token(path)?),
+        (Some(_), None) => bail!("--listen needs --token-file: TCP requests need a bearer token"),
+        (None, _) => None,
+    };
+    let state = Arc::new(AppState {
+        supervisor,
+        kernel,
+        initramfs,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(state, socket_path()?, args.listen, token))?;
+    Ok(0)
+}
+
+async fn run(
+    state: Arc<AppState>,
+    socket: PathBuf,
+    listen: Option<SocketAddr>,
+    token: Option<String>,
+) -> Result<()> {
+    let app = crate::api::router(Arc::clone(&state));
+    // A socket left by a daemon that died is replaced; a live one is not.
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        bail!("a daemon is already serving {}", socket.display());
+    }
+    let _ = std::fs::remove_file(&socket);
+    let unix = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    eprintln!("capsule: serving the API on {}", socket.display());
+
+    let expiry = Arc::clone(&state.supervisor);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let supervisor = Arc::clone(&expiry);
+            let _ = tokio::task::spawn_blocking(move || supervisor.expire(crate::store::now_ms()))
+                .await;
+        }
+    });
+
+    if let (Some(addr), Some(token)) = (listen, token) {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        eprintln!("capsule: serving the API on http://{addr} (bearer token required)");
+        let token = Arc::new(token);
+        let guarded = app
+            .clone()
+            .layer(axum::middleware::from_fn(move |req, next| {
+                let token = Arc::clone(&token);
+                async move { require_token(&token, req, next).await }
+            }));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(tcp, guarded).await {
+                log::error!("TCP listener: {e}");
+            }
+        });
+    }
+    axum::serve(unix, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the API")?;
+    let _ = std::fs::remove_file(&socket);
+    // The sandboxes keep running; the next daemon adopts them.
+    eprintln!("capsule: stopped; sandboxes keep running for the next `capsule serve`");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn require_token(token: &str, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compared in constant time: the token is a secret.
+    let ok = given.is_some_and(|g| {
+        g.len() == token.len()
+            && g.bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this listener needs Authorization: Bearer <token>",
+        )
+        .into_response()
+    }
+}
+
+fn read_or_make_token(path: &std::path::Path) -> Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let token = supervisor::random_word(32)?;
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{token}")?;
+    Ok(token)
+}

@@ -1,0 +1,353 @@
+//! One `capsule-vmm` child per sandbox, watched by its pidfd.
+//!
+//! ```text
+//! $CAPSULE_HOME/daemon/vms/<id>/
+//!     runtime/     the child's working directory (control.sock, vsock.sock, console.log)
+//!     rootfs.ext4  the sandbox's own copy of the root filesystem it was created from
+//!     vmm.log      the child's own messages
+//! ```
+//!
+//! Children run in process groups of their own and outlive the daemon; a
+//! restarted daemon adopts the ones that still answer ([`Supervisor::adopt`]).
+//! Every sandbox that ends is recorded with its reason before its files go.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use sandbox::{AgentClient, ChildOptions, ChildVm, Machine, Sandbox, VmSettings};
+
+use super::pidfd::PidFd;
+use crate::labels::Labels;
+use crate::store::{EndReason, NewSandbox, SandboxRecord, SandboxState, Store, StoreError};
+
+/// How long a guest may take from launch to its agent answering.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What to make a sandbox from (checked by the API).
+#[derive(Clone, Debug)]
+pub struct CreateSpec {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub rootfs: Option<PathBuf>,
+    pub cpus: u8,
+    pub memory_mib: u32,
+    pub group: String,
+    pub labels: Labels,
+    pub end_at: Option<i64>,
+    pub source: serde_json::Value,
+}
+
+/// A running sandbox: its child, for control, and its agent, for commands.
+pub struct Live {
+    pub child: Mutex<ChildVm>,
+    pub agent: AgentClient,
+    pub pid: u32,
+}
+
+pub struct Supervisor {
+    root: PathBuf,
+    store: Arc<Mutex<Store>>,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Woken after every change the event log records.
+    pub changed: tokio::sync::Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `chars` random characters of lowercase base 32 (5 bits each).
+pub fn random_word(chars: usize) -> Result<String> {
+    use std::io::Read;
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut bytes = vec![0u8; chars];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(bytes
+        .iter()
+        .map(|b| ALPHABET[usize::from(b & 31)] as char)
+        .collect())
+}
+
+/// A fresh sandbox id: `sb-` and 16 random characters (80 bits), lowercase
+/// so it can stand in a host name (`8000-sb-....localhost`). Unique across
+/// hosts, not only on this one.
+pub fn new_id() -> Result<String> {
+    Ok(format!("sb-{}", random_word(16)?))
+}
+
+impl Supervisor {
+    pub fn new(root: PathBuf, store: Arc<Mutex<Store>>) -> Result<Arc<Supervisor>> {
+        vmm::private::ensure_private_dir(&root)?;
+        vmm::private::ensure_private_dir(&root.join("vms"))?;
+        Ok(Arc::new(Supervisor {
+            root,
+            store,
+            live: Mutex::new(HashMap::new()),
+            changed: tokio::sync::Notify::new(),
+        }))
+    }
+
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        lock(&self.store)
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.root.join("vms").join(id)
+    }
+
+    pub fn live(&self, id: &str) -> Option<Arc<Live>> {
+        lock(&self.live).get(id).cloned()
+    }
+
+    fn notify(&self) {
+        self.changed.notify_waiters();
+    }
+
+    /// Records the sandbox (refused if its group's quota would be passed),
+    /// boots it in a child and waits for its agent. Blocks: run it off the
+    /// async threads.
+    pub fn create(self: &Arc<Self>, spec: CreateSpec) -> Result<SandboxRecord, CreateError> {
+        let id = new_id().map_err(CreateError::Other)?;
+        let record = self
+            .store()
+            .insert_sandbox(&NewSandbox {
+                id: id.clone(),
+                group: spec.group.clone(),
+                source: spec.source.clone(),
+                cpus: u32::from(spec.cpus),
+                memory_mib: spec.memory_mib,
+                labels: spec.labels.clone(),
+                end_at: spec.end_at,
+            })
+            .map_err(CreateError::Store)?;
+        self.notify();
+        log::info!("sandbox {id}: creating from {}", record.source);
+        match self.boot(&id, &spec) {
+            Ok(live) => {
+                let pid = live.pid;
+                let runtime = self.dir(&id).join("runtime");
+                let mut store = self.store();
+                store
+                    .set_vmm(&id, Some(pid as i32), Some(&runtime.to_string_lossy()))
+                    .map_err(CreateError::Store)?;
+                let record = store
+                    .transition(
+                        &id,
+                        &[SandboxState::Creating],
+                        SandboxState::Running,
+                        "ready",
+                    )
+                    .map_err(CreateError::Store)?;
+                drop(store);
+                lock(&self.live).insert(id.clone(), live);
+                self.watch(&id, pid);
+                self.notify();
+                log::info!("sandbox {id}: running (capsule-vmm pid {pid})");
+                Ok(record)
+            }
+            Err(e) => {
+                let detail = format!("{e:#}");
+                log::warn!("sandbox {id}: could not be created: {detail}");
+                let _ = self
+                    .store()
+                    .end_sandbox(&id, EndReason::CreateFailed, &detail);
+                let _ = std::fs::remove_dir_all(self.dir(&id));
+                self.notify();
+                Err(CreateError::Boot { id, detail })
+            }
+        }
+    }
+
+    fn boot(&self, id: &str, spec: &CreateSpec) -> Result<Arc<Live>> {
+        let dir = self.dir(id);
+        vmm::private::ensure_private_dir(&dir)?;
+        let runtime = dir.join("runtime");
+        let mut builder = Sandbox::builder()
+            .kernel(&spec.kernel)
+            .initramfs(&spec.initramfs)
+            .cpus(spec.cpus)
+            .memory_mib(u64::from(spec.memory_mib))
+            .hostname("capsule");
+        if let Some(rootfs) = &spec.rootfs {
+            // Its own copy: sandboxes made from one image never share writes.
+            let copy = dir.join("rootfs.ext4");
+            std::fs::copy(rootfs, &copy)
+                .with_context(|| format!("copying the root filesystem {}", rootfs.display()))?;
+            builder = builder.rootfs(copy, false);
+        }
+        let config = builder.vm_config()?;
+        let log = vmm::private::create_log(&dir.join("vmm.log"))?;
+        let mut options = ChildOptions::new(&runtime);
+        options.customize = Box::new(move |cmd| {
+            // Its own process group: a signal to the daemon's group (a
+            // Ctrl-C) must not reach the sandboxes.
+            std::os::unix::process::CommandExt::process_group(cmd, 0);
+            cmd.stderr(log);
+        });
+        let child = ChildVm::boot(&config, options).context("cannot start the microVM")?;
+        let mut sb = Sandbox::adopt_booted(child, builder.guest_info())?;
+        sb.wait_ready(BOOT_TIMEOUT)?;
+        let child = sb.into_machine();
+        let pid = child.detach();
+        connect(&runtime, pid)
+    }
+
+    /// Watches a child's pidfd; if it ends while its sandbox is live, the
+    /// sandbox ends with how it did.
+    fn watch(self: &Arc<Self>, id: &str, pid: u32) {
+        let pidfd = match PidFd::open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.lost(
+                    id,
+                    &format!("its VMM process {pid} could not be watched: {e}"),
+                );
+                return;
+            }
+        };
+        let (me, id) = (Arc::clone(self), id.to_string());
+        std::thread::Builder::new()
+            .name(format!("watch-{id}"))
+            .spawn(move || {
+                pidfd.wait();
+                let status = pidfd.reap();
+                let Some(live) = lock(&me.live).remove(&id) else {
+                    return; // deleted: the delete recorded why
+                };
+                let exit = lock(&live.child).exit_reason();
+                let (reason, detail) = match (&exit, status) {
+                    (Some(vmm::VmExit::GuestPowerOff), _) | (Some(vmm::VmExit::GuestReset), _) => (
+                        EndReason::GuestPoweredOff,
+                        "the guest powered off".to_string(),
+                    ),
+                    (_, Some(status)) => (EndReason::VmmDied, format!("its VMM process {status}")),
+                    (Some(exit), None) => (EndReason::VmmDied, format!("its VM stopped: {exit}")),
+                    (None, None) => (EndReason::VmmDied, "its VMM process ended".to_string()),
+                };
+                log::warn!("sandbox {id}: ended: {detail}");
+                let _ = me.store().end_sandbox(&id, reason, &detail);
+                let _ = std::fs::remove_dir_all(me.dir(&id));
+                me.notify();
+            })
+            .expect("spawning a watcher thread");
+    }
+
+    fn lost(&self, id: &str, detail: &str) {
+        log::warn!("sandbox {id}: lost: {detail}");
+        let _ = self.store().end_sandbox(id, EndReason::Lost, detail);
+        let _ = std::fs::remove_dir_all(self.dir(id));
+        self.notify();
+    }
+
+    /// Ends a sandbox for `reason`: recorded first (so its watcher does
+    /// not take the kill for a death), then its child is stopped and its
+    /// files removed.
+    pub fn destroy(&self, id: &str, reason: EndReason, detail: &str) -> Result<(), StoreError> {
+        let mut store = self.store();
+        if !store.end_sandbox(id, reason, detail)? {
+            let first = store.sandbox(id)?.end_reason;
+            return Err(StoreError::Conflict(format!(
+                "sandbox {id} has already ended ({})",
+                first.map_or("?", <&str>::from)
+            )));
+        }
+        drop(store);
+        if let Some(live) = lock(&self.live).remove(id) {
+            lock(&live.child).kill();
+        }
+        let _ = std::fs::remove_dir_all(self.dir(id));
+        self.notify();
+        log::info!(
+            "sandbox {id}: ended ({reason}{})",
+            if detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {detail}")
+            }
+        );
+        Ok(())
+    }
+
+    /// After a restart: adopts each running sandbox whose child still
+    /// answers, and ends the rest (and any left half-made) as lost.
+    pub fn adopt(self: &Arc<Self>) -> Result<()> {
+        let records = self
+            .store()
+            .sandboxes(&[SandboxState::Creating, SandboxState::Running])?;
+        for record in records {
+            let id = &record.id;
+            let runtime = self.dir(id).join("runtime");
+            if record.state == SandboxState::Creating {
+                if let Ok(mut child) = ChildVm::connect(&runtime) {
+                    child.kill();
+                }
+                self.lost(id, "the daemon stopped while it was being created");
+                continue;
+            }
+            let pid = record.vmm_pid.unwrap_or(0) as u32;
+            match connect(&runtime, pid) {
+                Ok(live) => {
+                    let pid = live.pid;
+                    lock(&self.live).insert(id.clone(), live);
+                    self.watch(id, pid);
+                    log::info!("sandbox {id}: adopted (capsule-vmm pid {pid})");
+                }
+                Err(e) => self.lost(
+                    id,
+                    &format!("its VMM was gone when the daemon restarted ({e:#})"),
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the sandboxes whose time is up.
+    pub fn expire(&self, now_ms: i64) {
+        let due: Vec<String> = match self.store().sandboxes(&[SandboxState::Running]) {
+            Ok(records) => records
+                .into_iter()
+                .filter(|r| r.end_at.is_some_and(|at| at <= now_ms))
+                .map(|r| r.id)
+                .collect(),
+            Err(e) => {
+                log::error!("expiry: {e}");
+                return;
+            }
+        };
+        for id in due {
+            let _ = self.destroy(&id, EndReason::Expired, "its timeout passed");
+        }
+    }
+}
+
+/// Connects to a child's control socket and its guest's agent.
+fn connect(runtime: &Path, pid_hint: u32) -> Result<Arc<Live>> {
+    let child = ChildVm::connect(runtime)?;
+    let pid = child.pid();
+    if pid_hint != 0 && pid != pid_hint {
+        return Err(anyhow!(
+            "its control socket answers for process {pid}, not {pid_hint}"
+        ));
+    }
+    let agent = sandbox::connect_agent(&runtime.join(capsule_vmm::protocol::VSOCK_SOCKET))?;
+    Ok(Arc::new(Live {
+        child: Mutex::new(child),
+        agent,
+        pid,
+    }))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("sandbox {id} could not be created: {detail}")]
+    Boot { id: String, detail: String },
+    #[error("{0:#}")]
+    Other(anyhow::Error),
+}

@@ -1,0 +1,486 @@
+//! The CLI commands that go through the daemon's API: `sandbox`, `group`,
+//! `events`, `rm`, and `exec` on a daemon sandbox (an id starting `sb-`).
+//! Each prints a human table, or with `--json` exactly what the API sent.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use clap::{Args, Subcommand};
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::api::model::Sandbox;
+use crate::client::ApiClient;
+use crate::exec::CommandArgs;
+
+/// Daemon sandbox ids start so; kept sandboxes may not be named so.
+pub const DAEMON_ID_PREFIX: &str = "sb-";
+
+/// Percent-encodes a query value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SandboxCommand {
+    /// Create a sandbox and wait until it takes commands; prints its id.
+    Create(CreateArgs),
+    /// List sandboxes (all but ended ones, unless --state says otherwise).
+    Ls(ListArgs),
+    /// Show one sandbox.
+    Get {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a sandbox now.
+    Rm { id: String },
+    /// Replace a sandbox's labels.
+    Label {
+        id: String,
+        /// key=value (repeatable; none clears them)
+        #[arg(value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set when a sandbox expires, from now (0 for never).
+    Timeout {
+        id: String,
+        #[arg(value_parser = parse_timeout)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    crate::labels::parse_label(s).map_err(|e| e.to_string())
+}
+
+/// Seconds, with a unit (`30m`, `2h`) or `0` for never.
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    if s == "0" {
+        return Ok(0);
+    }
+    crate::args::parse_seconds(s).map(|d| d.as_secs().max(1))
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Boot from this ext4 root filesystem image (the sandbox gets its own copy).
+    #[arg(long)]
+    rootfs: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 1, value_parser = crate::args::parse_cpus)]
+    cpus: u8,
+    /// Guest memory, e.g. 256M or 1G.
+    #[arg(long, default_value = "256M", value_parser = crate::args::parse_size_mib)]
+    memory: u64,
+    /// The group whose quota it counts against.
+    #[arg(long, default_value = "default")]
+    group: String,
+    /// key=value (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Destroy it after this long (e.g. 30m; 0 for never).
+    #[arg(long, default_value = "5m", value_parser = parse_timeout)]
+    timeout: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Label selector: `owner=alice,job!=7,tier in (a,b),!debug`.
+    #[arg(long = "label", short = 'l')]
+    selector: Option<String>,
+    /// States, comma-separated: creating, running, suspended, ended.
+    #[arg(long)]
+    state: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn labels_text(s: &Sandbox) -> String {
+    let parts: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    parts.join(",")
+}
+
+fn show(s: &Sandbox) {
+    println!("id:       {}", s.id);
+    println!("state:    {}", s.state);
+    println!("group:    {}", s.group);
+    println!("size:     {} vCPU, {} MiB", s.cpus, s.memory_mib);
+    println!("labels:   {}", labels_text(s));
+    println!("created:  {}", s.created_at);
+    println!("ends:     {}", s.end_at.as_deref().unwrap_or("never"));
+    if let Some(e) = &s.ended {
+        println!(
+            "ended:    {} ({}{})",
+            e.at,
+            e.reason,
+            if e.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", e.detail)
+            }
+        );
+    }
+}
+
+pub fn sandbox(command: SandboxCommand) -> Result<u8> {
+    let api = ApiClient::new()?;
+    match command {
+        SandboxCommand::Create(a) => {
+            let rootfs = a
+                .rootfs
+                .as_deref()
+                .map(crate::keeper::absolute)
+                .transpose()?
+                .map(|p| p.to_string_lossy().into_owned());
+            let body = json!({
+                "rootfs": rootfs,
+                "cpus": a.cpus,
+                "memory_mib": a.memory,
+                "group": a.group,
+                "labels": a.labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "timeout_seconds": a.timeout,
+            });
+            if !a.json {
+                eprintln!("capsule: creating a sandbox...");
+            }
+            let s: Sandbox = api.call(Method::POST, "/v1/sandboxes", Some(body))?;
+            if a.json {
+                print_json(&s)?;
+            } else {
+                println!("{}", s.id);
+            }
+        }
+        SandboxCommand::Ls(a) => {
+            let mut query = Vec::new();
+            if let Some(sel) = &a.selector {
+                query.push(format!("label_selector={}", encode(sel)));
+            }
+            if let Some(state) = &a.state {
+                query.push(format!("state={}", encode(state)));
+            }
+            let path = format!("/v1/sandboxes?{}", query.join("&"));
+            let list: Vec<Sandbox> = api.call(Method::GET, &path, None)?;
+            if a.json {
+                return print_json(&list).map(|_| 0);
+            }
+            println!(
+                "{:<22} {:<10} {:<10} {:>4} {:>7}  {:<24} LABELS",
+                "ID", "STATE", "GROUP", "CPUS", "MEMORY", "ENDS"
+            );
+            for s in &list {
+                println!(
+                    "{:<22} {:<10} {:<10} {:>4} {:>6}M  {:<24} {}",
+                    s.id,
+                    s.state.to_string(),
+                    s.group,
+                    s.cpus,
+                    s.memory_mib,
+                    s.end_at.as_deref().unwrap_or("never"),
+                    labels_text(s)
+                );
+            }
+        }
+        SandboxCommand::Get { id, json } => {
+            let s: Sandbox =
+                api.call(Method::GET, &format!("/v1/sandboxes/{}", encode(&id)), None)?;
+            if json {
+                print_json(&s)?;
+            } else {
+                show(&s);
+            }
+        }
+        SandboxCommand::Rm { id } => {
+            let () = api.call(
+                Method::DELETE,
+                &format!("/v1/sandboxes/{}", encode(&id)),
+                None,
+            )?;
+        }
+        SandboxCommand::Label { id, labels, json } => {
+            let body = json!({ "labels": labels.into_iter().collect::<std::collections::BTreeMap<_, _>>() });
+            let s: Sandbox = api.call(
+                Method::PATCH,
+                &format!("/v1/sandboxes/{}", encode(&id)),
+                Some(body),
+            )?;
+            if json {
+                print_json(&s)?;
+            } else {
+                show(&s);
+            }
+        }
+        SandboxCommand::Timeout { id, timeout, json } => {
+            let body = json!({ "timeout_seconds": timeout });
+            let s: Sandbox = api.call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/timeout", encode(&id)),
+                Some(body),
+            )?;
+            if json {
+                print_json(&s)?;
+            } else {
+                show(&s);
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Create a group with a quota.
+    Create {
+        name: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List groups with their quotas and use.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a group's quota.
+    Quota {
+        name: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a group that has no live sandboxes.
+    Rm { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct QuotaArgs {
+    #[arg(long)]
+    max_sandboxes: Option<u32>,
+    #[arg(long)]
+    max_vcpus: Option<u32>,
+    /// e.g. 64G
+    #[arg(long, value_parser = parse_quota_memory)]
+    max_memory: Option<u64>,
+}
+
+/// A memory quota may be far above this host's memory (it caps a group,
+/// it is not one guest), so it is parsed without that bound.
+fn parse_quota_memory(s: &str) -> Result<u64, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("expected a size like 64G, got {s:?}"))?;
+    let mib = match unit {
+        "" | "M" | "m" | "MiB" => Some(n),
+        "G" | "g" | "GiB" => n.checked_mul(1024),
+        "T" | "t" | "TiB" => n.checked_mul(1024 * 1024),
+        _ => return Err(format!("unknown unit in {s:?}: use M, G or T")),
+    };
+    mib.filter(|m| *m <= u64::from(u32::MAX))
+        .ok_or_else(|| format!("{s} is too large"))
+}
+
+impl QuotaArgs {
+    fn body(&self) -> Value {
+        json!({
+            "max_sandboxes": self.max_sandboxes,
+            "max_vcpus": self.max_vcpus,
+            "max_memory_mib": self.max_memory,
+        })
+    }
+}
+
+pub fn group(command: GroupCommand) -> Result<u8> {
+    let api = ApiClient::new()?;
+    let (value, json): (Value, bool) = match command {
+        GroupCommand::Create { name, quota, json } => (
+            api.call(
+                Method::POST,
+                "/v1/groups",
+                Some(json!({ "name": name, "quota": quota.body() })),
+            )?,
+            json,
+        ),
+        GroupCommand::Quota { name, quota, json } => (
+            api.call(
+                Method::PUT,
+                &format!("/v1/groups/{}/quota", encode(&name)),
+                Some(quota.body()),
+            )?,
+            json,
+        ),
+        GroupCommand::Ls { json } => (api.call(Method::GET, "/v1/groups", None)?, json),
+        GroupCommand::Rm { name } => {
+            let () = api.call(
+                Method::DELETE,
+                &format!("/v1/groups/{}", encode(&name)),
+                None,
+            )?;
+            return Ok(0);
+        }
+    };
+    if json {
+        print_json(&value)?;
+        return Ok(0);
+    }
+    let groups = match value {
+        Value::Array(a) => a,
+        one => vec![one],
+    };
+    let limit = |v: &Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
+    println!(
+        "{:<16} {:>14} {:>12} {:>18}",
+        "GROUP", "SANDBOXES", "VCPUS", "MEMORY (MiB)"
+    );
+    for g in &groups {
+        let (q, u) = (&g["quota"], &g["usage"]);
+        println!(
+            "{:<16} {:>14} {:>12} {:>18}",
+            g["name"].as_str().unwrap_or("?"),
+            format!("{}/{}", u["sandboxes"], limit(&q["max_sandboxes"])),
+            format!("{}/{}", u["vcpus"], limit(&q["max_vcpus"])),
+            format!("{}/{}", u["memory_mib"], limit(&q["max_memory_mib"])),
+        );
+    }
+    Ok(0)
+}
+
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// Keep following new events as they happen.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Start after this sequence number.
+    #[arg(long, default_value_t = 0)]
+    after: i64,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_event(e: &Value, json: bool) {
+    if json {
+        println!("{e}");
+        return;
+    }
+    let at = e["at"]
+        .as_i64()
+        .map(crate::api::model::timestamp)
+        .unwrap_or_default();
+    println!(
+        "{:>6} {} {:<10} {:<22} {}",
+        e["seq"],
+        at,
+        e["kind"].as_str().unwrap_or("?"),
+        e["sandbox_id"].as_str().unwrap_or("-"),
+        e["detail"]
+    );
+}
+
+pub fn events(args: EventsArgs) -> Result<u8> {
+    let api = ApiClient::new()?;
+    if !args.follow {
+        let events: Vec<Value> = api.call(
+            Method::GET,
+            &format!("/v1/events?after={}", args.after),
+            None,
+        )?;
+        for e in &events {
+            print_event(e, args.json);
+        }
+        return Ok(0);
+    }
+    api.stream_lines(
+        Method::GET,
+        &format!("/v1/events/stream?after={}", args.after),
+        None,
+        |line| {
+            if let Some(data) = line.strip_prefix(b"data: ") {
+                let e: Value = serde_json::from_slice(data).context("a bad event")?;
+                print_event(&e, args.json);
+                std::io::stdout().flush()?;
+            }
+            Ok(())
+        },
+    )?;
+    Ok(0)
+}
+
+/// `capsule exec sb-... -- cmd`: through the API, output streamed, exit
+/// status as the command's.
+pub fn exec(id: &str, argv: &[String], args: &CommandArgs) -> Result<u8> {
+    let api = ApiClient::new()?;
+    let mut stdin = None;
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading stdin (the API takes it as text)")?;
+        stdin = Some(text);
+    }
+    let body = json!({
+        "cmd": argv,
+        "env": args.env.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        "cwd": args.workdir,
+        "user": args.user,
+        "timeout_seconds": args.timeout.map(|d: Duration| d.as_secs().max(1)),
+        "stdin": stdin,
+    });
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut code = None;
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
+    api.stream_lines(
+        Method::POST,
+        &format!("/v1/sandboxes/{}/exec", encode(id)),
+        Some(body),
+        |line| {
+            let event: crate::api::exec::ExecLine = serde_json::from_slice(line)
+                .context("the daemon sent a line that is not an event")?;
+            use crate::api::exec::ExecLine;
+            match event {
+                ExecLine::Started { .. } => {}
+                ExecLine::Stdout { data } => {
+                    out.write_all(&b64.decode(data)?)?;
+                    out.flush()?;
+                }
+                ExecLine::Stderr { data } => err.write_all(&b64.decode(data)?)?,
+                ExecLine::Exit {
+                    exit_code,
+                    signal,
+                    timed_out,
+                } => {
+                    code = Some(crate::exec::exit_code(&sandbox::ExitStatus {
+                        code: exit_code,
+                        signal,
+                        timed_out,
+                    }))
+                }
+                ExecLine::Error { message, .. } => bail!("sandbox {id}: {message}"),
+            }
+            Ok(())
+        },
+    )?;
+    code.with_context(|| {
+        format!("sandbox {id}: the command's stream ended without its exit status")
+    })
+}

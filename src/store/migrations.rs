@@ -1,0 +1,47 @@
+//! The schema, as numbered steps. The database records the last step it
+//! took (`PRAGMA user_version`); opening it takes the rest, in one
+//! transaction each. A database from a newer Capsule is refused, never
+//! downgraded.
+
+/// Step N (1-based) is `STEPS[N - 1]`. Append; never edit a step that has
+/// shipped.
+pub(super) const STEPS: &[&str] = &[
+    // 1: sandboxes, groups and the event log.
+    r#"
+    CREATE TABLE groups (
+        name            TEXT PRIMARY KEY,
+        max_sandboxes   INTEGER,
+        max_vcpus       INTEGER,
+        max_memory_mib  INTEGER,
+        created_at      INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO groups (name, created_at) VALUES ('default', 0);
+
+    CREATE TABLE sandboxes (
+        id              TEXT PRIMARY KEY,
+        group_name      TEXT NOT NULL REFERENCES groups(name),
+        state           TEXT NOT NULL,
+        source          TEXT NOT NULL,   -- JSON: what it was created from
+        cpus            INTEGER NOT NULL,
+        memory_mib      INTEGER NOT NULL,
+        labels          TEXT NOT NULL,   -- JSON object
+        created_at      INTEGER NOT NULL,
+        end_at          INTEGER,         -- when it expires, unix ms
+        ended_at        INTEGER,
+        end_reason      TEXT,
+        end_detail      TEXT,
+        vmm_pid         INTEGER,
+        runtime_dir     TEXT
+    ) STRICT;
+    CREATE INDEX sandboxes_by_state ON sandboxes(state);
+    CREATE INDEX sandboxes_by_group ON sandboxes(group_name, state);
+
+    CREATE TABLE events (
+        seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+        at              INTEGER NOT NULL,
+        kind            TEXT NOT NULL,
+        sandbox_id      TEXT,
+        detail          TEXT NOT NULL    -- JSON
+    ) STRICT;
+    "#,
+];

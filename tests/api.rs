@@ -1,0 +1,381 @@
+//! Host tier: the daemon's HTTP API, driven with curl (a client nobody
+//! here wrote) over its Unix socket, for everything that needs no guest:
+//! errors and their codes, groups and quota refusals, the OpenAPI
+//! document, the socket's privacy, the TCP listener's token, and state
+//! surviving a SIGKILL of the daemon.
+
+#[path = "common/daemon.rs"]
+mod daemon;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use daemon::Daemon;
+use serde_json::{json, Value};
+
+fn stand_in(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, b"not a kernel").unwrap();
+    p
+}
+
+/// A daemon whose kernel and initramfs are stand-ins: enough for every
+/// request that boots nothing.
+fn start(extra: &[&str]) -> Daemon {
+    let home = tempfile::tempdir().unwrap();
+    let kernel = stand_in(home.path(), "vmlinux");
+    let initramfs = stand_in(home.path(), "initramfs.cpio");
+    Daemon::start_in(home, &kernel, &initramfs, extra)
+}
+
+/// Asserts an error answer: its status and its stable code, and a message.
+fn refused(answer: (u16, Value), status: u16, code: &str) -> String {
+    let (got, body) = answer;
+    assert_eq!(got, status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    let message = body["message"].as_str().unwrap_or_default().to_string();
+    assert!(!message.is_empty(), "{body}");
+    message
+}
+
+#[test]
+fn bad_requests_get_json_errors_with_a_stable_code() {
+    let d = start(&[]);
+    refused(
+        d.call("GET", "/v1/sandboxes/sb-nope", None),
+        404,
+        "sandbox_not_found",
+    );
+    refused(d.call("GET", "/v2/nothing", None), 404, "not_found");
+    refused(
+        d.call("POST", "/v1/sandboxes", Some("{")),
+        400,
+        "bad_request",
+    );
+    refused(
+        d.call("POST", "/v1/sandboxes", Some("[1]")),
+        422,
+        "bad_request",
+    );
+    let m = refused(
+        d.call("POST", "/v1/sandboxes", Some(r#"{"bogus": 1}"#)),
+        422,
+        "bad_request",
+    );
+    assert!(m.contains("bogus"), "{m}");
+    let m = refused(
+        d.call("POST", "/v1/sandboxes", Some(r#"{"cpus": 0}"#)),
+        400,
+        "bad_request",
+    );
+    assert!(m.contains("cpus"), "{m}");
+    let m = refused(
+        d.call("POST", "/v1/sandboxes", Some(r#"{"memory_mib": 1}"#)),
+        400,
+        "bad_request",
+    );
+    assert!(m.contains("memory_mib"), "{m}");
+    let m = refused(
+        d.call("POST", "/v1/sandboxes", Some(r#"{"rootfs": "x.ext4"}"#)),
+        400,
+        "bad_request",
+    );
+    assert!(m.contains("absolute"), "{m}");
+    let m = refused(
+        d.call(
+            "POST",
+            "/v1/sandboxes",
+            Some(r#"{"rootfs": "/nonexistent.ext4"}"#),
+        ),
+        400,
+        "bad_request",
+    );
+    assert!(m.contains("/nonexistent.ext4"), "{m}");
+    let m = refused(
+        d.call("POST", "/v1/sandboxes", Some(r#"{"labels": {"-x": "y"}}"#)),
+        400,
+        "bad_request",
+    );
+    assert!(m.contains("label key"), "{m}");
+    let m = refused(
+        d.call(
+            "POST",
+            "/v1/sandboxes",
+            Some(r#"{"timeout_seconds": 99999999999}"#),
+        ),
+        400,
+        "bad_request",
+    );
+    assert!(m.contains("timeout_seconds"), "{m}");
+    let m = refused(
+        d.call("POST", "/v1/sandboxes", Some(r#"{"group": "Team A"}"#)),
+        400,
+        "bad_request",
+    );
+    assert!(m.contains("group name"), "{m}");
+    refused(
+        d.call("POST", "/v1/sandboxes", Some(r#"{"group": "nope"}"#)),
+        404,
+        "group_not_found",
+    );
+    let m = refused(
+        d.call("GET", "/v1/sandboxes?label_selector=a%20b", None),
+        400,
+        "bad_request",
+    );
+    assert!(m.contains("not a requirement"), "{m}");
+    refused(
+        d.call("GET", "/v1/sandboxes?state=weird", None),
+        400,
+        "bad_request",
+    );
+    refused(
+        d.call("GET", "/v1/sandboxes?bogus=1", None),
+        400,
+        "bad_request",
+    );
+    refused(
+        d.call(
+            "POST",
+            "/v1/sandboxes/sb-nope/exec",
+            Some(r#"{"cmd": ["true"]}"#),
+        ),
+        404,
+        "sandbox_not_found",
+    );
+    refused(
+        d.call("POST", "/v1/sandboxes/sb-nope/exec", Some(r#"{"cmd": []}"#)),
+        400,
+        "bad_request",
+    );
+    refused(
+        d.call("DELETE", "/v1/sandboxes/sb-nope", None),
+        404,
+        "sandbox_not_found",
+    );
+    refused(
+        d.call("PATCH", "/v1/sandboxes/sb-nope", Some(r#"{"labels": {}}"#)),
+        404,
+        "sandbox_not_found",
+    );
+    refused(
+        d.call(
+            "POST",
+            "/v1/sandboxes/sb-nope/timeout",
+            Some(r#"{"timeout_seconds": 5}"#),
+        ),
+        404,
+        "sandbox_not_found",
+    );
+    refused(
+        d.call("GET", "/v1/events?after=x", None),
+        400,
+        "bad_request",
+    );
+    // The daemon is still whole after all of that.
+    assert_eq!(d.call("GET", "/v1/sandboxes", None), (200, json!([])));
+}
+
+#[test]
+fn quota_refusals_leave_nothing_behind() {
+    let d = start(&[]);
+    let (status, group) = d.call(
+        "POST",
+        "/v1/groups",
+        Some(r#"{"name": "team-a", "quota": {"max_sandboxes": 0, "max_vcpus": 64, "max_memory_mib": 65536}}"#),
+    );
+    assert_eq!(status, 201, "{group}");
+    assert_eq!(group["quota"]["max_sandboxes"], 0);
+    assert_eq!(group["usage"]["sandboxes"], 0);
+    refused(
+        d.call("POST", "/v1/groups", Some(r#"{"name": "team-a"}"#)),
+        409,
+        "conflict",
+    );
+    let m = refused(
+        d.call("POST", "/v1/sandboxes", Some(r#"{"group": "team-a"}"#)),
+        429,
+        "quota_exceeded",
+    );
+    assert!(m.contains("at most 0 sandboxes"), "{m}");
+    let (status, all) = d.call(
+        "GET",
+        "/v1/sandboxes?state=creating,running,suspended,ended",
+        None,
+    );
+    assert_eq!((status, all), (200, json!([])));
+    assert!(!d
+        .home
+        .path()
+        .join("home/daemon/vms")
+        .read_dir()
+        .unwrap()
+        .any(|_| true));
+    let (_, events) = d.call("GET", "/v1/events", None);
+    assert_eq!(events, json!([]));
+
+    let (status, g) = d.call(
+        "PUT",
+        "/v1/groups/team-a/quota",
+        Some(r#"{"max_vcpus": 0}"#),
+    );
+    assert_eq!(status, 200, "{g}");
+    assert_eq!(g["quota"]["max_sandboxes"], Value::Null);
+    let m = refused(
+        d.call("POST", "/v1/sandboxes", Some(r#"{"group": "team-a"}"#)),
+        429,
+        "quota_exceeded",
+    );
+    assert!(m.contains("vCPUs"), "{m}");
+    refused(
+        d.call("PUT", "/v1/groups/nope/quota", Some("{}")),
+        404,
+        "group_not_found",
+    );
+    refused(
+        d.call("DELETE", "/v1/groups/default", None),
+        409,
+        "conflict",
+    );
+    assert_eq!(d.call("DELETE", "/v1/groups/team-a", None).0, 204);
+    refused(
+        d.call("GET", "/v1/groups/team-a", None),
+        404,
+        "group_not_found",
+    );
+
+    // The same through the CLI, which goes through the API.
+    let (code, out, err) = d.capsule(&[
+        "group",
+        "create",
+        "team-b",
+        "--max-sandboxes",
+        "1",
+        "--max-memory",
+        "64G",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let g: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(g["quota"]["max_memory_mib"], 65536);
+    let (code, out, _) = d.capsule(&["group", "ls"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("team-b") && out.contains("0/1"), "{out}");
+    let (code, _, err) = d.capsule(&["sandbox", "get", "sb-nope"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no sandbox") && err.contains("sandbox_not_found"),
+        "{err}"
+    );
+    let (code, out, _) = d.capsule(&["sandbox", "ls", "--json"]);
+    assert_eq!((code, out.trim()), (0, "[]"));
+}
+
+#[test]
+fn the_openapi_document_is_served_as_checked_in() {
+    let d = start(&[]);
+    let (status, served) = d.call("GET", "/openapi.json", None);
+    assert_eq!(status, 200);
+    let checked_in: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(served, checked_in);
+    assert!(served["paths"]["/v1/sandboxes/{id}/exec"].is_object());
+}
+
+#[test]
+fn the_socket_is_private_and_one_daemon_serves_a_home() {
+    let d = start(&[]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let out = d
+        .serve_command(&[])
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already serving"), "{err}");
+    // The refused second daemon left the first one's socket alone.
+    assert_eq!(d.call("GET", "/v1/groups", None).0, 200);
+}
+
+#[test]
+fn state_survives_a_sigkill_of_the_daemon() {
+    let mut d = start(&[]);
+    assert_eq!(
+        d.call(
+            "POST",
+            "/v1/groups",
+            Some(r#"{"name": "kept", "quota": {"max_vcpus": 3}}"#)
+        )
+        .0,
+        201
+    );
+    d.kill();
+    d.restart(&[]);
+    let (status, g) = d.call("GET", "/v1/groups/kept", None);
+    assert_eq!(status, 200, "{g}");
+    assert_eq!(g["quota"]["max_vcpus"], 3);
+}
+
+#[test]
+fn the_tcp_listener_needs_the_token() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tokdir = tempfile::tempdir().unwrap();
+    let token_file = tokdir.path().join("token");
+    let addr = format!("127.0.0.1:{port}");
+    let d = start(&[
+        "--listen",
+        &addr,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(token.len() >= 32);
+    let curl = |auth: Option<&str>| {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut cmd = Command::new("curl");
+            cmd.args([
+                "-s",
+                "--max-time",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ]);
+            if let Some(a) = auth {
+                cmd.args(["-H", &format!("authorization: {a}")]);
+            }
+            let out = cmd
+                .arg(format!("http://{addr}/v1/groups"))
+                .output()
+                .unwrap();
+            let code = String::from_utf8_lossy(&out.stdout).to_string();
+            if code != "000" || Instant::now() > end {
+                return code;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(curl(None), "401");
+    assert_eq!(curl(Some("Bearer wrong")), "401");
+    assert_eq!(curl(Some(&format!("Bearer {token}"))), "200");
+    drop(d);
+}

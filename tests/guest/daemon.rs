@@ -1,0 +1,264 @@
+//! The daemon end to end with real guests, over its HTTP API (curl) and
+//! the CLI: create, label selectors, streamed exec with exit status,
+//! timeout expiry with its reason, a VMM child killed with SIGKILL, the
+//! daemon killed with SIGKILL and restarted (its sandboxes adopted), and
+//! delete releasing everything.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use super::*;
+
+#[path = "../common/daemon.rs"]
+mod fixture;
+
+use fixture::Daemon;
+
+fn start() -> Daemon {
+    let home = tempfile::tempdir().unwrap();
+    Daemon::start_in(
+        home,
+        &artifact("CAPSULE_KERNEL"),
+        &artifact("CAPSULE_INITRAMFS"),
+        &[],
+    )
+}
+
+fn create(d: &Daemon, body: &str) -> String {
+    let (status, s) = d.call("POST", "/v1/sandboxes", Some(body));
+    assert_eq!(status, 201, "create {body}: {s}");
+    assert_eq!(s["state"], "running", "{s}");
+    s["id"].as_str().unwrap().to_string()
+}
+
+fn get(d: &Daemon, id: &str) -> Value {
+    let (status, s) = d.call("GET", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(status, 200, "{s}");
+    s
+}
+
+/// Waits for a sandbox to end; its record.
+fn ended(d: &Daemon, id: &str, within: Duration) -> Value {
+    let end = Instant::now() + within;
+    loop {
+        let s = get(d, id);
+        if s["state"] == "ended" {
+            return s;
+        }
+        assert!(
+            Instant::now() < end,
+            "sandbox {id} still {} after {within:?}",
+            s["state"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The exec stream's lines, as curl got them.
+fn exec_lines(d: &Daemon, id: &str, body: &str) -> Vec<Value> {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-S",
+            "-N",
+            "--max-time",
+            "120",
+            "-H",
+            "content-type: application/json",
+        ])
+        .arg("--unix-socket")
+        .arg(d.socket())
+        .args(["--data-binary", body])
+        .arg(format!("http://capsule/v1/sandboxes/{id}/exec"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+fn decoded(lines: &[Value], kind: &str) -> String {
+    use base64::Engine;
+    lines
+        .iter()
+        .filter(|l| l["type"] == kind)
+        .map(|l| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(l["data"].as_str().unwrap())
+                .unwrap();
+            String::from_utf8(bytes).unwrap()
+        })
+        .collect()
+}
+
+/// The `capsule-vmm` process whose working directory is this sandbox's.
+fn vmm_pid(d: &Daemon, id: &str) -> i32 {
+    let runtime = d.capsule_home().join("daemon/vms").join(id).join("runtime");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == runtime) {
+            return pid;
+        }
+    }
+    panic!("no capsule-vmm process runs sandbox {id}");
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie has ended too.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[test]
+fn the_daemon_runs_sandboxes_through_their_whole_life() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let mut d = start();
+    let rootfs = artifact("CAPSULE_ROOTFS");
+    let alice = create(
+        &d,
+        r#"{"labels": {"owner": "alice", "job": "42"}, "timeout_seconds": 600}"#,
+    );
+    let bob = create(
+        &d,
+        &format!(
+            r#"{{"rootfs": "{}", "labels": {{"owner": "bob"}}, "memory_mib": 192}}"#,
+            rootfs.display()
+        ),
+    );
+
+    // Label selectors.
+    let (_, list) = d.call(
+        "GET",
+        "/v1/sandboxes?label_selector=owner%3Dalice%2Cjob!%3D7",
+        None,
+    );
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [alice.as_str()]);
+    let (_, list) = d.call("GET", "/v1/sandboxes?label_selector=!job", None);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], bob.as_str());
+
+    // Exec, streamed, with stdout, stderr, stdin and the exit status.
+    let lines = exec_lines(
+        &d,
+        &alice,
+        r#"{"cmd": ["sh", "-c", "cat; echo out; echo err >&2; exit 3"], "stdin": "in\n"}"#,
+    );
+    assert_eq!(lines[0]["type"], "started", "{lines:?}");
+    assert_eq!(decoded(&lines, "stdout"), "in\nout\n");
+    assert_eq!(decoded(&lines, "stderr"), "err\n");
+    let last = lines.last().unwrap();
+    assert_eq!(
+        (&last["type"], &last["exit_code"]),
+        (&Value::from("exit"), &Value::from(3))
+    );
+
+    // The CLI, through the API: the root filesystem and exit codes.
+    let (code, out, err) = d.capsule(&["exec", &bob, "--", "cat", "/etc/os-release"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Capsule ext4 test root"), "{out}");
+    let (code, _, _) = d.capsule(&["exec", &alice, "--", "sh", "-c", "exit 7"]);
+    assert_eq!(code, 7);
+
+    // A timeout that passes ends the sandbox, with its reason.
+    let (status, s) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{bob}/timeout"),
+        Some(r#"{"timeout_seconds": 1}"#),
+    );
+    assert_eq!(status, 200, "{s}");
+    let s = ended(&d, &bob, Duration::from_secs(15));
+    assert_eq!(s["ended"]["reason"], "expired", "{s}");
+    assert!(!d.capsule_home().join("daemon/vms").join(&bob).exists());
+
+    // A VMM killed outright is noticed within a second or so, with why.
+    let pid = vmm_pid(&d, &alice);
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let s = ended(&d, &alice, Duration::from_secs(5));
+    eprintln!("a killed VMM was recorded after {:?}", killed.elapsed());
+    assert_eq!(s["ended"]["reason"], "vmm_died", "{s}");
+    assert!(
+        s["ended"]["detail"].as_str().unwrap().contains("signal 9"),
+        "{s}"
+    );
+    assert!(!d.capsule_home().join("daemon/vms").join(&alice).exists());
+    refused_conflict(d.call(
+        "POST",
+        &format!("/v1/sandboxes/{alice}/exec"),
+        Some(r#"{"cmd": ["true"]}"#),
+    ));
+
+    // The daemon killed outright: its sandbox keeps running, and the
+    // daemon started again adopts it.
+    let carol = create(&d, r#"{"labels": {"owner": "carol"}}"#);
+    let (code, _, err) = d.capsule(&["exec", &carol, "--", "sh", "-c", "echo 1 > /tmp/counter"]);
+    assert_eq!(code, 0, "{err}");
+    let carol_pid = vmm_pid(&d, &carol);
+    d.kill();
+    assert!(alive(carol_pid), "the sandbox outlives its daemon");
+    d.restart(&[]);
+    assert_eq!(get(&d, &carol)["state"], "running");
+    let (code, out, err) = d.capsule(&["exec", &carol, "--", "cat", "/tmp/counter"]);
+    assert_eq!((code, out.as_str()), (0, "1\n"), "{err}");
+
+    // Delete releases everything.
+    let (status, _) = d.call("DELETE", &format!("/v1/sandboxes/{carol}"), None);
+    assert_eq!(status, 204);
+    let s = get(&d, &carol);
+    assert_eq!(
+        (&s["state"], &s["ended"]["reason"]),
+        (&Value::from("ended"), &Value::from("deleted"))
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while alive(carol_pid) {
+        assert!(
+            Instant::now() < end,
+            "the deleted sandbox's VMM is still running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!d.capsule_home().join("daemon/vms").join(&carol).exists());
+    let (_, list) = d.call("GET", "/v1/sandboxes", None);
+    assert_eq!(list, serde_json::json!([]));
+
+    // The event log tells it all, in order.
+    let (_, events) = d.call("GET", "/v1/events", None);
+    let of = |id: &str| -> Vec<String> {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["sandbox_id"] == id)
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(of(&alice), ["created", "ready", "ended"]);
+    assert_eq!(of(&bob), ["created", "ready", "timeout", "ended"]);
+    assert_eq!(of(&carol), ["created", "ready", "ended"]);
+}
+
+fn refused_conflict((status, body): (u16, Value)) {
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "conflict", "{body}");
+}
