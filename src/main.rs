@@ -11,6 +11,7 @@ mod keeper;
 mod labels;
 mod manage;
 mod run;
+mod secrets;
 mod store;
 
 use std::process::ExitCode;
@@ -59,10 +60,17 @@ enum Command {
     /// Groups and their quotas (daemon).
     #[command(subcommand)]
     Group(manage::GroupCommand),
+    /// Secrets of a group, given to its sandboxes as environment (daemon).
+    #[command(subcommand)]
+    Secret(manage::SecretCommand),
     /// What happened to the daemon's sandboxes, in order.
     Events(manage::EventsArgs),
     /// End a daemon sandbox (the same as `capsule sandbox rm`).
     Rm { id: String },
+    /// Suspend a daemon sandbox to disk (`capsule sandbox suspend`).
+    Suspend { id: String },
+    /// Resume a suspended daemon sandbox (`capsule sandbox resume`).
+    Resume { id: String },
 }
 
 fn main() -> ExitCode {
@@ -82,8 +90,15 @@ fn main() -> ExitCode {
         Command::Serve(args) => daemon::serve(args),
         Command::Sandbox(command) => manage::sandbox(command),
         Command::Group(command) => manage::group(command),
+        Command::Secret(command) => manage::secret(command),
         Command::Events(args) => manage::events(args),
         Command::Rm { id } => manage::sandbox(manage::SandboxCommand::Rm { id }),
+        Command::Suspend { id } => {
+            manage::sandbox(manage::SandboxCommand::Suspend { id, json: false })
+        }
+        Command::Resume { id } => {
+            manage::sandbox(manage::SandboxCommand::Resume { id, json: false })
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

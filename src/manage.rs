@@ -58,6 +58,18 @@ pub enum SandboxCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Suspend a sandbox to disk (memory and disks kept, no VMM process).
+    Suspend {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a suspended sandbox where it was.
+    Resume {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Set when a sandbox expires, from now (0 for never).
     Timeout {
         id: String,
@@ -99,6 +111,10 @@ pub struct CreateArgs {
     /// Destroy it after this long (e.g. 30m; 0 for never).
     #[arg(long, default_value = "5m", value_parser = parse_timeout)]
     timeout: u64,
+    /// A secret of its group that every command gets as an environment
+    /// variable of the same name (repeatable).
+    #[arg(long = "secret")]
+    secrets: Vec<String>,
     #[arg(long)]
     json: bool,
 }
@@ -142,6 +158,15 @@ fn show(s: &Sandbox) {
     }
 }
 
+fn print_sandbox(s: &Sandbox, json: bool) -> Result<()> {
+    if json {
+        print_json(s)
+    } else {
+        show(s);
+        Ok(())
+    }
+}
+
 pub fn sandbox(command: SandboxCommand) -> Result<u8> {
     let api = ApiClient::new()?;
     match command {
@@ -159,6 +184,7 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
                 "group": a.group,
                 "labels": a.labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "timeout_seconds": a.timeout,
+                "secrets": a.secrets,
             });
             if !a.json {
                 eprintln!("capsule: creating a sandbox...");
@@ -203,11 +229,7 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
         SandboxCommand::Get { id, json } => {
             let s: Sandbox =
                 api.call(Method::GET, &format!("/v1/sandboxes/{}", encode(&id)), None)?;
-            if json {
-                print_json(&s)?;
-            } else {
-                show(&s);
-            }
+            print_sandbox(&s, json)?;
         }
         SandboxCommand::Rm { id } => {
             let () = api.call(
@@ -223,11 +245,23 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
                 &format!("/v1/sandboxes/{}", encode(&id)),
                 Some(body),
             )?;
-            if json {
-                print_json(&s)?;
-            } else {
-                show(&s);
-            }
+            print_sandbox(&s, json)?;
+        }
+        SandboxCommand::Suspend { id, json } => {
+            let s: Sandbox = api.call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/suspend", encode(&id)),
+                None,
+            )?;
+            print_sandbox(&s, json)?;
+        }
+        SandboxCommand::Resume { id, json } => {
+            let s: Sandbox = api.call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/resume", encode(&id)),
+                None,
+            )?;
+            print_sandbox(&s, json)?;
         }
         SandboxCommand::Timeout { id, timeout, json } => {
             let body = json!({ "timeout_seconds": timeout });
@@ -236,11 +270,7 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
                 &format!("/v1/sandboxes/{}/timeout", encode(&id)),
                 Some(body),
             )?;
-            if json {
-                print_json(&s)?;
-            } else {
-                show(&s);
-            }
+            print_sandbox(&s, json)?;
         }
     }
     Ok(0)
@@ -362,6 +392,73 @@ pub fn group(command: GroupCommand) -> Result<u8> {
             format!("{}/{}", u["vcpus"], limit(&q["max_vcpus"])),
             format!("{}/{}", u["memory_mib"], limit(&q["max_memory_mib"])),
         );
+    }
+    Ok(0)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SecretCommand {
+    /// Set a group's secret; the value is read from stdin, or asked for
+    /// without echo on a terminal. It is never shown again.
+    Set { group: String, name: String },
+    /// List a group's secrets (names and dates only).
+    Ls {
+        group: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a group's secret.
+    Rm { group: String, name: String },
+}
+
+pub fn secret(command: SecretCommand) -> Result<u8> {
+    let api = ApiClient::new()?;
+    match command {
+        SecretCommand::Set { group, name } => {
+            let value = if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                rpassword::prompt_password(format!("value of {name}: "))
+                    .context("reading the value")?
+            } else {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .context("reading the value from stdin")?;
+                // A value piped with `echo` ends in a newline it did not mean.
+                text.strip_suffix('\n').map(str::to_string).unwrap_or(text)
+            };
+            let value = zeroize::Zeroizing::new(value);
+            let () = api.call(
+                Method::PUT,
+                &format!("/v1/groups/{}/secrets/{}", encode(&group), encode(&name)),
+                Some(json!({ "value": value.as_str() })),
+            )?;
+            eprintln!("capsule: secret {name} set in group {group}");
+        }
+        SecretCommand::Ls { group, json } => {
+            let list: Vec<Value> = api.call(
+                Method::GET,
+                &format!("/v1/groups/{}/secrets", encode(&group)),
+                None,
+            )?;
+            if json {
+                return print_json(&list).map(|_| 0);
+            }
+            println!("{:<32} {:<26} UPDATED", "NAME", "CREATED");
+            for s in &list {
+                println!(
+                    "{:<32} {:<26} {}",
+                    s["name"].as_str().unwrap_or("?"),
+                    s["created_at"].as_str().unwrap_or("?"),
+                    s["updated_at"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        SecretCommand::Rm { group, name } => {
+            let () = api.call(
+                Method::DELETE,
+                &format!("/v1/groups/{}/secrets/{}", encode(&group), encode(&name)),
+                None,
+            )?;
+        }
     }
     Ok(0)
 }

@@ -173,6 +173,10 @@ fn bad_requests_get_json_errors_with_a_stable_code() {
         400,
         "bad_request",
     );
+    for verb in ["suspend", "resume"] {
+        let path = format!("/v1/sandboxes/sb-nope/{verb}");
+        refused(d.call("POST", &path, None), 404, "sandbox_not_found");
+    }
     // The daemon is still whole after all of that.
     assert_eq!(d.call("GET", "/v1/sandboxes", None), (200, json!([])));
 }
@@ -378,4 +382,110 @@ fn the_tcp_listener_needs_the_token() {
     assert_eq!(curl(Some("Bearer wrong")), "401");
     assert_eq!(curl(Some(&format!("Bearer {token}"))), "200");
     drop(d);
+}
+
+#[test]
+fn secrets_go_in_and_never_come_out() {
+    let d = start(&[]);
+    let value = "s3cr3t-value-7f1d";
+    let (status, body) = d.call(
+        "PUT",
+        "/v1/groups/default/secrets/API_KEY",
+        Some(&format!(r#"{{"value": "{value}"}}"#)),
+    );
+    assert_eq!(status, 204, "{body}");
+    let (status, list) = d.call("GET", "/v1/groups/default/secrets", None);
+    assert_eq!(status, 200);
+    assert_eq!(list[0]["name"], "API_KEY");
+    assert!(!list.to_string().contains(value), "{list}");
+    refused(
+        d.call(
+            "PUT",
+            "/v1/groups/default/secrets/1BAD",
+            Some(r#"{"value": "x"}"#),
+        ),
+        400,
+        "bad_request",
+    );
+    refused(
+        d.call(
+            "PUT",
+            "/v1/groups/nope/secrets/API_KEY",
+            Some(r#"{"value": "x"}"#),
+        ),
+        404,
+        "group_not_found",
+    );
+    refused(
+        d.call("GET", "/v1/groups/nope/secrets", None),
+        404,
+        "group_not_found",
+    );
+    let big = format!(r#"{{"value": "{}"}}"#, "x".repeat(70_000));
+    refused(
+        d.call("PUT", "/v1/groups/default/secrets/BIG", Some(&big)),
+        400,
+        "bad_request",
+    );
+    let m = refused(
+        d.call("POST", "/v1/sandboxes", Some(r#"{"secrets": ["MISSING"]}"#)),
+        404,
+        "secret_not_found",
+    );
+    assert!(m.contains("MISSING"), "{m}");
+    refused(
+        d.call("DELETE", "/v1/groups/default/secrets/MISSING", None),
+        404,
+        "secret_not_found",
+    );
+
+    // Through the CLI: the value from stdin.
+    let out = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["secret", "set", "default", "PIPED"])
+        .env("CAPSULE_HOME", d.capsule_home())
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"piped-value-91c\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, listed, _) = d.capsule(&["secret", "ls", "default", "--json"]);
+    assert_eq!(code, 0);
+    assert!(
+        listed.contains("PIPED") && !listed.contains("piped-value"),
+        "{listed}"
+    );
+
+    // Sealed at rest: neither value is in the database or the log.
+    let daemon_dir = d.capsule_home().join("daemon");
+    for entry in std::fs::read_dir(&daemon_dir).unwrap().flatten() {
+        if entry.path().is_file() {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            for secret in [value.as_bytes(), b"piped-value-91c"] {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret),
+                    "a secret in plain text in {}",
+                    entry.path().display()
+                );
+            }
+        }
+    }
+    let log = d.log();
+    assert!(
+        !log.contains(value) && !log.contains("piped-value"),
+        "{log}"
+    );
+    assert_eq!(
+        d.call("DELETE", "/v1/groups/default/secrets/API_KEY", None)
+            .0,
+        204
+    );
 }

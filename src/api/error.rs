@@ -60,6 +60,7 @@ impl From<StoreError> for ApiError {
                 let code = match kind {
                     "sandbox" => "sandbox_not_found",
                     "group" => "group_not_found",
+                    "secret" => "secret_not_found",
                     _ => "not_found",
                 };
                 ApiError::new(StatusCode::NOT_FOUND, code, message)

@@ -134,8 +134,16 @@ pub async fn exec(
     Path(id): Path<String>,
     Json(body): Json<ExecBody>,
 ) -> Result<Response, ApiError> {
-    let request = body.request()?;
+    let mut request = body.request()?;
     let record = state.supervisor.store().sandbox(&id)?;
+    // Secrets first: what the request sets itself wins.
+    let secrets = super::secrets::environment(&state, &record.group, &record.secrets)?;
+    let mut env: Vec<(String, String)> = secrets
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect();
+    env.append(&mut request.env);
+    request.env = env;
     let live = match (record.state, state.supervisor.live(&id)) {
         (SandboxState::Running, Some(live)) => live,
         (s, _) => {

@@ -9,6 +9,7 @@ mod extract;
 mod groups;
 pub mod model;
 mod sandboxes;
+mod secrets;
 
 use std::sync::Arc;
 
@@ -33,18 +34,23 @@ use crate::daemon::AppState;
         sandboxes::delete,
         sandboxes::patch,
         sandboxes::set_timeout,
+        sandboxes::suspend,
+        sandboxes::resume,
         exec::exec,
         groups::create,
         groups::list,
         groups::get_one,
         groups::set_quota,
         groups::delete,
+        secrets::set,
+        secrets::list,
+        secrets::delete,
         events::list,
         events::stream,
     ),
     tags(
         (name = "sandboxes", description = "Sandboxes: create, inspect, run commands, end"),
-        (name = "groups", description = "Groups and their quotas"),
+        (name = "groups", description = "Groups: their quotas and secrets"),
         (name = "events", description = "What happened to sandboxes, in order")
     )
 )]
@@ -73,12 +79,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
+        .route("/v1/sandboxes/{id}/suspend", post(sandboxes::suspend))
+        .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
         .route("/v1/groups", post(groups::create).get(groups::list))
         .route(
             "/v1/groups/{name}",
             get(groups::get_one).delete(groups::delete),
         )
         .route("/v1/groups/{name}/quota", put(groups::set_quota))
+        .route("/v1/groups/{name}/secrets", get(secrets::list))
+        .route(
+            "/v1/groups/{name}/secrets/{secret}",
+            put(secrets::set).delete(secrets::delete),
+        )
         .route("/v1/events", get(events::list))
         .route("/v1/events/stream", get(events::stream))
         .route("/openapi.json", get(|| async { openapi_json() }))

@@ -35,6 +35,11 @@ pub struct CreateSandbox {
     pub labels: BTreeMap<String, String>,
     /// Seconds until it expires and is destroyed (default 300; 0: never).
     pub timeout_seconds: Option<u64>,
+    /// Names of the group's secrets: every command in the sandbox gets
+    /// each as an environment variable of that name. The values never
+    /// enter the guest's disk and are never shown by the API.
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 /// Why and when a sandbox ended.
@@ -59,6 +64,8 @@ pub struct Sandbox {
     pub end_at: Option<String>,
     /// Set once it has ended.
     pub ended: Option<Ending>,
+    /// The names of the secrets its commands get (never their values).
+    pub secrets: Vec<String>,
 }
 
 impl From<&SandboxRecord> for Sandbox {
@@ -77,6 +84,7 @@ impl From<&SandboxRecord> for Sandbox {
                 detail: r.end_detail.clone().unwrap_or_default(),
                 at: timestamp(r.ended_at.unwrap_or(r.created_at)),
             }),
+            secrets: r.secrets.clone(),
         }
     }
 }

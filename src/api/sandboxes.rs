@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{check_name, Json, Path, Query};
 use super::model::{CreateSandbox, ListSandboxes, Sandbox};
-use crate::daemon::supervisor::{CreateError, CreateSpec};
+use crate::daemon::supervisor::{CreateError, CreateSpec, LifecycleError};
 use crate::daemon::AppState;
 use crate::labels::{check_labels, Labels, Selector};
 use crate::store::{now_ms, EndReason, SandboxState};
@@ -79,6 +79,14 @@ impl CreateSandbox {
             .as_deref()
             .map(|r| host_file("rootfs", r))
             .transpose()?;
+        {
+            let store = state.supervisor.store();
+            store.group(&group)?;
+            for name in &self.secrets {
+                super::secrets::check_secret_name(name)?;
+                store.secret(&group, name)?;
+            }
+        }
         Ok(CreateSpec {
             kernel,
             initramfs,
@@ -89,6 +97,7 @@ impl CreateSandbox {
             labels: self.labels.clone(),
             end_at: end_at(self.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS))?,
             source: serde_json::json!({ "rootfs": self.rootfs }),
+            secrets: self.secrets.clone(),
         })
     }
 }
@@ -109,7 +118,7 @@ pub(super) async fn blocking<T: Send + 'static>(
     responses(
         (status = 201, description = "Running", body = Sandbox),
         (status = 400, description = "Bad input", body = ErrorBody),
-        (status = 404, description = "No such group", body = ErrorBody),
+        (status = 404, description = "No such group or secret", body = ErrorBody),
         (status = 429, description = "The group's quota is reached", body = ErrorBody),
         (status = 500, description = "The sandbox could not be started", body = ErrorBody),
     )
@@ -282,5 +291,57 @@ pub async fn set_timeout(
     let end_at = end_at(body.timeout_seconds)?;
     let record = state.supervisor.store().set_end_at(&id, end_at)?;
     state.supervisor.changed.notify_waiters();
+    Ok(axum::Json(Sandbox::from(&record)))
+}
+
+fn lifecycle(e: LifecycleError, code: &'static str) -> ApiError {
+    match e {
+        LifecycleError::Store(e) => e.into(),
+        LifecycleError::Failed(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, code, m),
+    }
+}
+
+/// Suspend a running sandbox to disk: its memory and disks are kept, its
+/// VMM process goes. Commands are refused until it is resumed.
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/suspend", tag = "sandboxes", operation_id = "suspend_sandbox",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Suspended", body = Sandbox),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 409, description = "It is not running", body = ErrorBody),
+        (status = 500, description = "It could not be suspended (it carries on running)", body = ErrorBody),
+    )
+)]
+pub async fn suspend(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Sandbox>, ApiError> {
+    let supervisor = Arc::clone(&state.supervisor);
+    let record = blocking(move || supervisor.suspend(&id))
+        .await?
+        .map_err(|e| lifecycle(e, "suspend_failed"))?;
+    Ok(axum::Json(Sandbox::from(&record)))
+}
+
+/// Resume a suspended sandbox where it was: the same id, memory and files.
+#[utoipa::path(
+    post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", operation_id = "resume_sandbox",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Running again", body = Sandbox),
+        (status = 404, description = "No such sandbox", body = ErrorBody),
+        (status = 409, description = "It is not suspended", body = ErrorBody),
+        (status = 500, description = "It could not be resumed (it stays suspended)", body = ErrorBody),
+    )
+)]
+pub async fn resume(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Sandbox>, ApiError> {
+    let supervisor = Arc::clone(&state.supervisor);
+    let record = blocking(move || supervisor.resume(&id))
+        .await?
+        .map_err(|e| lifecycle(e, "resume_failed"))?;
     Ok(axum::Json(Sandbox::from(&record)))
 }

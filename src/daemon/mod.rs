@@ -7,7 +7,8 @@
 //! $CAPSULE_HOME/
 //!     api.sock       the API (only this user can connect)
 //!     daemon/
-//!         state.db   sandboxes, groups, events (SQLite, WAL)
+//!         state.db   sandboxes, groups, sealed secrets, events (SQLite, WAL)
+//!         secret.key the key secrets are sealed with (0600; not in state.db)
 //!         vms/<id>/  each sandbox's child (see supervisor)
 //! ```
 
@@ -34,6 +35,8 @@ use supervisor::Supervisor;
 /// What every request handler can reach.
 pub struct AppState {
     pub supervisor: Arc<Supervisor>,
+    /// Seals and opens secrets with the host key (`daemon/secret.key`).
+    pub sealer: crate::secrets::Sealer,
     /// The guest kernel and initramfs used when a create names none.
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
@@ -78,6 +81,7 @@ pub fn serve(args: ServeArgs) -> Result<u8> {
         crate::artifacts::INITRAMFS_FILE,
     )?;
     let store = Store::open(&root.join("state.db")).context("opening the state database")?;
+    let sealer = crate::secrets::Sealer::open_or_create(&root.join("secret.key"))?;
     let supervisor = Supervisor::new(root, Arc::new(Mutex::new(store)))?;
     supervisor
         .adopt()
@@ -89,6 +93,7 @@ pub fn serve(args: ServeArgs) -> Result<u8> {
     };
     let state = Arc::new(AppState {
         supervisor,
+        sealer,
         kernel,
         initramfs,
     });

@@ -38,6 +38,7 @@ pub struct CreateSpec {
     pub labels: Labels,
     pub end_at: Option<i64>,
     pub source: serde_json::Value,
+    pub secrets: Vec<String>,
 }
 
 /// A running sandbox: its child, for control, and its agent, for commands.
@@ -123,6 +124,7 @@ impl Supervisor {
                 memory_mib: spec.memory_mib,
                 labels: spec.labels.clone(),
                 end_at: spec.end_at,
+                secrets: spec.secrets.clone(),
             })
             .map_err(CreateError::Store)?;
         self.notify();
@@ -181,15 +183,8 @@ impl Supervisor {
             builder = builder.rootfs(copy, false);
         }
         let config = builder.vm_config()?;
-        let log = vmm::private::create_log(&dir.join("vmm.log"))?;
-        let mut options = ChildOptions::new(&runtime);
-        options.customize = Box::new(move |cmd| {
-            // Its own process group: a signal to the daemon's group (a
-            // Ctrl-C) must not reach the sandboxes.
-            std::os::unix::process::CommandExt::process_group(cmd, 0);
-            cmd.stderr(log);
-        });
-        let child = ChildVm::boot(&config, options).context("cannot start the microVM")?;
+        let child =
+            ChildVm::boot(&config, child_options(&dir)?).context("cannot start the microVM")?;
         let mut sb = Sandbox::adopt_booted(child, builder.guest_info())?;
         sb.wait_ready(BOOT_TIMEOUT)?;
         let child = sb.into_machine();
@@ -276,12 +271,26 @@ impl Supervisor {
     /// After a restart: adopts each running sandbox whose child still
     /// answers, and ends the rest (and any left half-made) as lost.
     pub fn adopt(self: &Arc<Self>) -> Result<()> {
-        let records = self
-            .store()
-            .sandboxes(&[SandboxState::Creating, SandboxState::Running])?;
+        let records = self.store().sandboxes(&[
+            SandboxState::Creating,
+            SandboxState::Running,
+            SandboxState::Suspended,
+        ])?;
         for record in records {
             let id = &record.id;
             let runtime = self.dir(id).join("runtime");
+            if record.state == SandboxState::Suspended {
+                // A suspend or a resume the daemon did not finish: the
+                // store says suspended, so no child may run.
+                if let Ok(mut child) = ChildVm::connect(&runtime) {
+                    child.kill();
+                }
+                let _ = finish_suspend(&self.dir(id));
+                if !self.dir(id).join(SUSPENDED).is_dir() {
+                    self.lost(id, "its suspended state was gone when the daemon restarted");
+                }
+                continue;
+            }
             if record.state == SandboxState::Creating {
                 if let Ok(mut child) = ChildVm::connect(&runtime) {
                     child.kill();
@@ -290,6 +299,8 @@ impl Supervisor {
                 continue;
             }
             let pid = record.vmm_pid.unwrap_or(0) as u32;
+            // A suspend that had not reached the store: it never happened.
+            let _ = std::fs::remove_dir_all(self.dir(id).join(SUSPENDING));
             match connect(&runtime, pid) {
                 Ok(live) => {
                     let pid = live.pid;
@@ -306,9 +317,118 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Suspends a running sandbox to disk: its memory and device state in
+    /// `suspended/` (its disks' writes frozen in layers there), its VMM
+    /// process gone. Blocks.
+    ///
+    /// The steps are ordered so a daemon killed between any two leaves
+    /// something [`Supervisor::adopt`] finishes: the state is written to
+    /// `suspending/` and marked complete, then the store says suspended,
+    /// then the child is killed, then `suspending/` replaces `suspended/`.
+    pub fn suspend(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, LifecycleError> {
+        let record = self.store().sandbox(id)?;
+        if record.state != SandboxState::Running {
+            return Err(StoreError::Conflict(format!(
+                "sandbox {id} is {}, not running",
+                record.state
+            ))
+            .into());
+        }
+        // Out of the live map first: commands are refused from here on,
+        // and the watcher takes the child's end for ours.
+        let Some(live) = lock(&self.live).remove(id) else {
+            return Err(StoreError::Conflict(format!("sandbox {id} is busy")).into());
+        };
+        let dir = self.dir(id);
+        let partial = dir.join(SUSPENDING);
+        let _ = std::fs::remove_dir_all(&partial);
+        let written = lock(&live.child)
+            .snapshot(&partial, false)
+            .map_err(|e| e.to_string())
+            .and_then(|_| std::fs::write(partial.join(COMPLETE), b"").map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            // Not suspended: it carries on as it was.
+            let _ = std::fs::remove_dir_all(&partial);
+            lock(&self.live).insert(id.to_string(), live);
+            return Err(LifecycleError::Failed(format!(
+                "sandbox {id} could not be suspended: {e}"
+            )));
+        }
+        let record = {
+            let mut store = self.store();
+            store.set_vmm(id, None, None)?;
+            store.transition(
+                id,
+                &[SandboxState::Running],
+                SandboxState::Suspended,
+                "suspended",
+            )?
+        };
+        lock(&live.child).kill();
+        finish_suspend(&dir)?;
+        self.notify();
+        log::info!("sandbox {id}: suspended");
+        Ok(record)
+    }
+
+    /// Resumes a suspended sandbox in place: the same id, memory and
+    /// disks, in a new VMM process. Blocks.
+    pub fn resume(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, LifecycleError> {
+        let record = self.store().sandbox(id)?;
+        if record.state != SandboxState::Suspended {
+            return Err(StoreError::Conflict(format!(
+                "sandbox {id} is {}, not suspended",
+                record.state
+            ))
+            .into());
+        }
+        let dir = self.dir(id);
+        let runtime = dir.join("runtime");
+        let _ = std::fs::remove_dir_all(&runtime);
+        let rootfs = dir.join("rootfs.ext4");
+        let options = sandbox::RestoreOptions {
+            vm: vmm::RestoreOptions {
+                disks: if rootfs.exists() {
+                    vec![rootfs.into()]
+                } else {
+                    Vec::new()
+                },
+                ..Default::default()
+            },
+            timeout: Some(BOOT_TIMEOUT),
+            ..Default::default()
+        };
+        let child = child_options(&dir).map_err(|e| LifecycleError::Failed(format!("{e:#}")))?;
+        let restored = ChildVm::restore(&dir.join(SUSPENDED), &options, child)
+            .map_err(|e| LifecycleError::Failed(format!("sandbox {id} could not be resumed: {e}")))
+            .and_then(|sb| {
+                let pid = sb.into_machine().detach();
+                connect(&runtime, pid).map_err(|e| LifecycleError::Failed(format!("{e:#}")))
+            });
+        let live = restored?;
+        let pid = live.pid;
+        let mut store = self.store();
+        store.set_vmm(id, Some(pid as i32), Some(&runtime.to_string_lossy()))?;
+        let record = store.transition(
+            id,
+            &[SandboxState::Suspended],
+            SandboxState::Running,
+            "resumed",
+        )?;
+        drop(store);
+        lock(&self.live).insert(id.to_string(), live);
+        self.watch(id, pid);
+        self.notify();
+        log::info!("sandbox {id}: resumed (capsule-vmm pid {pid})");
+        Ok(record)
+    }
+
     /// Ends the sandboxes whose time is up.
     pub fn expire(&self, now_ms: i64) {
-        let due: Vec<String> = match self.store().sandboxes(&[SandboxState::Running]) {
+        let due: Vec<String> = match self
+            .store()
+            .sandboxes(&[SandboxState::Running, SandboxState::Suspended])
+        {
             Ok(records) => records
                 .into_iter()
                 .filter(|r| r.end_at.is_some_and(|at| at <= now_ms))
@@ -323,6 +443,40 @@ impl Supervisor {
             let _ = self.destroy(&id, EndReason::Expired, "its timeout passed");
         }
     }
+}
+
+/// Where a suspended sandbox's state is, in its directory; it is written
+/// to `suspending/` first, and `complete` marks it whole.
+const SUSPENDED: &str = "suspended";
+const SUSPENDING: &str = "suspending";
+const COMPLETE: &str = "complete";
+
+/// With the child gone: a whole `suspending/` replaces `suspended/` (the
+/// state it was resumed from, whose layers the new one has linked), and
+/// the runtime directory (sockets, the layer the snapshot froze) goes.
+fn finish_suspend(dir: &Path) -> Result<(), LifecycleError> {
+    let (partial, done) = (dir.join(SUSPENDING), dir.join(SUSPENDED));
+    if partial.join(COMPLETE).is_file() {
+        let _ = std::fs::remove_dir_all(&done);
+        std::fs::rename(&partial, &done)
+            .map_err(|e| LifecycleError::Failed(format!("keeping the suspended state: {e}")))?;
+    }
+    let _ = std::fs::remove_dir_all(&partial);
+    let _ = std::fs::remove_dir_all(dir.join("runtime"));
+    Ok(())
+}
+
+/// How a sandbox's child is started: in `dir/runtime`, in a process group
+/// of its own (a signal to the daemon's group, a Ctrl-C, must not reach
+/// the sandboxes), its messages appended to `dir/vmm.log`.
+fn child_options(dir: &Path) -> Result<ChildOptions> {
+    let log = vmm::private::create_log(&dir.join("vmm.log"))?;
+    let mut options = ChildOptions::new(dir.join("runtime"));
+    options.customize = Box::new(move |cmd| {
+        std::os::unix::process::CommandExt::process_group(cmd, 0);
+        cmd.stderr(log);
+    });
+    Ok(options)
 }
 
 /// Connects to a child's control socket and its guest's agent.
@@ -340,6 +494,15 @@ fn connect(runtime: &Path, pid_hint: u32) -> Result<Arc<Live>> {
         agent,
         pid,
     }))
+}
+
+/// Why a suspend or resume did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Failed(String),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -58,6 +58,22 @@ pub(super) fn usage(tx: &rusqlite::Connection, group: &str) -> Result<Usage> {
     )?)
 }
 
+/// Refuses a group that does not exist.
+pub(super) fn exists(tx: &rusqlite::Connection, group: &str) -> Result<()> {
+    let n: i64 = tx.query_row(
+        "SELECT count(*) FROM groups WHERE name = ?1",
+        [group],
+        |r| r.get(0),
+    )?;
+    if n == 0 {
+        return Err(StoreError::NotFound {
+            kind: "group",
+            name: group.to_string(),
+        });
+    }
+    Ok(())
+}
+
 impl Quota {
     /// Whether one more sandbox of `cpus` and `memory_mib` fits beside
     /// `usage`; if not, says which limit it would pass.

@@ -44,4 +44,18 @@ pub(super) const STEPS: &[&str] = &[
         detail          TEXT NOT NULL    -- JSON
     ) STRICT;
     "#,
+    // 2: secrets (sealed; the key is not in the database) and the names a
+    // sandbox was given.
+    r#"
+    CREATE TABLE secrets (
+        group_name      TEXT NOT NULL REFERENCES groups(name),
+        name            TEXT NOT NULL,
+        nonce           BLOB NOT NULL,
+        sealed          BLOB NOT NULL,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL,
+        PRIMARY KEY (group_name, name)
+    ) STRICT;
+    ALTER TABLE sandboxes ADD COLUMN secrets TEXT NOT NULL DEFAULT '[]';
+    "#,
 ];

@@ -9,6 +9,7 @@ mod events;
 mod groups;
 mod migrations;
 mod sandboxes;
+mod secrets;
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -18,6 +19,7 @@ use rusqlite::{Connection, TransactionBehavior};
 pub use events::{Event, MAX_EVENTS_PER_READ};
 pub use groups::{Quota, Usage};
 pub use sandboxes::{EndReason, NewSandbox, SandboxRecord, SandboxState};
+pub use secrets::SealedSecret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

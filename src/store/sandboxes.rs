@@ -79,6 +79,8 @@ pub struct NewSandbox {
     pub labels: Labels,
     /// When it expires (unix ms), if ever.
     pub end_at: Option<i64>,
+    /// The names of the group's secrets its commands get as environment.
+    pub secrets: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -97,6 +99,7 @@ pub struct SandboxRecord {
     pub end_detail: Option<String>,
     pub vmm_pid: Option<i32>,
     pub runtime_dir: Option<String>,
+    pub secrets: Vec<String>,
 }
 
 fn corrupt(what: &'static str, detail: impl fmt::Display) -> rusqlite::Error {
@@ -138,6 +141,7 @@ fn record_from(row: &Row) -> rusqlite::Result<SandboxRecord> {
         end_detail: row.get("end_detail")?,
         vmm_pid: row.get("vmm_pid")?,
         runtime_dir: row.get("runtime_dir")?,
+        secrets: serde_json::from_str(&text("secrets")?).map_err(|e| corrupt("secrets", e))?,
     })
 }
 
@@ -185,8 +189,8 @@ impl Store {
             let at = now_ms();
             let inserted = tx.execute(
                 "INSERT OR IGNORE INTO sandboxes
-                 (id, group_name, state, source, cpus, memory_mib, labels, created_at, end_at)
-                 VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6, ?7, ?8)",
+                 (id, group_name, state, source, cpus, memory_mib, labels, created_at, end_at, secrets)
+                 VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     new.id,
                     new.group,
@@ -195,7 +199,8 @@ impl Store {
                     new.memory_mib,
                     serde_json::to_string(&new.labels).unwrap_or_default(),
                     at,
-                    new.end_at
+                    new.end_at,
+                    serde_json::to_string(&new.secrets).unwrap_or_default()
                 ],
             )?;
             if inserted == 0 {
@@ -351,6 +356,7 @@ mod tests {
             memory_mib: 256,
             labels: [("owner".to_string(), "alice".to_string())].into(),
             end_at: Some(now_ms() + 60_000),
+            secrets: vec!["API_KEY".into()],
         }
     }
 
@@ -360,6 +366,7 @@ mod tests {
         let r = s.insert_sandbox(&new("sb1", "default", 1)).unwrap();
         assert_eq!(r.state, SandboxState::Creating);
         assert_eq!(r.labels["owner"], "alice");
+        assert_eq!(r.secrets, ["API_KEY"]);
         assert!(matches!(
             s.insert_sandbox(&new("sb1", "default", 1)),
             Err(StoreError::Conflict(_))

@@ -57,6 +57,11 @@ impl Daemon {
         self.home.path().join("daemon.log")
     }
 
+    /// What the daemon has logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     fn log_file(&self) -> std::fs::File {
         std::fs::OpenOptions::new()
             .create(true)
@@ -163,8 +168,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-            eprintln!("the daemon's log:\n{log}");
+            eprintln!("the daemon's log:\n{}", self.log());
         }
     }
 }

@@ -125,6 +125,13 @@ fn the_daemon_runs_sandboxes_through_their_whole_life() {
     let _watchdog = Watchdog::arm(TEST_LIMIT);
     let mut d = start();
     let rootfs = artifact("CAPSULE_ROOTFS");
+    let secret = "guest-secret-4b9e";
+    let (status, body) = d.call(
+        "PUT",
+        "/v1/groups/default/secrets/API_KEY",
+        Some(&format!(r#"{{"value": "{secret}"}}"#)),
+    );
+    assert_eq!(status, 204, "{body}");
     let alice = create(
         &d,
         r#"{"labels": {"owner": "alice", "job": "42"}, "timeout_seconds": 600}"#,
@@ -132,7 +139,7 @@ fn the_daemon_runs_sandboxes_through_their_whole_life() {
     let bob = create(
         &d,
         &format!(
-            r#"{{"rootfs": "{}", "labels": {{"owner": "bob"}}, "memory_mib": 192}}"#,
+            r#"{{"rootfs": "{}", "labels": {{"owner": "bob"}}, "memory_mib": 192, "secrets": ["API_KEY"]}}"#,
             rootfs.display()
         ),
     );
@@ -175,6 +182,38 @@ fn the_daemon_runs_sandboxes_through_their_whole_life() {
     assert!(out.contains("Capsule ext4 test root"), "{out}");
     let (code, _, _) = d.capsule(&["exec", &alice, "--", "sh", "-c", "exit 7"]);
     assert_eq!(code, 7);
+
+    // A secret: in its commands' environment, never on the guest's disk,
+    // never in what the API shows.
+    let (code, out, err) = d.capsule(&["exec", &bob, "--", "sh", "-c", "echo \"$API_KEY\"; sync"]);
+    assert_eq!((code, out.trim()), (0, secret), "{err}");
+    let (code, out, _) = d.capsule(&["exec", &alice, "--", "sh", "-c", "echo \"[$API_KEY]\""]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "[]"),
+        "only the sandbox given it has it"
+    );
+    let disk = std::fs::read(
+        d.capsule_home()
+            .join("daemon/vms")
+            .join(&bob)
+            .join("rootfs.ext4"),
+    )
+    .unwrap();
+    assert!(
+        !disk.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "the secret on the guest's disk"
+    );
+    for path in [
+        "/v1/sandboxes",
+        &format!("/v1/sandboxes/{bob}"),
+        "/v1/events",
+        "/v1/groups/default/secrets",
+    ] {
+        let (_, body) = d.call("GET", path, None);
+        assert!(!body.to_string().contains(secret), "{path}: {body}");
+    }
+    assert_eq!(get(&d, &bob)["secrets"], serde_json::json!(["API_KEY"]));
 
     // A timeout that passes ends the sandbox, with its reason.
     let (status, s) = d.call(
@@ -256,9 +295,101 @@ fn the_daemon_runs_sandboxes_through_their_whole_life() {
     assert_eq!(of(&alice), ["created", "ready", "ended"]);
     assert_eq!(of(&bob), ["created", "ready", "timeout", "ended"]);
     assert_eq!(of(&carol), ["created", "ready", "ended"]);
+    assert!(!d.log().contains(secret), "the secret in the daemon's log");
 }
 
 fn refused_conflict((status, body): (u16, Value)) {
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["code"], "conflict", "{body}");
+}
+
+#[test]
+fn ten_suspends_and_resumes_keep_memory_and_disk() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let mut d = start();
+    let rootfs = artifact("CAPSULE_ROOTFS");
+    let id = create(
+        &d,
+        &format!(
+            r#"{{"rootfs": "{}", "labels": {{"cycle": "yes"}}}}"#,
+            rootfs.display()
+        ),
+    );
+    let run = |d: &Daemon, script: &str| {
+        let (code, out, err) = d.capsule(&["exec", &id, "--", "sh", "-c", script]);
+        assert_eq!(code, 0, "{script}: {err}");
+        out
+    };
+    run(&d, "echo 0 > /tmp/counter; mkdir -p /root/files");
+    let started = Instant::now();
+    for i in 1..=10 {
+        // Memory (tmpfs) and disk (the ext4 root), changed each cycle.
+        run(
+            &d,
+            &format!("echo $(( $(cat /tmp/counter) + 1 )) > /tmp/counter; echo {i} > /root/files/f{i}; sync"),
+        );
+        let (status, s) = d.call("POST", &format!("/v1/sandboxes/{id}/suspend"), None);
+        assert_eq!(
+            (status, &s["state"]),
+            (200, &Value::from("suspended")),
+            "cycle {i}: {s}"
+        );
+        assert!(!d
+            .capsule_home()
+            .join("daemon/vms")
+            .join(&id)
+            .join("runtime")
+            .exists());
+        refused_conflict(d.call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(r#"{"cmd": ["true"]}"#),
+        ));
+        refused_conflict(d.call("POST", &format!("/v1/sandboxes/{id}/suspend"), None));
+        if i == 5 {
+            // The daemon killed while a sandbox is suspended: still suspended after.
+            d.kill();
+            d.restart(&[]);
+            assert_eq!(get(&d, &id)["state"], "suspended");
+        }
+        let (status, s) = d.call("POST", &format!("/v1/sandboxes/{id}/resume"), None);
+        assert_eq!(
+            (status, &s["state"]),
+            (200, &Value::from("running")),
+            "cycle {i}: {s}"
+        );
+        assert_eq!(s["id"], id.as_str());
+        assert_eq!(s["labels"]["cycle"], "yes");
+        let out = run(
+            &d,
+            "cat /tmp/counter; cat /root/files/* | sort -n | tr '\\n' ' '",
+        );
+        let want: Vec<String> = (1..=i).map(|n| n.to_string()).collect();
+        assert_eq!(out, format!("{i}\n{} ", want.join(" ")), "cycle {i}");
+    }
+    eprintln!("10 suspend/resume cycles in {:?}", started.elapsed());
+    refused_conflict(d.call("POST", &format!("/v1/sandboxes/{id}/resume"), None));
+    let (_, events) = d.call("GET", "/v1/events", None);
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["sandbox_id"] == id.as_str())
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "suspended").count(),
+        10,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "resumed").count(),
+        10,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None).0,
+        204
+    );
+    assert!(!d.capsule_home().join("daemon/vms").join(&id).exists());
 }
