@@ -310,8 +310,10 @@ fn ten_suspends_and_resumes_keep_memory_and_disk() {
     let rootfs = artifact("CAPSULE_ROOTFS");
     let id = create(
         &d,
+        // Small: each suspend writes all of its memory, and the nested
+        // test host is slow to write.
         &format!(
-            r#"{{"rootfs": "{}", "labels": {{"cycle": "yes"}}}}"#,
+            r#"{{"rootfs": "{}", "labels": {{"cycle": "yes"}}, "memory_mib": 128}}"#,
             rootfs.display()
         ),
     );
