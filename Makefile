@@ -44,6 +44,7 @@ test: artifacts test-host test-guest
 # Host tier: everything that needs no Linux guest.
 test-host: deps
 	cargo nextest run --workspace --no-fail-fast -E 'not binary(guest)'
+	scripts/schemathesis.sh
 
 # Guest tier: real Linux guests, directly on hardware KVM or inside the
 # nested test host. Never skipped: it fails if it cannot run.

@@ -6,6 +6,7 @@ mod artifacts;
 mod client;
 mod commands;
 mod daemon;
+mod doctor;
 mod exec;
 mod keeper;
 mod labels;
@@ -60,9 +61,18 @@ enum Command {
     /// Groups and their quotas (daemon).
     #[command(subcommand)]
     Group(manage::GroupCommand),
+    /// Templates: primed snapshots to create and fork sandboxes from (daemon).
+    #[command(subcommand)]
+    Template(manage::TemplateCommand),
+    /// Prewarmed pools of a template's sandboxes (daemon).
+    #[command(subcommand)]
+    Pool(manage::PoolCommand),
     /// Secrets of a group, given to its sandboxes as environment (daemon).
     #[command(subcommand)]
     Secret(manage::SecretCommand),
+    /// Whether this host can run sandboxes, and what to do if not (exit
+    /// status 0 only if it can).
+    Doctor(doctor::DoctorArgs),
     /// What happened to the daemon's sandboxes, in order.
     Events(manage::EventsArgs),
     /// End a daemon sandbox (the same as `capsule sandbox rm`).
@@ -91,7 +101,10 @@ fn main() -> ExitCode {
         Command::Sandbox(command) => manage::sandbox(command),
         Command::Group(command) => manage::group(command),
         Command::Secret(command) => manage::secret(command),
+        Command::Template(command) => manage::template(command),
+        Command::Pool(command) => manage::pool(command),
         Command::Events(args) => manage::events(args),
+        Command::Doctor(args) => doctor::doctor(args),
         Command::Rm { id } => manage::sandbox(manage::SandboxCommand::Rm { id }),
         Command::Suspend { id } => {
             manage::sandbox(manage::SandboxCommand::Suspend { id, json: false })

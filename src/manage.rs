@@ -70,6 +70,15 @@ pub enum SandboxCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Snapshot a running sandbox into a template named NAME (it carries
+    /// on); `capsule template fork NAME` makes sandboxes from it.
+    Snapshot {
+        id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Set when a sandbox expires, from now (0 for never).
     Timeout {
         id: String,
@@ -94,14 +103,18 @@ fn parse_timeout(s: &str) -> Result<u64, String> {
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
+    /// Restore it from this template (which sets its root filesystem,
+    /// vCPUs and memory).
+    #[arg(long, conflicts_with_all = ["rootfs", "cpus", "memory"])]
+    template: Option<String>,
     /// Boot from this ext4 root filesystem image (the sandbox gets its own copy).
     #[arg(long)]
     rootfs: Option<std::path::PathBuf>,
-    #[arg(long, default_value_t = 1, value_parser = crate::args::parse_cpus)]
-    cpus: u8,
-    /// Guest memory, e.g. 256M or 1G.
-    #[arg(long, default_value = "256M", value_parser = crate::args::parse_size_mib)]
-    memory: u64,
+    #[arg(long, value_parser = crate::args::parse_cpus)]
+    cpus: Option<u8>,
+    /// Guest memory, e.g. 256M or 1G (default 256M).
+    #[arg(long, value_parser = crate::args::parse_size_mib)]
+    memory: Option<u64>,
     /// The group whose quota it counts against.
     #[arg(long, default_value = "default")]
     group: String,
@@ -115,6 +128,10 @@ pub struct CreateArgs {
     /// variable of the same name (repeatable).
     #[arg(long = "secret")]
     secrets: Vec<String>,
+    /// Suspend it to disk after this long without a command (e.g. 5m);
+    /// the next command resumes it.
+    #[arg(long, value_parser = parse_timeout)]
+    idle_suspend: Option<u64>,
     #[arg(long)]
     json: bool,
 }
@@ -178,6 +195,7 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
                 .transpose()?
                 .map(|p| p.to_string_lossy().into_owned());
             let body = json!({
+                "template": a.template,
                 "rootfs": rootfs,
                 "cpus": a.cpus,
                 "memory_mib": a.memory,
@@ -185,6 +203,7 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
                 "labels": a.labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "timeout_seconds": a.timeout,
                 "secrets": a.secrets,
+                "idle_suspend_seconds": a.idle_suspend.filter(|s| *s > 0),
             });
             if !a.json {
                 eprintln!("capsule: creating a sandbox...");
@@ -262,6 +281,14 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
                 None,
             )?;
             print_sandbox(&s, json)?;
+        }
+        SandboxCommand::Snapshot { id, name, json } => {
+            let t: Value = api.call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/snapshot", encode(&id)),
+                Some(json!({ "name": name })),
+            )?;
+            print_template(&t, json)?;
         }
         SandboxCommand::Timeout { id, timeout, json } => {
             let body = json!({ "timeout_seconds": timeout });
@@ -391,6 +418,215 @@ pub fn group(command: GroupCommand) -> Result<u8> {
             format!("{}/{}", u["sandboxes"], limit(&q["max_sandboxes"])),
             format!("{}/{}", u["vcpus"], limit(&q["max_vcpus"])),
             format!("{}/{}", u["memory_mib"], limit(&q["max_memory_mib"])),
+        );
+    }
+    Ok(0)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCommand {
+    /// Build a template: boot, run COMMAND (it must exit 0), snapshot.
+    /// Creating a sandbox from it is then a restore.
+    Create {
+        name: String,
+        /// Boot from this ext4 root filesystem image (copied).
+        #[arg(long)]
+        rootfs: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 1, value_parser = crate::args::parse_cpus)]
+        cpus: u8,
+        #[arg(long, default_value = "256M", value_parser = crate::args::parse_size_mib)]
+        memory: u64,
+        /// How long COMMAND may run.
+        #[arg(long, default_value = "10m", value_parser = parse_timeout)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+        /// The priming command and its arguments.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// List templates and snapshots.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a template (its sandboxes carry on).
+    Rm { name: String },
+    /// Make COUNT sandboxes from a template at once; prints their ids.
+    Fork {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value = "default")]
+        group: String,
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long, default_value = "5m", value_parser = parse_timeout)]
+        timeout: u64,
+        #[arg(long = "secret")]
+        secrets: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_template(t: &Value, json: bool) -> Result<()> {
+    if json {
+        return print_json(t);
+    }
+    println!(
+        "{:<24} {:<9} {:>4} {:>7}  {}",
+        t["name"].as_str().unwrap_or("?"),
+        t["kind"].as_str().unwrap_or("?"),
+        t["cpus"],
+        format!("{}M", t["memory_mib"]),
+        t["created_at"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+pub fn template(command: TemplateCommand) -> Result<u8> {
+    let api = ApiClient::new()?;
+    match command {
+        TemplateCommand::Create {
+            name,
+            rootfs,
+            cpus,
+            memory,
+            timeout,
+            json,
+            command,
+        } => {
+            let rootfs = rootfs
+                .as_deref()
+                .map(crate::keeper::absolute)
+                .transpose()?
+                .map(|p| p.to_string_lossy().into_owned());
+            if !json {
+                eprintln!("capsule: building template {name} (boot, run the command, snapshot)...");
+            }
+            let t: Value = api.call(
+                Method::POST,
+                "/v1/templates",
+                Some(json!({
+                    "name": name, "rootfs": rootfs, "cpus": cpus, "memory_mib": memory,
+                    "cmd": command, "timeout_seconds": timeout,
+                })),
+            )?;
+            print_template(&t, json)?;
+        }
+        TemplateCommand::Ls { json } => {
+            let list: Vec<Value> = api.call(Method::GET, "/v1/templates", None)?;
+            if json {
+                return print_json(&list).map(|_| 0);
+            }
+            println!(
+                "{:<24} {:<9} {:>4} {:>7}  CREATED",
+                "NAME", "KIND", "CPUS", "MEMORY"
+            );
+            for t in &list {
+                print_template(t, false)?;
+            }
+        }
+        TemplateCommand::Rm { name } => {
+            let () = api.call(
+                Method::DELETE,
+                &format!("/v1/templates/{}", encode(&name)),
+                None,
+            )?;
+        }
+        TemplateCommand::Fork {
+            name,
+            count,
+            group,
+            labels,
+            timeout,
+            secrets,
+            json,
+        } => {
+            let forks: Vec<Value> = api.call(
+                Method::POST,
+                &format!("/v1/templates/{}/fork", encode(&name)),
+                Some(json!({
+                    "count": count, "group": group, "timeout_seconds": timeout, "secrets": secrets,
+                    "labels": labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                })),
+            )?;
+            if json {
+                return print_json(&forks).map(|_| 0);
+            }
+            let mut failed = 0;
+            for f in &forks {
+                match f["sandbox"]["id"].as_str() {
+                    Some(id) => println!("{id}"),
+                    None => {
+                        failed += 1;
+                        eprintln!("capsule: a fork failed: {}", f["error"]["message"]);
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {count} forks failed");
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCommand {
+    /// Keep WARM restored sandboxes of a template ready.
+    Set {
+        template: String,
+        #[arg(long)]
+        warm: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The pools, with how many are ready.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop keeping a template's sandboxes ready.
+    Rm { template: String },
+}
+
+pub fn pool(command: PoolCommand) -> Result<u8> {
+    let api = ApiClient::new()?;
+    let (pools, json): (Vec<Value>, bool) = match command {
+        PoolCommand::Set {
+            template,
+            warm,
+            json,
+        } => (
+            vec![api.call(
+                Method::PUT,
+                &format!("/v1/pools/{}", encode(&template)),
+                Some(json!({ "warm": warm })),
+            )?],
+            json,
+        ),
+        PoolCommand::Ls { json } => (api.call(Method::GET, "/v1/pools", None)?, json),
+        PoolCommand::Rm { template } => {
+            let () = api.call(
+                Method::DELETE,
+                &format!("/v1/pools/{}", encode(&template)),
+                None,
+            )?;
+            return Ok(0);
+        }
+    };
+    if json {
+        return print_json(&pools).map(|_| 0);
+    }
+    println!("{:<24} {:>5} {:>5}", "TEMPLATE", "READY", "WARM");
+    for p in &pools {
+        println!(
+            "{:<24} {:>5} {:>5}",
+            p["template"].as_str().unwrap_or("?"),
+            p["ready"],
+            p["warm"]
         );
     }
     Ok(0)

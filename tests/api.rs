@@ -55,12 +55,12 @@ fn bad_requests_get_json_errors_with_a_stable_code() {
     );
     refused(
         d.call("POST", "/v1/sandboxes", Some("[1]")),
-        422,
+        400,
         "bad_request",
     );
     let m = refused(
         d.call("POST", "/v1/sandboxes", Some(r#"{"bogus": 1}"#)),
-        422,
+        400,
         "bad_request",
     );
     assert!(m.contains("bogus"), "{m}");

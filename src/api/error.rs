@@ -61,6 +61,8 @@ impl From<StoreError> for ApiError {
                     "sandbox" => "sandbox_not_found",
                     "group" => "group_not_found",
                     "secret" => "secret_not_found",
+                    "template" => "template_not_found",
+                    "pool" => "pool_not_found",
                     _ => "not_found",
                 };
                 ApiError::new(StatusCode::NOT_FOUND, code, message)
@@ -68,6 +70,9 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(_) => ApiError::conflict(message),
             StoreError::QuotaExceeded { .. } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", message)
+            }
+            StoreError::HostFull { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "host_full", message)
             }
             StoreError::Sqlite(_) | StoreError::TooNew { .. } | StoreError::Corrupt { .. } => {
                 log::error!("{message}");

@@ -23,8 +23,9 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Json, Path};
+use crate::daemon::supervisor::{Busy, LifecycleError};
 use crate::daemon::AppState;
-use crate::store::SandboxState;
+use crate::store::{SandboxState, StoreError};
 
 /// Longest command timeout: 30 days.
 const MAX_TIMEOUT_SECONDS: u64 = 30 * 24 * 3600;
@@ -109,6 +110,58 @@ impl ExecBody {
     }
 }
 
+/// The running sandbox `id`, marked busy so idle suspend leaves it be. A
+/// sandbox that idle suspend put to sleep is resumed first (the caller
+/// sees latency, never an error); one suspended or ended otherwise is a
+/// conflict.
+async fn acquire(state: &Arc<AppState>, id: &str) -> Result<Busy, ApiError> {
+    for _ in 0..3 {
+        let record = state.supervisor.store().sandbox(id)?;
+        match (record.state, state.supervisor.live(id)) {
+            (SandboxState::Running, Some(live)) => {
+                let busy = live.busy();
+                // Still the live one: a suspend that took it out of the
+                // map before we marked it busy has not been missed.
+                if state
+                    .supervisor
+                    .live(id)
+                    .is_some_and(|l| Arc::ptr_eq(&l, &live))
+                {
+                    return Ok(busy);
+                }
+            }
+            (SandboxState::Suspended, _) if record.idle_suspend_ms.is_some() => {
+                let supervisor = Arc::clone(&state.supervisor);
+                let id = id.to_string();
+                match super::sandboxes::blocking(move || supervisor.resume(&id)).await? {
+                    Ok(_) => {}
+                    // Another request resumed it first.
+                    Err(LifecycleError::Store(StoreError::Conflict(_))) => {}
+                    Err(e) => {
+                        return Err(ApiError::new(
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            "resume_failed",
+                            e.to_string(),
+                        ))
+                    }
+                }
+            }
+            (SandboxState::Running, None) => {
+                // Being suspended right now: wait for it to finish.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            (s, _) => {
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} is {s}, not running"
+                )))
+            }
+        }
+    }
+    Err(ApiError::conflict(format!(
+        "sandbox {id} is being suspended or resumed; try again"
+    )))
+}
+
 fn line(event: &ExecLine) -> Bytes {
     let mut bytes = serde_json::to_vec(event).unwrap_or_default();
     bytes.push(b'\n');
@@ -144,16 +197,10 @@ pub async fn exec(
         .collect();
     env.append(&mut request.env);
     request.env = env;
-    let live = match (record.state, state.supervisor.live(&id)) {
-        (SandboxState::Running, Some(live)) => live,
-        (s, _) => {
-            return Err(ApiError::conflict(format!(
-                "sandbox {id} is {s}, not running"
-            )))
-        }
-    };
+    let busy = acquire(&state, &id).await?;
     let stdin = body.stdin.clone();
-    let mut handle = super::sandboxes::blocking(move || live.agent.exec(request))
+    let agent_busy = busy.live().clone();
+    let mut handle = super::sandboxes::blocking(move || agent_busy.agent.exec(request))
         .await?
         .map_err(|e| {
             ApiError::new(
@@ -167,6 +214,8 @@ pub async fn exec(
     std::thread::Builder::new()
         .name("exec-stream".into())
         .spawn(move || {
+            // The sandbox counts as busy until the command ends.
+            let _busy = busy;
             if let Some(text) = stdin {
                 let input = handle.input();
                 std::thread::spawn(move || {

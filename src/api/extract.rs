@@ -21,12 +21,11 @@ pub struct Query<T>(pub T);
 pub struct Path<T>(pub T);
 
 impl From<JsonRejection> for ApiError {
+    /// Always 400, whatever was wrong with the body (not JSON, not
+    /// `application/json`, the wrong shape), so a client has one status
+    /// to handle and the message to show.
     fn from(r: JsonRejection) -> Self {
-        ApiError::new(
-            r.status(),
-            "bad_request",
-            format!("request body: {}", r.body_text()),
-        )
+        ApiError::bad_request(format!("request body: {}", r.body_text()))
     }
 }
 

@@ -101,6 +101,7 @@ pub async fn get_one(
     request_body = Quota,
     responses(
         (status = 200, description = "The group", body = Group),
+        (status = 400, description = "Bad quota", body = ErrorBody),
         (status = 404, description = "No such group", body = ErrorBody),
     )
 )]

@@ -8,8 +8,10 @@ pub mod exec;
 mod extract;
 mod groups;
 pub mod model;
+mod pools;
 mod sandboxes;
 mod secrets;
+mod templates;
 
 use std::sync::Arc;
 
@@ -36,6 +38,7 @@ use crate::daemon::AppState;
         sandboxes::set_timeout,
         sandboxes::suspend,
         sandboxes::resume,
+        templates::snapshot,
         exec::exec,
         groups::create,
         groups::list,
@@ -45,12 +48,21 @@ use crate::daemon::AppState;
         secrets::set,
         secrets::list,
         secrets::delete,
+        templates::create,
+        templates::list,
+        templates::get_one,
+        templates::delete,
+        templates::fork,
+        pools::set,
+        pools::list,
+        pools::delete,
         events::list,
         events::stream,
     ),
     tags(
         (name = "sandboxes", description = "Sandboxes: create, inspect, run commands, end"),
         (name = "groups", description = "Groups: their quotas and secrets"),
+        (name = "templates", description = "Primed snapshots to create and fork sandboxes from"),
         (name = "events", description = "What happened to sandboxes, in order")
     )
 )]
@@ -81,6 +93,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
         .route("/v1/sandboxes/{id}/suspend", post(sandboxes::suspend))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
+        .route("/v1/sandboxes/{id}/snapshot", post(templates::snapshot))
+        .route(
+            "/v1/templates",
+            post(templates::create).get(templates::list),
+        )
+        .route(
+            "/v1/templates/{name}",
+            get(templates::get_one).delete(templates::delete),
+        )
+        .route("/v1/templates/{name}/fork", post(templates::fork))
+        .route("/v1/pools", get(pools::list))
+        .route(
+            "/v1/pools/{template}",
+            put(pools::set).delete(pools::delete),
+        )
         .route("/v1/groups", post(groups::create).get(groups::list))
         .route(
             "/v1/groups/{name}",

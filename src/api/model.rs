@@ -18,6 +18,10 @@ pub fn timestamp(unix_ms: i64) -> String {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
+    /// Restore it from this template (or snapshot): it starts primed, in
+    /// milliseconds, with its own identity. The template sets the root
+    /// filesystem, vCPUs and memory, so those may not be given too.
+    pub template: Option<String>,
     /// An ext4 root filesystem image on the daemon's host (default: the
     /// guest's initramfs alone).
     pub rootfs: Option<String>,
@@ -40,6 +44,10 @@ pub struct CreateSandbox {
     /// enter the guest's disk and are never shown by the API.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Suspend it to disk after this many seconds without a command; the
+    /// next command resumes it (the caller sees extra latency, never an
+    /// error). Default: never.
+    pub idle_suspend_seconds: Option<u64>,
 }
 
 /// Why and when a sandbox ended.
@@ -66,6 +74,8 @@ pub struct Sandbox {
     pub ended: Option<Ending>,
     /// The names of the secrets its commands get (never their values).
     pub secrets: Vec<String>,
+    /// Seconds without a command after which it is suspended, if set.
+    pub idle_suspend_seconds: Option<u64>,
 }
 
 impl From<&SandboxRecord> for Sandbox {
@@ -85,6 +95,7 @@ impl From<&SandboxRecord> for Sandbox {
                 at: timestamp(r.ended_at.unwrap_or(r.created_at)),
             }),
             secrets: r.secrets.clone(),
+            idle_suspend_seconds: r.idle_suspend_ms.map(|ms| ms.max(0) as u64 / 1000),
         }
     }
 }

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{check_name, Json, Path, Query};
 use super::model::{CreateSandbox, ListSandboxes, Sandbox};
-use crate::daemon::supervisor::{CreateError, CreateSpec, LifecycleError};
+use crate::daemon::supervisor::{CreateError, CreateSpec, LifecycleError, Origin};
 use crate::daemon::AppState;
 use crate::labels::{check_labels, Labels, Selector};
 use crate::store::{now_ms, EndReason, SandboxState};
@@ -31,7 +31,7 @@ fn end_at(timeout_seconds: u64) -> Result<Option<i64>, ApiError> {
     Ok((timeout_seconds > 0).then(|| now_ms() + timeout_seconds as i64 * 1000))
 }
 
-fn host_file(what: &str, path: &str) -> Result<PathBuf, ApiError> {
+pub(super) fn host_file(what: &str, path: &str) -> Result<PathBuf, ApiError> {
     let p = PathBuf::from(path);
     if !p.is_absolute() {
         return Err(ApiError::bad_request(format!(
@@ -48,7 +48,8 @@ fn host_file(what: &str, path: &str) -> Result<PathBuf, ApiError> {
 }
 
 impl CreateSandbox {
-    fn spec(&self, state: &AppState) -> Result<CreateSpec, ApiError> {
+    /// The vCPUs and memory asked for, checked.
+    pub(super) fn size(&self) -> Result<(u8, u32), ApiError> {
         let cpus = self.cpus.unwrap_or(1);
         if cpus == 0 || cpus > u32::from(vmm::layout::MAX_VCPUS) {
             return Err(ApiError::bad_request(format!(
@@ -63,9 +64,14 @@ impl CreateSandbox {
                 vmm::layout::MAX_MEMORY_MIB
             )));
         }
-        let group = self.group.clone().unwrap_or_else(|| "default".into());
-        check_name("group", &group)?;
-        check_labels(&self.labels).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok((cpus as u8, memory_mib))
+    }
+
+    pub(super) fn spec(&self, state: &AppState) -> Result<CreateSpec, ApiError> {
+        if let Some(name) = &self.template {
+            return self.template_spec(state, name);
+        }
+        let (cpus, memory_mib) = self.size()?;
         let kernel = match &self.kernel {
             Some(k) => host_file("kernel", k)?,
             None => state.kernel.clone(),
@@ -79,6 +85,53 @@ impl CreateSandbox {
             .as_deref()
             .map(|r| host_file("rootfs", r))
             .transpose()?;
+        self.common(
+            state,
+            Origin::Boot {
+                kernel,
+                initramfs,
+                rootfs,
+            },
+            cpus,
+            memory_mib,
+            serde_json::json!({ "rootfs": self.rootfs }),
+        )
+    }
+
+    fn template_spec(&self, state: &AppState, name: &str) -> Result<CreateSpec, ApiError> {
+        if self.rootfs.is_some()
+            || self.kernel.is_some()
+            || self.initramfs.is_some()
+            || self.cpus.is_some()
+            || self.memory_mib.is_some()
+        {
+            return Err(ApiError::bad_request(
+                "a template sets the root filesystem, kernel, vCPUs and memory: give only the template",
+            ));
+        }
+        check_name("template", name)?;
+        let template = state.supervisor.store().template(name)?;
+        self.common(
+            state,
+            Origin::Template(name.to_string()),
+            template.cpus as u8,
+            template.memory_mib,
+            serde_json::json!({ "template": name }),
+        )
+    }
+
+    /// What every create checks and carries, whatever it is made from.
+    fn common(
+        &self,
+        state: &AppState,
+        origin: Origin,
+        cpus: u8,
+        memory_mib: u32,
+        source: serde_json::Value,
+    ) -> Result<CreateSpec, ApiError> {
+        let group = self.group.clone().unwrap_or_else(|| "default".into());
+        check_name("group", &group)?;
+        check_labels(&self.labels).map_err(|e| ApiError::bad_request(e.to_string()))?;
         {
             let store = state.supervisor.store();
             store.group(&group)?;
@@ -88,16 +141,23 @@ impl CreateSandbox {
             }
         }
         Ok(CreateSpec {
-            kernel,
-            initramfs,
-            rootfs,
-            cpus: cpus as u8,
+            origin,
+            cpus,
             memory_mib,
             group,
             labels: self.labels.clone(),
             end_at: end_at(self.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS))?,
-            source: serde_json::json!({ "rootfs": self.rootfs }),
+            source,
             secrets: self.secrets.clone(),
+            idle_suspend_ms: match self.idle_suspend_seconds {
+                None => None,
+                Some(s) if (1..=MAX_TIMEOUT_SECONDS).contains(&s) => Some(s as i64 * 1000),
+                Some(_) => {
+                    return Err(ApiError::bad_request(format!(
+                        "idle_suspend_seconds must be 1 to {MAX_TIMEOUT_SECONDS}"
+                    )))
+                }
+            },
         })
     }
 }
@@ -119,7 +179,7 @@ pub(super) async fn blocking<T: Send + 'static>(
         (status = 201, description = "Running", body = Sandbox),
         (status = 400, description = "Bad input", body = ErrorBody),
         (status = 404, description = "No such group or secret", body = ErrorBody),
-        (status = 429, description = "The group's quota is reached", body = ErrorBody),
+        (status = 429, description = "The group's quota, or the host's limit, is reached", body = ErrorBody),
         (status = 500, description = "The sandbox could not be started", body = ErrorBody),
     )
 )]
@@ -131,15 +191,7 @@ pub async fn create(
     let supervisor = Arc::clone(&state.supervisor);
     let record = blocking(move || supervisor.create(spec))
         .await?
-        .map_err(|e| match e {
-            CreateError::Store(e) => e.into(),
-            CreateError::Boot { .. } => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "sandbox_failed",
-                e.to_string(),
-            ),
-            CreateError::Other(e) => ApiError::internal(format!("{e:#}")),
-        })?;
+        .map_err(create_error)?;
     Ok((StatusCode::CREATED, axum::Json(Sandbox::from(&record))))
 }
 
@@ -294,7 +346,7 @@ pub async fn set_timeout(
     Ok(axum::Json(Sandbox::from(&record)))
 }
 
-fn lifecycle(e: LifecycleError, code: &'static str) -> ApiError {
+pub(super) fn lifecycle(e: LifecycleError, code: &'static str) -> ApiError {
     match e {
         LifecycleError::Store(e) => e.into(),
         LifecycleError::Failed(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, code, m),
@@ -344,4 +396,16 @@ pub async fn resume(
         .await?
         .map_err(|e| lifecycle(e, "resume_failed"))?;
     Ok(axum::Json(Sandbox::from(&record)))
+}
+
+pub(super) fn create_error(e: CreateError) -> ApiError {
+    match e {
+        CreateError::Store(e) => e.into(),
+        CreateError::Boot { .. } => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "sandbox_failed",
+            e.to_string(),
+        ),
+        CreateError::Other(e) => ApiError::internal(format!("{e:#}")),
+    }
 }

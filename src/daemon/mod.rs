@@ -13,7 +13,9 @@
 //! ```
 
 mod pidfd;
+pub mod pool;
 pub mod supervisor;
+pub mod templates;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -59,6 +61,10 @@ pub struct ServeArgs {
     /// Initramfs holding the guest agent, for sandboxes that name none.
     #[arg(long)]
     pub initramfs: Option<PathBuf>,
+    /// The most sandboxes this host runs at once, over every group (more
+    /// are refused with 429 `host_full`).
+    #[arg(long)]
+    pub max_sandboxes: Option<u32>,
 }
 
 /// The API socket: `$CAPSULE_HOME/api.sock`.
@@ -82,10 +88,22 @@ pub fn serve(args: ServeArgs) -> Result<u8> {
     )?;
     let store = Store::open(&root.join("state.db")).context("opening the state database")?;
     let sealer = crate::secrets::Sealer::open_or_create(&root.join("secret.key"))?;
-    let supervisor = Supervisor::new(root, Arc::new(Mutex::new(store)))?;
+    let supervisor = Supervisor::new(root, Arc::new(Mutex::new(store)), args.max_sandboxes)?;
     supervisor
         .adopt()
         .context("adopting the sandboxes left running")?;
+    supervisor
+        .remove_strays()
+        .context("removing what no sandbox owns")?;
+    let refill = Arc::clone(&supervisor);
+    std::thread::Builder::new()
+        .name("pool-refill".into())
+        .spawn(move || loop {
+            if !refill.refill_one() {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+        .context("starting the pool refill thread")?;
     let token = match (&args.listen, &args.token_file) {
         (Some(_), Some(path)) => Some(read_or_make_token(path)?),
         (Some(_), None) => bail!("--listen needs --token-file: TCP requests need a bearer token"),
@@ -128,8 +146,11 @@ async fn run(
         loop {
             tick.tick().await;
             let supervisor = Arc::clone(&expiry);
-            let _ = tokio::task::spawn_blocking(move || supervisor.expire(crate::store::now_ms()))
-                .await;
+            let _ = tokio::task::spawn_blocking(move || {
+                supervisor.expire(crate::store::now_ms());
+                supervisor.suspend_idle();
+            })
+            .await;
         }
     });
 

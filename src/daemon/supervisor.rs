@@ -24,14 +24,26 @@ use crate::labels::Labels;
 use crate::store::{EndReason, NewSandbox, SandboxRecord, SandboxState, Store, StoreError};
 
 /// How long a guest may take from launch to its agent answering.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where a sandbox's VM comes from.
+#[derive(Clone, Debug)]
+pub enum Origin {
+    /// Booted from a kernel and initramfs, with its own copy of `rootfs`.
+    Boot {
+        kernel: PathBuf,
+        initramfs: PathBuf,
+        rootfs: Option<PathBuf>,
+    },
+    /// Restored from a template (or a sandbox's snapshot), with a fresh
+    /// identity.
+    Template(String),
+}
 
 /// What to make a sandbox from (checked by the API).
 #[derive(Clone, Debug)]
 pub struct CreateSpec {
-    pub kernel: PathBuf,
-    pub initramfs: PathBuf,
-    pub rootfs: Option<PathBuf>,
+    pub origin: Origin,
     pub cpus: u8,
     pub memory_mib: u32,
     pub group: String,
@@ -39,6 +51,7 @@ pub struct CreateSpec {
     pub end_at: Option<i64>,
     pub source: serde_json::Value,
     pub secrets: Vec<String>,
+    pub idle_suspend_ms: Option<i64>,
 }
 
 /// A running sandbox: its child, for control, and its agent, for commands.
@@ -46,17 +59,67 @@ pub struct Live {
     pub child: Mutex<ChildVm>,
     pub agent: AgentClient,
     pub pid: u32,
+    pub activity: Activity,
+}
+
+/// Commands running in a sandbox, and when the last began or ended: what
+/// idle suspend goes by.
+#[derive(Default)]
+pub struct Activity {
+    running: std::sync::atomic::AtomicUsize,
+    last: Mutex<Option<std::time::Instant>>,
+}
+
+/// Held while a command runs in a sandbox.
+pub struct Busy(Arc<Live>);
+
+impl Live {
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.activity
+            .running
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *lock(&self.activity.last) = Some(std::time::Instant::now());
+        Busy(Arc::clone(self))
+    }
+}
+
+impl Activity {
+    /// Whether nothing has run for `idle`.
+    fn idle_for(&self, idle: Duration) -> bool {
+        self.running.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && lock(&self.last).is_none_or(|t| t.elapsed() >= idle)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let activity = &self.0.activity;
+        *lock(&activity.last) = Some(std::time::Instant::now());
+        activity
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Busy {
+    pub fn live(&self) -> &Arc<Live> {
+        &self.0
+    }
 }
 
 pub struct Supervisor {
-    root: PathBuf,
+    pub(super) root: PathBuf,
+    /// The most live sandboxes this host runs, over every group.
+    max_sandboxes: Option<u32>,
     store: Arc<Mutex<Store>>,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Restored sandboxes kept ready, by template (see the pool module).
+    pub(super) pool: Mutex<HashMap<String, Vec<super::pool::Pooled>>>,
     /// Woken after every change the event log records.
     pub changed: tokio::sync::Notify,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -82,13 +145,19 @@ pub fn new_id() -> Result<String> {
 }
 
 impl Supervisor {
-    pub fn new(root: PathBuf, store: Arc<Mutex<Store>>) -> Result<Arc<Supervisor>> {
+    pub fn new(
+        root: PathBuf,
+        store: Arc<Mutex<Store>>,
+        max_sandboxes: Option<u32>,
+    ) -> Result<Arc<Supervisor>> {
         vmm::private::ensure_private_dir(&root)?;
         vmm::private::ensure_private_dir(&root.join("vms"))?;
         Ok(Arc::new(Supervisor {
             root,
+            max_sandboxes,
             store,
             live: Mutex::new(HashMap::new()),
+            pool: Mutex::new(HashMap::new()),
             changed: tokio::sync::Notify::new(),
         }))
     }
@@ -97,7 +166,7 @@ impl Supervisor {
         lock(&self.store)
     }
 
-    fn dir(&self, id: &str) -> PathBuf {
+    pub(super) fn dir(&self, id: &str) -> PathBuf {
         self.root.join("vms").join(id)
     }
 
@@ -105,7 +174,7 @@ impl Supervisor {
         lock(&self.live).get(id).cloned()
     }
 
-    fn notify(&self) {
+    pub(super) fn notify(&self) {
         self.changed.notify_waiters();
     }
 
@@ -113,10 +182,17 @@ impl Supervisor {
     /// boots it in a child and waits for its agent. Blocks: run it off the
     /// async threads.
     pub fn create(self: &Arc<Self>, spec: CreateSpec) -> Result<SandboxRecord, CreateError> {
-        let id = new_id().map_err(CreateError::Other)?;
-        let record = self
-            .store()
-            .insert_sandbox(&NewSandbox {
+        // From a template with a warm pool: one already restored.
+        let pooled = match &spec.origin {
+            Origin::Template(name) => self.take_pooled(name),
+            Origin::Boot { .. } => None,
+        };
+        let id = match &pooled {
+            Some(p) => p.id.clone(),
+            None => new_id().map_err(CreateError::Other)?,
+        };
+        let inserted = self.store().insert_sandbox(
+            &NewSandbox {
                 id: id.clone(),
                 group: spec.group.clone(),
                 source: spec.source.clone(),
@@ -125,11 +201,32 @@ impl Supervisor {
                 labels: spec.labels.clone(),
                 end_at: spec.end_at,
                 secrets: spec.secrets.clone(),
-            })
-            .map_err(CreateError::Store)?;
+                idle_suspend_ms: spec.idle_suspend_ms,
+            },
+            self.max_sandboxes,
+        );
+        let record = match (inserted, pooled) {
+            (Ok(record), pooled) => (record, pooled),
+            (Err(e), pooled) => {
+                if let (Some(p), Origin::Template(name)) = (pooled, &spec.origin) {
+                    self.give_back(name, p);
+                }
+                return Err(CreateError::Store(e));
+            }
+        };
+        let (record, pooled) = record;
         self.notify();
-        log::info!("sandbox {id}: creating from {}", record.source);
-        match self.boot(&id, &spec) {
+        log::info!(
+            "sandbox {id}: creating from {}{}",
+            record.source,
+            if pooled.is_some() { " (warm pool)" } else { "" }
+        );
+        let made = match (pooled, &spec.origin) {
+            (Some(p), _) => Ok(p.live),
+            (None, Origin::Boot { .. }) => self.boot(&id, &spec),
+            (None, Origin::Template(name)) => self.restore_template(&id, name),
+        };
+        match made {
             Ok(live) => {
                 let pid = live.pid;
                 let runtime = self.dir(&id).join("runtime");
@@ -169,13 +266,21 @@ impl Supervisor {
         let dir = self.dir(id);
         vmm::private::ensure_private_dir(&dir)?;
         let runtime = dir.join("runtime");
+        let Origin::Boot {
+            kernel,
+            initramfs,
+            rootfs,
+        } = &spec.origin
+        else {
+            return Err(anyhow!("not a boot"));
+        };
         let mut builder = Sandbox::builder()
-            .kernel(&spec.kernel)
-            .initramfs(&spec.initramfs)
+            .kernel(kernel)
+            .initramfs(initramfs)
             .cpus(spec.cpus)
             .memory_mib(u64::from(spec.memory_mib))
             .hostname("capsule");
-        if let Some(rootfs) = &spec.rootfs {
+        if let Some(rootfs) = rootfs {
             // Its own copy: sandboxes made from one image never share writes.
             let copy = dir.join("rootfs.ext4");
             std::fs::copy(rootfs, &copy)
@@ -292,9 +397,9 @@ impl Supervisor {
                 continue;
             }
             if record.state == SandboxState::Creating {
-                if let Ok(mut child) = ChildVm::connect(&runtime) {
-                    child.kill();
-                }
+                // Its child may not have reached its control socket yet:
+                // it is found by its working directory instead.
+                kill_processes_in(&runtime);
                 self.lost(id, "the daemon stopped while it was being created");
                 continue;
             }
@@ -326,6 +431,17 @@ impl Supervisor {
     /// `suspending/` and marked complete, then the store says suspended,
     /// then the child is killed, then `suspending/` replaces `suspended/`.
     pub fn suspend(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, LifecycleError> {
+        self.suspend_if(id, None)
+    }
+
+    /// [`Supervisor::suspend`], but with `idle`, only if no command has
+    /// run for that long (checked once the sandbox is out of the live map,
+    /// so a command cannot start in between).
+    fn suspend_if(
+        self: &Arc<Self>,
+        id: &str,
+        idle: Option<Duration>,
+    ) -> Result<SandboxRecord, LifecycleError> {
         let record = self.store().sandbox(id)?;
         if record.state != SandboxState::Running {
             return Err(StoreError::Conflict(format!(
@@ -339,6 +455,10 @@ impl Supervisor {
         let Some(live) = lock(&self.live).remove(id) else {
             return Err(StoreError::Conflict(format!("sandbox {id} is busy")).into());
         };
+        if idle.is_some_and(|idle| !live.activity.idle_for(idle)) {
+            lock(&self.live).insert(id.to_string(), live);
+            return Err(StoreError::Conflict(format!("sandbox {id} is not idle")).into());
+        }
         let dir = self.dir(id);
         let partial = dir.join(SUSPENDING);
         let _ = std::fs::remove_dir_all(&partial);
@@ -423,6 +543,54 @@ impl Supervisor {
         Ok(record)
     }
 
+    /// Suspends the running sandboxes that asked for it and have had no
+    /// command for their idle time.
+    pub fn suspend_idle(self: &Arc<Self>) {
+        let records = match self.store().sandboxes(&[SandboxState::Running]) {
+            Ok(records) => records,
+            Err(e) => {
+                log::error!("idle suspend: {e}");
+                return;
+            }
+        };
+        for record in records {
+            let Some(ms) = record.idle_suspend_ms else {
+                continue;
+            };
+            let idle = Duration::from_millis(ms.max(0) as u64);
+            let due = self
+                .live(&record.id)
+                .is_some_and(|live| live.activity.idle_for(idle));
+            if due {
+                match self.suspend_if(&record.id, Some(idle)) {
+                    Ok(_) => log::info!("sandbox {}: suspended after {idle:?} idle", record.id),
+                    Err(e) => log::debug!("sandbox {}: not suspended for idleness: {e}", record.id),
+                }
+            }
+        }
+    }
+
+    /// Stops and removes what no record owns under `vms/`: a pool's
+    /// sandboxes from before a restart, a create that never got recorded.
+    pub fn remove_strays(&self) -> Result<()> {
+        let known: std::collections::HashSet<String> = self
+            .store()
+            .sandboxes(&[])?
+            .into_iter()
+            .filter(|r| r.state != SandboxState::Ended)
+            .map(|r| r.id)
+            .collect();
+        for entry in std::fs::read_dir(self.root.join("vms"))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !known.contains(&name) {
+                kill_processes_in(&entry.path().join("runtime"));
+                let _ = std::fs::remove_dir_all(entry.path());
+                log::info!("removed {name}, which no sandbox record owns");
+            }
+        }
+        Ok(())
+    }
+
     /// Ends the sandboxes whose time is up.
     pub fn expire(&self, now_ms: i64) {
         let due: Vec<String> = match self
@@ -469,7 +637,7 @@ fn finish_suspend(dir: &Path) -> Result<(), LifecycleError> {
 /// How a sandbox's child is started: in `dir/runtime`, in a process group
 /// of its own (a signal to the daemon's group, a Ctrl-C, must not reach
 /// the sandboxes), its messages appended to `dir/vmm.log`.
-fn child_options(dir: &Path) -> Result<ChildOptions> {
+pub(super) fn child_options(dir: &Path) -> Result<ChildOptions> {
     let log = vmm::private::create_log(&dir.join("vmm.log"))?;
     let mut options = ChildOptions::new(dir.join("runtime"));
     options.customize = Box::new(move |cmd| {
@@ -479,8 +647,40 @@ fn child_options(dir: &Path) -> Result<ChildOptions> {
     Ok(options)
 }
 
+/// SIGKILLs every process whose working directory is `dir` (a child's
+/// runtime directory), waiting up to a few seconds for them to go.
+fn kill_processes_in(dir: &Path) {
+    let find = || -> Vec<i32> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .parse::<i32>()
+                    .ok()
+                    .map(|pid| (pid, e.path()))
+            })
+            .filter(|(_, path)| std::fs::read_link(path.join("cwd")).is_ok_and(|cwd| cwd == dir))
+            .map(|(pid, _)| pid)
+            .collect()
+    };
+    for pid in find() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while !find().is_empty() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Connects to a child's control socket and its guest's agent.
-fn connect(runtime: &Path, pid_hint: u32) -> Result<Arc<Live>> {
+pub(super) fn connect(runtime: &Path, pid_hint: u32) -> Result<Arc<Live>> {
     let child = ChildVm::connect(runtime)?;
     let pid = child.pid();
     if pid_hint != 0 && pid != pid_hint {
@@ -489,10 +689,14 @@ fn connect(runtime: &Path, pid_hint: u32) -> Result<Arc<Live>> {
         ));
     }
     let agent = sandbox::connect_agent(&runtime.join(capsule_vmm::protocol::VSOCK_SOCKET))?;
+    let activity = Activity::default();
+    // Idle is counted from now: a sandbox just started or adopted.
+    *lock(&activity.last) = Some(std::time::Instant::now());
     Ok(Arc::new(Live {
         child: Mutex::new(child),
         agent,
         pid,
+        activity,
     }))
 }
 

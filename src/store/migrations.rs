@@ -58,4 +58,30 @@ pub(super) const STEPS: &[&str] = &[
     ) STRICT;
     ALTER TABLE sandboxes ADD COLUMN secrets TEXT NOT NULL DEFAULT '[]';
     "#,
+    // 3: suspend after this long without a command (milliseconds).
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN idle_suspend_ms INTEGER;
+    "#,
+    // 4: templates: primed snapshots sandboxes are restored from, made by
+    // booting and running a command (kind 'template') or by snapshotting
+    // a running sandbox (kind 'snapshot').
+    r#"
+    CREATE TABLE templates (
+        name            TEXT PRIMARY KEY,
+        kind            TEXT NOT NULL,
+        cpus            INTEGER NOT NULL,
+        memory_mib      INTEGER NOT NULL,
+        has_rootfs      INTEGER NOT NULL,
+        source          TEXT NOT NULL,   -- JSON: what it was made from
+        created_at      INTEGER NOT NULL
+    ) STRICT;
+    "#,
+    // 5: prewarmed pools: how many restored sandboxes of a template to
+    // keep ready.
+    r#"
+    CREATE TABLE pools (
+        template        TEXT PRIMARY KEY REFERENCES templates(name) ON DELETE CASCADE,
+        warm            INTEGER NOT NULL
+    ) STRICT;
+    "#,
 ];

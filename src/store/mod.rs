@@ -10,6 +10,7 @@ mod groups;
 mod migrations;
 mod sandboxes;
 mod secrets;
+mod templates;
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,6 +21,7 @@ pub use events::{Event, MAX_EVENTS_PER_READ};
 pub use groups::{Quota, Usage};
 pub use sandboxes::{EndReason, NewSandbox, SandboxRecord, SandboxState};
 pub use secrets::SealedSecret;
+pub use templates::{TemplateRecord, MAX_WARM};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,6 +35,8 @@ pub enum StoreError {
     Conflict(String),
     #[error("group {group}: {what}")]
     QuotaExceeded { group: String, what: String },
+    #[error("this host runs at most {limit} sandboxes, and has that many")]
+    HostFull { limit: u32 },
     #[error("state database holds a bad {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
 }

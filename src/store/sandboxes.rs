@@ -81,6 +81,9 @@ pub struct NewSandbox {
     pub end_at: Option<i64>,
     /// The names of the group's secrets its commands get as environment.
     pub secrets: Vec<String>,
+    /// Suspend it after this long (ms) without a command; the next
+    /// command resumes it.
+    pub idle_suspend_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -100,6 +103,7 @@ pub struct SandboxRecord {
     pub vmm_pid: Option<i32>,
     pub runtime_dir: Option<String>,
     pub secrets: Vec<String>,
+    pub idle_suspend_ms: Option<i64>,
 }
 
 fn corrupt(what: &'static str, detail: impl fmt::Display) -> rusqlite::Error {
@@ -142,6 +146,7 @@ fn record_from(row: &Row) -> rusqlite::Result<SandboxRecord> {
         vmm_pid: row.get("vmm_pid")?,
         runtime_dir: row.get("runtime_dir")?,
         secrets: serde_json::from_str(&text("secrets")?).map_err(|e| corrupt("secrets", e))?,
+        idle_suspend_ms: row.get("idle_suspend_ms")?,
     })
 }
 
@@ -162,8 +167,22 @@ impl Store {
     /// Records a new sandbox in state `creating`, if its group's quota
     /// admits it: the check and the insert are one transaction, so
     /// concurrent creates can never pass a quota together.
-    pub fn insert_sandbox(&mut self, new: &NewSandbox) -> Result<SandboxRecord> {
+    pub fn insert_sandbox(
+        &mut self,
+        new: &NewSandbox,
+        host_limit: Option<u32>,
+    ) -> Result<SandboxRecord> {
         self.write(|tx| {
+            if let Some(limit) = host_limit {
+                let live: u32 = tx.query_row(
+                    "SELECT count(*) FROM sandboxes WHERE state != 'ended'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                if live >= limit {
+                    return Err(StoreError::HostFull { limit });
+                }
+            }
             let group = match tx
                 .query_row("SELECT * FROM groups WHERE name = ?1", [&new.group], |r| {
                     super::groups::group_from(r)
@@ -189,8 +208,9 @@ impl Store {
             let at = now_ms();
             let inserted = tx.execute(
                 "INSERT OR IGNORE INTO sandboxes
-                 (id, group_name, state, source, cpus, memory_mib, labels, created_at, end_at, secrets)
-                 VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 (id, group_name, state, source, cpus, memory_mib, labels, created_at, end_at, secrets,
+                  idle_suspend_ms)
+                 VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     new.id,
                     new.group,
@@ -200,7 +220,8 @@ impl Store {
                     serde_json::to_string(&new.labels).unwrap_or_default(),
                     at,
                     new.end_at,
-                    serde_json::to_string(&new.secrets).unwrap_or_default()
+                    serde_json::to_string(&new.secrets).unwrap_or_default(),
+                    new.idle_suspend_ms
                 ],
             )?;
             if inserted == 0 {
@@ -357,18 +378,20 @@ mod tests {
             labels: [("owner".to_string(), "alice".to_string())].into(),
             end_at: Some(now_ms() + 60_000),
             secrets: vec!["API_KEY".into()],
+            idle_suspend_ms: Some(60_000),
         }
     }
 
     #[test]
     fn a_sandbox_lives_and_ends_with_its_reason_and_events() {
         let mut s = Store::in_memory().unwrap();
-        let r = s.insert_sandbox(&new("sb1", "default", 1)).unwrap();
+        let r = s.insert_sandbox(&new("sb1", "default", 1), None).unwrap();
         assert_eq!(r.state, SandboxState::Creating);
         assert_eq!(r.labels["owner"], "alice");
         assert_eq!(r.secrets, ["API_KEY"]);
+        assert_eq!(r.idle_suspend_ms, Some(60_000));
         assert!(matches!(
-            s.insert_sandbox(&new("sb1", "default", 1)),
+            s.insert_sandbox(&new("sb1", "default", 1), None),
             Err(StoreError::Conflict(_))
         ));
         s.transition(
@@ -426,19 +449,32 @@ mod tests {
             ..Quota::default()
         };
         s.create_group("team", &q).unwrap();
-        s.insert_sandbox(&new("a", "team", 2)).unwrap();
-        let err = s.insert_sandbox(&new("b", "team", 2)).unwrap_err();
+        s.insert_sandbox(&new("a", "team", 2), None).unwrap();
+        let err = s.insert_sandbox(&new("b", "team", 2), None).unwrap_err();
         assert!(matches!(err, StoreError::QuotaExceeded { .. }), "{err}");
-        s.insert_sandbox(&new("b", "team", 1)).unwrap();
-        assert!(s.insert_sandbox(&new("c", "team", 0)).is_err());
+        s.insert_sandbox(&new("b", "team", 1), None).unwrap();
+        assert!(s.insert_sandbox(&new("c", "team", 0), None).is_err());
         s.end_sandbox("a", EndReason::Deleted, "").unwrap();
-        s.insert_sandbox(&new("c", "team", 2)).unwrap();
+        s.insert_sandbox(&new("c", "team", 2), None).unwrap();
         assert!(matches!(
-            s.insert_sandbox(&new("d", "nope", 1)),
+            s.insert_sandbox(&new("d", "nope", 1), None),
             Err(StoreError::NotFound { kind: "group", .. })
         ));
         // A refused create changes nothing.
         assert_eq!(s.sandboxes(&[]).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn the_host_limit_counts_every_group() {
+        let mut s = Store::in_memory().unwrap();
+        s.create_group("team", &Quota::default()).unwrap();
+        s.insert_sandbox(&new("a", "default", 1), Some(2)).unwrap();
+        s.insert_sandbox(&new("b", "team", 1), Some(2)).unwrap();
+        let err = s.insert_sandbox(&new("c", "team", 1), Some(2)).unwrap_err();
+        assert!(matches!(err, StoreError::HostFull { limit: 2 }), "{err}");
+        s.end_sandbox("a", EndReason::Deleted, "").unwrap();
+        s.insert_sandbox(&new("c", "team", 1), Some(2)).unwrap();
+        assert!(s.insert_sandbox(&new("d", "team", 1), Some(0)).is_err());
     }
 
     #[test]
@@ -459,7 +495,8 @@ mod tests {
                 let path = path.clone();
                 std::thread::spawn(move || {
                     let mut s = Store::open(&path).unwrap();
-                    s.insert_sandbox(&new(&format!("sb{i}"), "team", 1)).is_ok()
+                    s.insert_sandbox(&new(&format!("sb{i}"), "team", 1), None)
+                        .is_ok()
                 })
             })
             .collect();
@@ -475,7 +512,7 @@ mod tests {
     #[test]
     fn a_bad_row_is_an_error_not_a_panic() {
         let mut s = Store::in_memory().unwrap();
-        s.insert_sandbox(&new("sb1", "default", 1)).unwrap();
+        s.insert_sandbox(&new("sb1", "default", 1), None).unwrap();
         s.conn
             .execute("UPDATE sandboxes SET state = 'weird' WHERE id = 'sb1'", [])
             .unwrap();

@@ -395,3 +395,350 @@ fn ten_suspends_and_resumes_keep_memory_and_disk() {
     );
     assert!(!d.capsule_home().join("daemon/vms").join(&id).exists());
 }
+
+/// capsule-vmm processes running sandboxes of this daemon.
+fn vmm_processes(d: &Daemon) -> usize {
+    let vms = d.capsule_home().join("daemon/vms");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&vms)))
+        .count()
+}
+
+/// Waits (a VMM that has said it stopped takes a moment to exit) until
+/// this daemon runs `n` capsule-vmm processes.
+fn wait_vmm_processes(d: &Daemon, n: usize) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = vmm_processes(d);
+        if now == n {
+            return;
+        }
+        assert!(Instant::now() < end, "{now} capsule-vmm processes, not {n}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn quotas_hold_under_concurrent_creates_idle_sandboxes_sleep_and_a_killed_create_is_cleaned_up() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let mut d = start();
+
+    // 20 creates at once against a quota of 2: exactly 2 made, the rest
+    // refused with 429, nothing left of them.
+    let (status, _) = d.call(
+        "POST",
+        "/v1/groups",
+        Some(r#"{"name": "small", "quota": {"max_sandboxes": 2}}"#),
+    );
+    assert_eq!(status, 201);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..20)
+            .map(|_| {
+                scope.spawn(|| {
+                    d.call(
+                        "POST",
+                        "/v1/sandboxes",
+                        Some(r#"{"group": "small", "memory_mib": 128}"#),
+                    )
+                    .0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        18,
+        "{statuses:?}"
+    );
+    let (_, g) = d.call("GET", "/v1/groups/small", None);
+    assert_eq!(g["usage"]["sandboxes"], 2, "{g}");
+    wait_vmm_processes(&d, 2);
+    assert_eq!(
+        std::fs::read_dir(d.capsule_home().join("daemon/vms"))
+            .unwrap()
+            .count(),
+        2
+    );
+    let (_, all) = d.call(
+        "GET",
+        "/v1/sandboxes?state=creating,running,suspended,ended",
+        None,
+    );
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        2,
+        "a refused create leaves no record: {all}"
+    );
+    for s in all.as_array().unwrap() {
+        assert_eq!(
+            d.call(
+                "DELETE",
+                &format!("/v1/sandboxes/{}", s["id"].as_str().unwrap()),
+                None
+            )
+            .0,
+            204
+        );
+    }
+
+    // Idle suspend, then a command that resumes it without an error.
+    let id = create(&d, r#"{"idle_suspend_seconds": 2, "memory_mib": 128}"#);
+    let (code, _, err) = d.capsule(&["exec", &id, "--", "sh", "-c", "echo kept > /tmp/x"]);
+    assert_eq!(code, 0, "{err}");
+    let end = Instant::now() + Duration::from_secs(60);
+    while get(&d, &id)["state"] != "suspended" {
+        assert!(Instant::now() < end, "never suspended for idleness");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A suspended sandbox has no VMM process.
+    wait_vmm_processes(&d, 0);
+    let (code, out, err) = d.capsule(&["exec", &id, "--", "cat", "/tmp/x"]);
+    assert_eq!((code, out.as_str()), (0, "kept\n"), "{err}");
+    assert_eq!(get(&d, &id)["state"], "running");
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None).0,
+        204
+    );
+
+    // The daemon killed in the middle of a create: on restart the
+    // half-made sandbox is ended as lost, its VMM stopped, its files gone.
+    let socket = d.socket();
+    let create = std::thread::spawn(move || {
+        Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "120",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                "{}",
+            ])
+            .arg("--unix-socket")
+            .arg(&socket)
+            .arg("http://capsule/v1/sandboxes")
+            .output()
+            .unwrap()
+    });
+    let vms = d.capsule_home().join("daemon/vms");
+    let end = Instant::now() + Duration::from_secs(60);
+    let half_made = loop {
+        if let Some(entry) = std::fs::read_dir(&vms).unwrap().flatten().next() {
+            break entry.file_name().to_string_lossy().into_owned();
+        }
+        assert!(Instant::now() < end, "the create never started");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    d.kill();
+    let _ = create.join();
+    d.restart(&[]);
+    let s = get(&d, &half_made);
+    assert_eq!(
+        (&s["state"], &s["ended"]["reason"]),
+        (&Value::from("ended"), &Value::from("lost")),
+        "{s}"
+    );
+    // The half-made sandbox's VMM is stopped.
+    wait_vmm_processes(&d, 0);
+    assert!(!vms.join(&half_made).exists());
+}
+
+#[test]
+fn templates_prime_once_and_fork_into_sandboxes_of_their_own() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let d = start();
+    let rootfs = artifact("CAPSULE_ROOTFS");
+    // A priming command that fails: refused with its output, nothing kept.
+    let (status, body) = d.call(
+        "POST",
+        "/v1/templates",
+        Some(r#"{"name": "broken", "cmd": ["sh", "-c", "echo no such luck >&2; exit 2"], "memory_mib": 128}"#),
+    );
+    assert_eq!(
+        (status, &body["code"]),
+        (500, &Value::from("template_failed")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("no such luck"),
+        "{body}"
+    );
+    assert_eq!(d.call("GET", "/v1/templates/broken", None).0, 404);
+    assert!(!d.capsule_home().join("daemon/templates/broken").exists());
+
+    let (status, t) = d.call(
+        "POST",
+        "/v1/templates",
+        Some(&format!(
+            r#"{{"name": "primed", "rootfs": "{}", "memory_mib": 128,
+                "cmd": ["sh", "-c", "seq 1 1000 > /root/primed; echo warm > /tmp/mem; sync"]}}"#,
+            rootfs.display()
+        )),
+    );
+    assert_eq!(status, 201, "{t}");
+    assert_eq!(
+        (&t["kind"], &t["has_rootfs"]),
+        (&Value::from("template"), &Value::from(true))
+    );
+    refused_conflict(d.call("POST", "/v1/templates", Some(r#"{"name": "primed"}"#)));
+
+    // Created from it: primed in memory and on disk, with its own identity.
+    let a = create(
+        &d,
+        r#"{"template": "primed", "labels": {"from": "template"}}"#,
+    );
+    let (code, out, err) = d.capsule(&[
+        "exec",
+        &a,
+        "--",
+        "sh",
+        "-c",
+        "cat /tmp/mem; wc -l < /root/primed; hostname",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("warm\n1000\n{a}\n"));
+    assert_eq!(get(&d, &a)["memory_mib"], 128);
+    let (status, body) = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(r#"{"template": "primed", "cpus": 2}"#),
+    );
+    assert_eq!(
+        (status, &body["code"]),
+        (400, &Value::from("bad_request")),
+        "{body}"
+    );
+    assert_eq!(
+        d.call("POST", "/v1/sandboxes", Some(r#"{"template": "nope"}"#))
+            .0,
+        404
+    );
+
+    // A sandbox's own snapshot, forked three times: each fork has the
+    // state, its own hostname, and writes the others never see.
+    let (code, _, err) = d.capsule(&["exec", &a, "--", "sh", "-c", "echo mine > /root/note; sync"]);
+    assert_eq!(code, 0, "{err}");
+    let (status, snap) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{a}/snapshot"),
+        Some(r#"{"name": "after-note"}"#),
+    );
+    assert_eq!(
+        (status, &snap["kind"]),
+        (201, &Value::from("snapshot")),
+        "{snap}"
+    );
+    let (status, forks) = d.call(
+        "POST",
+        "/v1/templates/after-note/fork",
+        Some(r#"{"count": 3, "labels": {"batch": "1"}}"#),
+    );
+    assert_eq!(status, 201, "{forks}");
+    let ids: Vec<String> = forks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            f["sandbox"]["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{f}"))
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 3);
+    for (i, id) in ids.iter().enumerate() {
+        let script =
+            format!("cat /root/note; hostname; echo {i} > /root/fork; sync; cat /root/fork");
+        let (code, out, err) = d.capsule(&["exec", id, "--", "sh", "-c", &script]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, format!("mine\n{id}\n{i}\n"));
+    }
+    let (code, out, _) = d.capsule(&[
+        "exec",
+        &a,
+        "--",
+        "sh",
+        "-c",
+        "cat /root/fork 2>/dev/null || echo none",
+    ]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "none\n"),
+        "the forks' writes are their own"
+    );
+    let (_, batch) = d.call("GET", "/v1/sandboxes?label_selector=batch%3D1", None);
+    assert_eq!(batch.as_array().unwrap().len(), 3);
+
+    // A warm pool: two restored and ready; a create takes one (primed,
+    // with its own id as hostname) and the pool refills.
+    let pool_ready = |d: &Daemon, want: u64| {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, pools) = d.call("GET", "/v1/pools", None);
+            if pools[0]["ready"] == want {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "the pool never had {want} ready: {pools}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (status, p) = d.call("PUT", "/v1/pools/primed", Some(r#"{"warm": 2}"#));
+    assert_eq!((status, &p["warm"]), (200, &Value::from(2)), "{p}");
+    pool_ready(&d, 2);
+    let before = vmm_processes(&d);
+    let warm = create(&d, r#"{"template": "primed"}"#);
+    let (code, out, err) = d.capsule(&["exec", &warm, "--", "sh", "-c", "cat /tmp/mem; hostname"]);
+    assert_eq!((code, out), (0, format!("warm\n{warm}\n")), "{err}");
+    pool_ready(&d, 2);
+    // The taken one and a new ready one.
+    wait_vmm_processes(&d, before + 1);
+    assert_eq!(d.call("DELETE", "/v1/pools/primed", None).0, 204);
+    // The pool's ready sandboxes stopped.
+    wait_vmm_processes(&d, before + 1 - 2);
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{warm}"), None).0,
+        204
+    );
+
+    // Templates deleted: their sandboxes carry on, and suspend and resume.
+    assert_eq!(d.call("DELETE", "/v1/templates/primed", None).0, 204);
+    assert_eq!(d.call("DELETE", "/v1/templates/after-note", None).0, 204);
+    let fork = &ids[0];
+    assert_eq!(
+        d.call("POST", &format!("/v1/sandboxes/{fork}/suspend"), None)
+            .0,
+        200
+    );
+    assert_eq!(
+        d.call("POST", &format!("/v1/sandboxes/{fork}/resume"), None)
+            .0,
+        200
+    );
+    let (code, out, err) = d.capsule(&[
+        "exec",
+        fork,
+        "--",
+        "sh",
+        "-c",
+        "cat /root/note /root/fork /tmp/mem",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "mine\n0\nwarm\n"), "{err}");
+    for id in ids.iter().chain([&a]) {
+        assert_eq!(
+            d.call("DELETE", &format!("/v1/sandboxes/{id}"), None).0,
+            204
+        );
+    }
+    wait_vmm_processes(&d, 0);
+}
