@@ -8,6 +8,7 @@ mod commands;
 mod daemon;
 mod doctor;
 mod exec;
+mod json_num;
 mod keeper;
 mod labels;
 mod manage;

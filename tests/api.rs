@@ -88,8 +88,8 @@ fn bad_requests_get_json_errors_with_a_stable_code() {
             "/v1/sandboxes",
             Some(r#"{"rootfs": "/nonexistent.ext4"}"#),
         ),
-        400,
-        "bad_request",
+        404,
+        "file_not_found",
     );
     assert!(m.contains("/nonexistent.ext4"), "{m}");
     let m = refused(
@@ -144,8 +144,33 @@ fn bad_requests_get_json_errors_with_a_stable_code() {
         404,
         "sandbox_not_found",
     );
+    // What a request acts on is looked up first: an unknown sandbox is a
+    // 404 whatever the body says.
     refused(
         d.call("POST", "/v1/sandboxes/sb-nope/exec", Some(r#"{"cmd": []}"#)),
+        404,
+        "sandbox_not_found",
+    );
+    refused(
+        d.call(
+            "POST",
+            "/v1/sandboxes",
+            Some(r#"{"cpus": 2.0, "memory_mib": 1.5}"#),
+        ),
+        400,
+        "bad_request",
+    );
+    refused(
+        d.call(
+            "POST",
+            "/v1/groups",
+            Some(r#"{"name": "q", "quota": {"max_vcpus": 2000000}}"#),
+        ),
+        400,
+        "bad_request",
+    );
+    refused(
+        d.call("GET", "/v1/events?limit=1001", None),
         400,
         "bad_request",
     );

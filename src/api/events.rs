@@ -23,6 +23,7 @@ pub struct EventsQuery {
     /// Only events after this sequence number (default 0: from the start).
     pub after: Option<i64>,
     /// At most this many (default and most: 1000).
+    #[param(minimum = 0, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -39,6 +40,11 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     Query(q): Query<EventsQuery>,
 ) -> Result<axum::Json<Vec<Event>>, ApiError> {
+    if q.limit.is_some_and(|l| l > MAX_EVENTS_PER_READ) {
+        return Err(ApiError::bad_request(format!(
+            "limit is at most {MAX_EVENTS_PER_READ}"
+        )));
+    }
     let events = state
         .supervisor
         .store()

@@ -38,6 +38,7 @@ const BUFFERED_EVENTS: usize = 64;
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     /// Program and arguments; the program is looked up in `PATH`.
+    #[schema(min_items = 1)]
     pub cmd: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -45,7 +46,9 @@ pub struct ExecBody {
     pub cwd: Option<String>,
     /// `name`, `uid` or `uid:gid` (default: root).
     pub user: Option<String>,
-    /// Kill the command after this many seconds.
+    /// Kill the command after this many seconds (at most 30 days).
+    #[serde(default, deserialize_with = "crate::json_num::opt_u64")]
+    #[schema(minimum = 1, maximum = 2592000)]
     pub timeout_seconds: Option<u64>,
     /// Text given to the command's stdin, then end of file (default: none).
     pub stdin: Option<String>,
@@ -77,7 +80,7 @@ pub enum ExecLine {
 
 impl ExecBody {
     fn request(&self) -> Result<ExecRequest, ApiError> {
-        if self.cmd.is_empty() || self.cmd[0].is_empty() {
+        if self.cmd.is_empty() {
             return Err(ApiError::bad_request("cmd must name a program"));
         }
         if self.cmd.iter().any(|a| a.contains('\0')) {
@@ -187,8 +190,10 @@ pub async fn exec(
     Path(id): Path<String>,
     Json(body): Json<ExecBody>,
 ) -> Result<Response, ApiError> {
-    let mut request = body.request()?;
+    // What it is run in is looked up before the command is checked: an
+    // unknown sandbox is a 404 whatever the body.
     let record = state.supervisor.store().sandbox(&id)?;
+    let mut request = body.request()?;
     // Secrets first: what the request sets itself wins.
     let secrets = super::secrets::environment(&state, &record.group, &record.secrets)?;
     let mut env: Vec<(String, String)> = secrets

@@ -18,6 +18,7 @@ use crate::store::{Quota, Store, Usage};
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateGroup {
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub name: String,
     #[serde(default)]
     pub quota: Quota,
@@ -57,6 +58,7 @@ pub async fn create(
     Json(body): Json<CreateGroup>,
 ) -> Result<impl IntoResponse, ApiError> {
     check_name("group", &body.name)?;
+    body.quota.check().map_err(ApiError::bad_request)?;
     let mut store = state.supervisor.store();
     store.create_group(&body.name, &body.quota)?;
     Ok((StatusCode::CREATED, axum::Json(view(&store, &body.name)?)))
@@ -111,6 +113,8 @@ pub async fn set_quota(
     Json(quota): Json<Quota>,
 ) -> Result<axum::Json<Group>, ApiError> {
     let mut store = state.supervisor.store();
+    store.group(&name)?;
+    quota.check().map_err(ApiError::bad_request)?;
     store.set_quota(&name, &quota)?;
     Ok(axum::Json(view(&store, &name)?))
 }

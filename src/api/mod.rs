@@ -70,11 +70,62 @@ pub struct ApiDoc;
 
 /// The OpenAPI document, pretty-printed (as checked in).
 pub fn openapi_json() -> String {
-    let mut text = ApiDoc::openapi()
-        .to_pretty_json()
-        .expect("the OpenAPI document serializes");
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+    describe_maps(&mut doc);
+    let mut text = serde_json::to_string_pretty(&doc).expect("the OpenAPI document serializes");
     text.push('\n');
     text
+}
+
+/// What utoipa cannot say of a map's keys: labels follow the label rules
+/// (`crate::labels`), environment names have no `=`.
+fn describe_maps(doc: &mut serde_json::Value) {
+    const LABEL_KEY: &str = r"^(([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.){0,3}[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$";
+    const LABEL_VALUE: &str = r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$";
+    let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(|s| s.as_object_mut())
+    else {
+        return;
+    };
+    for schema in schemas.values_mut() {
+        let Some(props) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) else {
+            continue;
+        };
+        for (name, prop) in props.iter_mut() {
+            let Some(prop) = prop.as_object_mut() else {
+                continue;
+            };
+            let is_object = match prop.get("type") {
+                Some(serde_json::Value::String(t)) => t == "object",
+                Some(serde_json::Value::Array(ts)) => ts.iter().any(|t| t == "object"),
+                _ => false,
+            };
+            if !is_object {
+                continue;
+            }
+            match name.as_str() {
+                "labels" => {
+                    prop.insert(
+                        "propertyNames".into(),
+                        serde_json::json!({ "pattern": LABEL_KEY }),
+                    );
+                    prop.insert(
+                        "additionalProperties".into(),
+                        serde_json::json!({ "type": "string", "pattern": LABEL_VALUE }),
+                    );
+                    prop.insert("maxProperties".into(), crate::labels::MAX_LABELS.into());
+                }
+                "env" => {
+                    prop.insert(
+                        "propertyNames".into(),
+                        serde_json::json!({ "pattern": "^[^=]+$" }),
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {

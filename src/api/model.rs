@@ -21,23 +21,35 @@ pub struct CreateSandbox {
     /// Restore it from this template (or snapshot): it starts primed, in
     /// milliseconds, with its own identity. The template sets the root
     /// filesystem, vCPUs and memory, so those may not be given too.
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub template: Option<String>,
-    /// An ext4 root filesystem image on the daemon's host (default: the
-    /// guest's initramfs alone).
+    /// An ext4 root filesystem image on the daemon's host, by absolute
+    /// path (default: the guest's initramfs alone).
+    #[schema(pattern = "^/")]
     pub rootfs: Option<String>,
     /// Guest kernel (default: the daemon's).
+    #[schema(pattern = "^/")]
     pub kernel: Option<String>,
     /// Initramfs holding the guest agent (default: the daemon's).
+    #[schema(pattern = "^/")]
     pub initramfs: Option<String>,
-    /// vCPUs, 1 to 32 (default 1).
+    /// vCPUs, 1 to 64 (default 1).
+    #[serde(default, deserialize_with = "crate::json_num::opt_u32")]
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: Option<u32>,
-    /// Guest memory in MiB, 32 and up (default 256).
+    /// Guest memory in MiB, 32 to 1048576 (default 256).
+    #[serde(default, deserialize_with = "crate::json_num::opt_u32")]
+    #[schema(minimum = 32, maximum = 1048576)]
     pub memory_mib: Option<u32>,
     /// The group whose quota it counts against (default `default`).
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub group: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Seconds until it expires and is destroyed (default 300; 0: never).
+    /// Seconds until it expires and is destroyed (default 300; 0: never;
+    /// at most 30 days).
+    #[serde(default, deserialize_with = "crate::json_num::opt_u64")]
+    #[schema(minimum = 0, maximum = 2592000)]
     pub timeout_seconds: Option<u64>,
     /// Names of the group's secrets: every command in the sandbox gets
     /// each as an environment variable of that name. The values never
@@ -47,6 +59,8 @@ pub struct CreateSandbox {
     /// Suspend it to disk after this many seconds without a command; the
     /// next command resumes it (the caller sees extra latency, never an
     /// error). Default: never.
+    #[serde(default, deserialize_with = "crate::json_num::opt_u64")]
+    #[schema(minimum = 1, maximum = 2592000)]
     pub idle_suspend_seconds: Option<u64>,
 }
 
@@ -106,7 +120,14 @@ impl From<&SandboxRecord> for Sandbox {
 #[serde(deny_unknown_fields)]
 pub struct ListSandboxes {
     /// Kubernetes-style: `owner=alice,job!=7,tier in (a,b),!debug`.
+    #[param(
+        pattern = r"^ *(((([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.){0,3}[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?( *(=|==|!=) *([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?| +(in|notin) *\( *([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?( *, *([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?){0,7} *\))?|!(([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.){0,3}[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)( *, *((([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.){0,3}[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?( *(=|==|!=) *([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?| +(in|notin) *\( *([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?( *, *([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?){0,7} *\))?|!(([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.){0,3}[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)){0,15})? *$",
+        max_length = 4096
+    )]
     pub label_selector: Option<String>,
     /// Comma-separated states (default: all but `ended`).
+    #[param(
+        pattern = "^((creating|running|suspended|ended)(,(creating|running|suspended|ended)){0,3})?$"
+    )]
     pub state: Option<String>,
 }

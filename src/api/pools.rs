@@ -18,6 +18,8 @@ use crate::store::MAX_WARM;
 #[serde(deny_unknown_fields)]
 pub struct SetPool {
     /// How many to keep ready, 0 to 64.
+    #[serde(deserialize_with = "crate::json_num::u32")]
+    #[schema(minimum = 0, maximum = 64)]
     pub warm: u32,
 }
 
@@ -37,6 +39,7 @@ pub async fn set(
     Path(template): Path<String>,
     Json(body): Json<SetPool>,
 ) -> Result<axum::Json<PoolStatus>, ApiError> {
+    state.supervisor.store().template(&template)?;
     if body.warm > MAX_WARM {
         return Err(ApiError::bad_request(format!(
             "warm must be 0 to {MAX_WARM}"

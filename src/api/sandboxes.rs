@@ -31,6 +31,8 @@ fn end_at(timeout_seconds: u64) -> Result<Option<i64>, ApiError> {
     Ok((timeout_seconds > 0).then(|| now_ms() + timeout_seconds as i64 * 1000))
 }
 
+/// A file on the daemon's host a request names: a relative path is bad
+/// input (400); no regular file there is a 404 (`file_not_found`).
 pub(super) fn host_file(what: &str, path: &str) -> Result<PathBuf, ApiError> {
     let p = PathBuf::from(path);
     if !p.is_absolute() {
@@ -38,12 +40,17 @@ pub(super) fn host_file(what: &str, path: &str) -> Result<PathBuf, ApiError> {
             "{what} {path:?} must be an absolute path on the daemon's host"
         )));
     }
+    let missing = |why: String| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "file_not_found",
+            format!("{what} {path:?}: {why}"),
+        )
+    };
     match std::fs::metadata(&p) {
         Ok(m) if m.is_file() => Ok(p),
-        Ok(_) => Err(ApiError::bad_request(format!(
-            "{what} {path:?} is not a regular file"
-        ))),
-        Err(e) => Err(ApiError::bad_request(format!("{what} {path:?}: {e}"))),
+        Ok(_) => Err(missing("not a regular file".into())),
+        Err(e) => Err(missing(e.to_string())),
     }
 }
 
@@ -99,6 +106,8 @@ impl CreateSandbox {
     }
 
     fn template_spec(&self, state: &AppState, name: &str) -> Result<CreateSpec, ApiError> {
+        // An unknown template is a 404 whatever else the body says.
+        let template = state.supervisor.store().template(name)?;
         if self.rootfs.is_some()
             || self.kernel.is_some()
             || self.initramfs.is_some()
@@ -109,8 +118,6 @@ impl CreateSandbox {
                 "a template sets the root filesystem, kernel, vCPUs and memory: give only the template",
             ));
         }
-        check_name("template", name)?;
-        let template = state.supervisor.store().template(name)?;
         self.common(
             state,
             Origin::Template(name.to_string()),
@@ -135,8 +142,8 @@ impl CreateSandbox {
         {
             let store = state.supervisor.store();
             store.group(&group)?;
+            // A name that could not be a secret's is one that does not exist.
             for name in &self.secrets {
-                super::secrets::check_secret_name(name)?;
                 store.secret(&group, name)?;
             }
         }
@@ -178,7 +185,7 @@ pub(super) async fn blocking<T: Send + 'static>(
     responses(
         (status = 201, description = "Running", body = Sandbox),
         (status = 400, description = "Bad input", body = ErrorBody),
-        (status = 404, description = "No such group or secret", body = ErrorBody),
+        (status = 404, description = "No such group, secret, template or file", body = ErrorBody),
         (status = 429, description = "The group's quota, or the host's limit, is reached", body = ErrorBody),
         (status = 500, description = "The sandbox could not be started", body = ErrorBody),
     )
@@ -318,7 +325,9 @@ pub async fn patch(
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetTimeout {
-    /// Seconds from now until it expires (0: never).
+    /// Seconds from now until it expires (0: never; at most 30 days).
+    #[serde(deserialize_with = "crate::json_num::u64")]
+    #[schema(minimum = 0, maximum = 2592000)]
     pub timeout_seconds: u64,
 }
 
@@ -340,6 +349,7 @@ pub async fn set_timeout(
     Path(id): Path<String>,
     Json(body): Json<SetTimeout>,
 ) -> Result<axum::Json<Sandbox>, ApiError> {
+    state.supervisor.store().sandbox(&id)?;
     let end_at = end_at(body.timeout_seconds)?;
     let record = state.supervisor.store().set_end_at(&id, end_at)?;
     state.supervisor.changed.notify_waiters();

@@ -14,6 +14,9 @@ use super::model::timestamp;
 use crate::daemon::AppState;
 use crate::secrets::MAX_SECRET_BYTES;
 
+/// The longest value in characters (the schema's `maxLength`).
+const MAX_SECRET_CHARS: usize = 16384;
+
 /// A secret's name is the environment variable commands get it as.
 pub fn check_secret_name(name: &str) -> Result<(), ApiError> {
     let b = name.as_bytes();
@@ -34,7 +37,8 @@ pub fn check_secret_name(name: &str) -> Result<(), ApiError> {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetSecret {
-    /// The value, at most 64 KiB; never shown again.
+    /// The value, at most 16384 characters (and 64 KiB); never shown again.
+    #[schema(max_length = 16384)]
     pub value: String,
 }
 
@@ -46,13 +50,21 @@ pub struct Secret {
     pub updated_at: String,
 }
 
+/// The path of one secret.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct SecretPath {
+    /// Group name.
+    pub name: String,
+    /// Secret name: the environment variable commands get it as.
+    #[param(pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+    pub secret: String,
+}
+
 /// Set a secret (or replace its value).
 #[utoipa::path(
     put, path = "/v1/groups/{name}/secrets/{secret}", tag = "groups", operation_id = "set_secret",
-    params(
-        ("name" = String, Path, description = "Group name"),
-        ("secret" = String, Path, description = "Secret name: the environment variable"),
-    ),
+    params(SecretPath),
     request_body = SetSecret,
     responses(
         (status = 204, description = "Set"),
@@ -62,11 +74,18 @@ pub struct Secret {
 )]
 pub async fn set(
     State(state): State<Arc<AppState>>,
-    Path((group, name)): Path<(String, String)>,
+    Path(SecretPath {
+        name: group,
+        secret: name,
+    }): Path<SecretPath>,
     Json(body): Json<SetSecret>,
 ) -> Result<StatusCode, ApiError> {
+    state.supervisor.store().group(&group)?;
     check_secret_name(&name)?;
-    if body.value.len() > MAX_SECRET_BYTES || body.value.contains('\0') {
+    if body.value.len() > MAX_SECRET_BYTES
+        || body.value.chars().count() > MAX_SECRET_CHARS
+        || body.value.contains('\0')
+    {
         return Err(ApiError::bad_request(format!(
             "a secret's value is at most {MAX_SECRET_BYTES} bytes, with no NUL"
         )));
@@ -112,10 +131,7 @@ pub async fn list(
 /// conflict naming it.
 #[utoipa::path(
     delete, path = "/v1/groups/{name}/secrets/{secret}", tag = "groups", operation_id = "delete_secret",
-    params(
-        ("name" = String, Path, description = "Group name"),
-        ("secret" = String, Path, description = "Secret name"),
-    ),
+    params(SecretPath),
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such secret", body = ErrorBody),
@@ -123,7 +139,10 @@ pub async fn list(
 )]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
-    Path((group, name)): Path<(String, String)>,
+    Path(SecretPath {
+        name: group,
+        secret: name,
+    }): Path<SecretPath>,
 ) -> Result<StatusCode, ApiError> {
     state.supervisor.store().delete_secret(&group, &name)?;
     Ok(StatusCode::NO_CONTENT)

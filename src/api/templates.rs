@@ -25,19 +25,30 @@ const MAX_FORKS: u32 = 100;
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTemplate {
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub name: String,
-    /// An ext4 root filesystem image on the daemon's host (copied).
+    /// An ext4 root filesystem image on the daemon's host, by absolute
+    /// path (copied).
+    #[schema(pattern = "^/")]
     pub rootfs: Option<String>,
+    #[schema(pattern = "^/")]
     pub kernel: Option<String>,
+    #[schema(pattern = "^/")]
     pub initramfs: Option<String>,
     /// vCPUs, 1 to 64 (default 1).
+    #[serde(default, deserialize_with = "crate::json_num::opt_u32")]
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: Option<u32>,
-    /// Memory in MiB, 32 and up (default 256).
+    /// Memory in MiB, 32 to 1048576 (default 256).
+    #[serde(default, deserialize_with = "crate::json_num::opt_u32")]
+    #[schema(minimum = 32, maximum = 1048576)]
     pub memory_mib: Option<u32>,
     /// Run once the guest is ready, before the snapshot; it must exit 0.
     #[serde(default)]
     pub cmd: Vec<String>,
-    /// How long `cmd` may run (default 600).
+    /// How long `cmd` may run (default 600, at most a day).
+    #[serde(default, deserialize_with = "crate::json_num::opt_u64")]
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_seconds: Option<u64>,
 }
 
@@ -77,7 +88,9 @@ impl From<&TemplateRecord> for Template {
     responses(
         (status = 201, description = "Built", body = Template),
         (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 404, description = "No such file (rootfs, kernel, initramfs)", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
+        (status = 429, description = "The host runs its most sandboxes", body = ErrorBody),
         (status = 500, description = "It could not be built (the message says why)", body = ErrorBody),
     )
 )]
@@ -92,10 +105,8 @@ pub async fn create(
         ..Default::default()
     };
     let (cpus, memory_mib) = probe.size()?;
-    if body.cmd.iter().any(|a| a.contains('\0')) || body.cmd.first().is_some_and(|a| a.is_empty()) {
-        return Err(ApiError::bad_request(
-            "cmd must name a program, with no NUL in it",
-        ));
+    if body.cmd.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::bad_request("cmd may not contain NUL"));
     }
     let timeout = body.timeout_seconds.unwrap_or(600);
     if !(1..=24 * 3600).contains(&timeout) {
@@ -180,6 +191,7 @@ pub async fn delete(
 #[serde(deny_unknown_fields)]
 pub struct SnapshotSandbox {
     /// The name of the template the snapshot becomes.
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub name: String,
 }
 
@@ -202,6 +214,7 @@ pub async fn snapshot(
     Path(id): Path<String>,
     Json(body): Json<SnapshotSandbox>,
 ) -> Result<impl IntoResponse, ApiError> {
+    state.supervisor.store().sandbox(&id)?;
     check_name("template", &body.name)?;
     let supervisor = Arc::clone(&state.supervisor);
     let record = blocking(move || supervisor.snapshot_sandbox(&id, &body.name))
@@ -215,10 +228,15 @@ pub async fn snapshot(
 #[serde(deny_unknown_fields)]
 pub struct ForkTemplate {
     /// How many sandboxes, 1 to 100.
+    #[serde(deserialize_with = "crate::json_num::u32")]
+    #[schema(minimum = 1, maximum = 100)]
     pub count: u32,
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub group: Option<String>,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "crate::json_num::opt_u64")]
+    #[schema(minimum = 0, maximum = 2592000)]
     pub timeout_seconds: Option<u64>,
     #[serde(default)]
     pub secrets: Vec<String>,
@@ -249,6 +267,7 @@ pub async fn fork(
     Path(name): Path<String>,
     Json(body): Json<ForkTemplate>,
 ) -> Result<impl IntoResponse, ApiError> {
+    state.supervisor.store().template(&name)?;
     if !(1..=MAX_FORKS).contains(&body.count) {
         return Err(ApiError::bad_request(format!(
             "count must be 1 to {MAX_FORKS}"

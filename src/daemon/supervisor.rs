@@ -570,6 +570,22 @@ impl Supervisor {
         }
     }
 
+    /// Refuses a new VM when the host runs its most sandboxes already.
+    pub(super) fn check_host_room(&self) -> Result<(), StoreError> {
+        let Some(limit) = self.max_sandboxes else {
+            return Ok(());
+        };
+        let live = self.store().sandboxes(&[
+            SandboxState::Creating,
+            SandboxState::Running,
+            SandboxState::Suspended,
+        ])?;
+        if live.len() as u64 >= u64::from(limit) {
+            return Err(StoreError::HostFull { limit });
+        }
+        Ok(())
+    }
+
     /// Stops and removes what no record owns under `vms/`: a pool's
     /// sandboxes from before a restart, a create that never got recorded.
     pub fn remove_strays(&self) -> Result<()> {

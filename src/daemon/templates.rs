@@ -80,6 +80,8 @@ impl Supervisor {
         name: &str,
         spec: &TemplateSpec,
     ) -> Result<TemplateRecord, LifecycleError> {
+        // A build runs a VM too: it counts against the host's limit.
+        self.check_host_room()?;
         let dir = self.new_template_dir(name)?;
         match build(&dir, spec) {
             Ok(()) => {}

@@ -7,11 +7,57 @@ use super::{now_ms, Result, Store, StoreError};
 
 /// Limits on a group's live sandboxes; `None` is no limit.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "QuotaObject")]
 pub struct Quota {
+    #[schema(minimum = 0, maximum = 1000000)]
     pub max_sandboxes: Option<u32>,
+    #[schema(minimum = 0, maximum = 1000000)]
     pub max_vcpus: Option<u32>,
+    #[schema(minimum = 0, maximum = 1000000000)]
     pub max_memory_mib: Option<u32>,
+}
+
+/// A quota as JSON must be an object (not its fields as an array).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaFields {
+    #[serde(default, deserialize_with = "crate::json_num::opt_u32")]
+    max_sandboxes: Option<u32>,
+    #[serde(default, deserialize_with = "crate::json_num::opt_u32")]
+    max_vcpus: Option<u32>,
+    #[serde(default, deserialize_with = "crate::json_num::opt_u32")]
+    max_memory_mib: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct QuotaObject(serde_json::Map<String, serde_json::Value>);
+
+impl TryFrom<QuotaObject> for Quota {
+    type Error = serde_json::Error;
+
+    fn try_from(object: QuotaObject) -> Result<Self, Self::Error> {
+        let f: QuotaFields = serde_json::from_value(serde_json::Value::Object(object.0))?;
+        Ok(Quota {
+            max_sandboxes: f.max_sandboxes,
+            max_vcpus: f.max_vcpus,
+            max_memory_mib: f.max_memory_mib,
+        })
+    }
+}
+
+impl Quota {
+    /// Refuses limits beyond what the API documents.
+    pub fn check(&self) -> Result<(), String> {
+        let over = |v: Option<u32>, max: u32| v.is_some_and(|v| v > max);
+        if over(self.max_sandboxes, 1_000_000) || over(self.max_vcpus, 1_000_000) {
+            return Err("max_sandboxes and max_vcpus are at most 1000000".into());
+        }
+        if over(self.max_memory_mib, 1_000_000_000) {
+            return Err("max_memory_mib is at most 1000000000".into());
+        }
+        Ok(())
+    }
 }
 
 /// What a group's live sandboxes hold now.
