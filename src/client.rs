@@ -118,6 +118,11 @@ impl ApiClient {
         })
     }
 
+    /// A DELETE, whose success has no body.
+    pub fn delete(&self, path: &str) -> Result<()> {
+        self.call(Method::DELETE, path, None)
+    }
+
     /// A request whose answer streams: each line (without its newline)
     /// is given to `each` as it arrives.
     pub fn stream_lines(

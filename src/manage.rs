@@ -251,11 +251,7 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
             print_sandbox(&s, json)?;
         }
         SandboxCommand::Rm { id } => {
-            let () = api.call(
-                Method::DELETE,
-                &format!("/v1/sandboxes/{}", encode(&id)),
-                None,
-            )?;
+            api.delete(&format!("/v1/sandboxes/{}", encode(&id)))?;
         }
         SandboxCommand::Label { id, labels, json } => {
             let body = json!({ "labels": labels.into_iter().collect::<std::collections::BTreeMap<_, _>>() });
@@ -389,11 +385,7 @@ pub fn group(command: GroupCommand) -> Result<u8> {
         ),
         GroupCommand::Ls { json } => (api.call(Method::GET, "/v1/groups", None)?, json),
         GroupCommand::Rm { name } => {
-            let () = api.call(
-                Method::DELETE,
-                &format!("/v1/groups/{}", encode(&name)),
-                None,
-            )?;
+            api.delete(&format!("/v1/groups/{}", encode(&name)))?;
             return Ok(0);
         }
     };
@@ -529,11 +521,7 @@ pub fn template(command: TemplateCommand) -> Result<u8> {
             }
         }
         TemplateCommand::Rm { name } => {
-            let () = api.call(
-                Method::DELETE,
-                &format!("/v1/templates/{}", encode(&name)),
-                None,
-            )?;
+            api.delete(&format!("/v1/templates/{}", encode(&name)))?;
         }
         TemplateCommand::Fork {
             name,
@@ -609,11 +597,7 @@ pub fn pool(command: PoolCommand) -> Result<u8> {
         ),
         PoolCommand::Ls { json } => (api.call(Method::GET, "/v1/pools", None)?, json),
         PoolCommand::Rm { template } => {
-            let () = api.call(
-                Method::DELETE,
-                &format!("/v1/pools/{}", encode(&template)),
-                None,
-            )?;
+            api.delete(&format!("/v1/pools/{}", encode(&template)))?;
             return Ok(0);
         }
     };
@@ -689,11 +673,11 @@ pub fn secret(command: SecretCommand) -> Result<u8> {
             }
         }
         SecretCommand::Rm { group, name } => {
-            let () = api.call(
-                Method::DELETE,
-                &format!("/v1/groups/{}/secrets/{}", encode(&group), encode(&name)),
-                None,
-            )?;
+            api.delete(&format!(
+                "/v1/groups/{}/secrets/{}",
+                encode(&group),
+                encode(&name)
+            ))?;
         }
     }
     Ok(0)
