@@ -115,6 +115,19 @@ pub struct CreateArgs {
     /// Guest memory, e.g. 256M or 1G (default 256M).
     #[arg(long, value_parser = crate::args::parse_size_mib)]
     memory: Option<u64>,
+    #[command(flatten)]
+    placement: Placement,
+    /// Suspend it to disk after this long without a command (e.g. 5m);
+    /// the next command resumes it.
+    #[arg(long, value_parser = parse_timeout)]
+    idle_suspend: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where new sandboxes go and what they carry: for create and fork alike.
+#[derive(Args, Debug)]
+pub struct Placement {
     /// The group whose quota it counts against.
     #[arg(long, default_value = "default")]
     group: String,
@@ -128,12 +141,23 @@ pub struct CreateArgs {
     /// variable of the same name (repeatable).
     #[arg(long = "secret")]
     secrets: Vec<String>,
-    /// Suspend it to disk after this long without a command (e.g. 5m);
-    /// the next command resumes it.
-    #[arg(long, value_parser = parse_timeout)]
-    idle_suspend: Option<u64>,
-    #[arg(long)]
-    json: bool,
+}
+
+impl Placement {
+    /// Its fields of a create or fork body.
+    fn fields(&self) -> serde_json::Map<String, Value> {
+        let labels: std::collections::BTreeMap<_, _> = self.labels.iter().cloned().collect();
+        let body = json!({
+            "group": self.group,
+            "labels": labels,
+            "timeout_seconds": self.timeout,
+            "secrets": self.secrets,
+        });
+        match body {
+            Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -194,17 +218,18 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
                 .map(crate::keeper::absolute)
                 .transpose()?
                 .map(|p| p.to_string_lossy().into_owned());
-            let body = json!({
-                "template": a.template,
-                "rootfs": rootfs,
-                "cpus": a.cpus,
-                "memory_mib": a.memory,
-                "group": a.group,
-                "labels": a.labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-                "timeout_seconds": a.timeout,
-                "secrets": a.secrets,
-                "idle_suspend_seconds": a.idle_suspend.filter(|s| *s > 0),
-            });
+            let mut body = a.placement.fields();
+            body.extend([
+                ("template".to_string(), json!(a.template)),
+                ("rootfs".to_string(), json!(rootfs)),
+                ("cpus".to_string(), json!(a.cpus)),
+                ("memory_mib".to_string(), json!(a.memory)),
+                (
+                    "idle_suspend_seconds".to_string(),
+                    json!(a.idle_suspend.filter(|s| *s > 0)),
+                ),
+            ]);
+            let body = Value::Object(body);
             if !a.json {
                 eprintln!("capsule: creating a sandbox...");
             }
@@ -449,14 +474,8 @@ pub enum TemplateCommand {
         name: String,
         #[arg(long, default_value_t = 1)]
         count: u32,
-        #[arg(long, default_value = "default")]
-        group: String,
-        #[arg(long = "label", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
-        #[arg(long, default_value = "5m", value_parser = parse_timeout)]
-        timeout: u64,
-        #[arg(long = "secret")]
-        secrets: Vec<String>,
+        #[command(flatten)]
+        placement: Placement,
         #[arg(long)]
         json: bool,
     },
@@ -526,19 +545,15 @@ pub fn template(command: TemplateCommand) -> Result<u8> {
         TemplateCommand::Fork {
             name,
             count,
-            group,
-            labels,
-            timeout,
-            secrets,
+            placement,
             json,
         } => {
+            let mut body = placement.fields();
+            body.insert("count".into(), json!(count));
             let forks: Vec<Value> = api.call(
                 Method::POST,
                 &format!("/v1/templates/{}/fork", encode(&name)),
-                Some(json!({
-                    "count": count, "group": group, "timeout_seconds": timeout, "secrets": secrets,
-                    "labels": labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-                })),
+                Some(Value::Object(body)),
             )?;
             if json {
                 return print_json(&forks).map(|_| 0);

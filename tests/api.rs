@@ -513,4 +513,22 @@ fn secrets_go_in_and_never_come_out() {
             .0,
         204
     );
+    // A group's secrets go with it.
+    assert_eq!(
+        d.call("POST", "/v1/groups", Some(r#"{"name": "g"}"#)).0,
+        201
+    );
+    let set = d.call("PUT", "/v1/groups/g/secrets/K", Some(r#"{"value": "v"}"#));
+    assert_eq!(set.0, 204);
+    assert_eq!(d.call("DELETE", "/v1/groups/g", None).0, 204);
+    assert_eq!(
+        d.call("POST", "/v1/groups", Some(r#"{"name": "g"}"#)).0,
+        201
+    );
+    let (_, listed) = d.call("GET", "/v1/groups/g/secrets", None);
+    assert_eq!(
+        listed,
+        json!([]),
+        "a new group of the same name starts empty"
+    );
 }

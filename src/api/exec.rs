@@ -113,6 +113,34 @@ impl ExecBody {
     }
 }
 
+/// The most commands the daemon streams at once (each holds a thread).
+const MAX_RUNNING: usize = 1024;
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the commands the daemon streams; refused past [`MAX_RUNNING`].
+struct Running;
+
+impl Running {
+    fn start() -> Result<Running, ApiError> {
+        use std::sync::atomic::Ordering;
+        if RUNNING.fetch_add(1, Ordering::SeqCst) >= MAX_RUNNING {
+            RUNNING.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_commands",
+                format!("the daemon streams at most {MAX_RUNNING} commands at once"),
+            ));
+        }
+        Ok(Running)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// The running sandbox `id`, marked busy so idle suspend leaves it be. A
 /// sandbox that idle suspend put to sleep is resumed first (the caller
 /// sees latency, never an error); one suspended or ended otherwise is a
@@ -182,6 +210,7 @@ fn line(event: &ExecLine) -> Bytes {
         (status = 400, description = "Bad command", body = ErrorBody),
         (status = 404, description = "No such sandbox", body = ErrorBody),
         (status = 409, description = "It is not running", body = ErrorBody),
+        (status = 429, description = "The daemon streams its most commands", body = ErrorBody),
         (status = 502, description = "Its guest did not take the command", body = ErrorBody),
     )
 )]
@@ -202,6 +231,7 @@ pub async fn exec(
         .collect();
     env.append(&mut request.env);
     request.env = env;
+    let running = Running::start()?;
     let busy = acquire(&state, &id).await?;
     let stdin = body.stdin.clone();
     let agent_busy = busy.live().clone();
@@ -220,7 +250,7 @@ pub async fn exec(
         .name("exec-stream".into())
         .spawn(move || {
             // The sandbox counts as busy until the command ends.
-            let _busy = busy;
+            let (_busy, _running) = (busy, running);
             if let Some(text) = stdin {
                 let input = handle.input();
                 std::thread::spawn(move || {
@@ -234,7 +264,17 @@ pub async fn exec(
                 return;
             }
             loop {
-                let event = match handle.next_event() {
+                // A wait with a deadline, so a client that left is noticed
+                // while the command is quiet, and the command killed.
+                let next = match handle.next_event_timeout(std::time::Duration::from_secs(1)) {
+                    Err(sandbox::ClientError::Timeout) if tx.is_closed() => {
+                        let _ = handle.kill();
+                        return;
+                    }
+                    Err(sandbox::ClientError::Timeout) => continue,
+                    other => other,
+                };
+                let event = match next {
                     Ok(Some(ExecEvent::Stdout(d))) => ExecLine::Stdout { data: b64(&d) },
                     Ok(Some(ExecEvent::Stderr(d))) => ExecLine::Stderr { data: b64(&d) },
                     Ok(Some(ExecEvent::Exit(status))) => {

@@ -45,7 +45,11 @@ pub async fn set(
             "warm must be 0 to {MAX_WARM}"
         )));
     }
-    Ok(axum::Json(state.supervisor.set_pool(&template, body.warm)?))
+    // Shrinking a pool stops VMs: off the async threads.
+    let supervisor = Arc::clone(&state.supervisor);
+    let status =
+        super::sandboxes::blocking(move || supervisor.set_pool(&template, body.warm)).await??;
+    Ok(axum::Json(status))
 }
 
 /// Every pool, with how many are ready now.
@@ -70,6 +74,7 @@ pub async fn delete(
     State(state): State<Arc<AppState>>,
     Path(template): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.supervisor.delete_pool(&template)?;
+    let supervisor = Arc::clone(&state.supervisor);
+    super::sandboxes::blocking(move || supervisor.delete_pool(&template)).await??;
     Ok(StatusCode::NO_CONTENT)
 }

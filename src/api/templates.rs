@@ -182,7 +182,8 @@ pub async fn delete(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.supervisor.delete_template(&name)?;
+    let supervisor = Arc::clone(&state.supervisor);
+    blocking(move || supervisor.delete_template(&name)).await??;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -34,6 +34,23 @@ impl PidFd {
         }
     }
 
+    /// Waits up to `timeout` for the process to end; whether it did.
+    pub fn wait_for(&self, timeout: std::time::Duration) -> bool {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(n) if n > 0 => return true,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) if left.is_zero() => return false,
+                Ok(_) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// How our own child ended ("killed by signal 9", "exited with status
     /// 1"), reaping it; `None` for a process that is not our child (one a
     /// restarted daemon adopted).

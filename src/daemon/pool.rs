@@ -51,10 +51,7 @@ impl Supervisor {
     fn discard(&self, pooled: Pooled) {
         lock(&pooled.live.child).kill();
         // Ours, and unwatched: reaped here, or it stays a zombie.
-        if let Ok(pidfd) = super::pidfd::PidFd::open(pooled.live.pid) {
-            pidfd.wait();
-            let _ = pidfd.reap();
-        }
+        super::supervisor::kill_detached(pooled.live.pid);
         let _ = std::fs::remove_dir_all(self.dir(&pooled.id));
     }
 
@@ -125,6 +122,10 @@ impl Supervisor {
                 continue;
             }
             let Ok(id) = new_id() else { return false };
+            // A pooled sandbox is a VM: the host's limit counts it.
+            let Ok(_room) = self.host_room() else {
+                return false;
+            };
             match self.restore_template(&id, &template) {
                 Ok(live) => {
                     log::info!("pool {template}: {id} ready");

@@ -74,6 +74,11 @@ pub struct Activity {
 pub struct Busy(Arc<Live>);
 
 impl Live {
+    /// Counts idle time from now (a pooled sandbox just taken).
+    fn reset_idle(&self) {
+        *lock(&self.activity.last) = Some(std::time::Instant::now());
+    }
+
     pub fn busy(self: &Arc<Self>) -> Busy {
         self.activity
             .running
@@ -115,6 +120,10 @@ pub struct Supervisor {
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// Restored sandboxes kept ready, by template (see the pool module).
     pub(super) pool: Mutex<HashMap<String, Vec<super::pool::Pooled>>>,
+    /// Sandboxes (and template names) an operation is under way on.
+    operations: Mutex<std::collections::HashSet<String>>,
+    /// Template builds under way: VMs the host's limit counts.
+    pub(super) building: Mutex<u32>,
     /// Woken after every change the event log records.
     pub changed: tokio::sync::Notify,
 }
@@ -158,6 +167,8 @@ impl Supervisor {
             store,
             live: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
+            operations: Mutex::new(std::collections::HashSet::new()),
+            building: Mutex::new(0),
             changed: tokio::sync::Notify::new(),
         }))
     }
@@ -191,6 +202,8 @@ impl Supervisor {
             Some(p) => p.id.clone(),
             None => new_id().map_err(CreateError::Other)?,
         };
+        // Read before the store is locked: the limit takes other locks.
+        let record_limit = self.record_limit();
         let inserted = self.store().insert_sandbox(
             &NewSandbox {
                 id: id.clone(),
@@ -203,7 +216,7 @@ impl Supervisor {
                 secrets: spec.secrets.clone(),
                 idle_suspend_ms: spec.idle_suspend_ms,
             },
-            self.max_sandboxes,
+            record_limit,
         );
         let record = match (inserted, pooled) {
             (Ok(record), pooled) => (record, pooled),
@@ -215,6 +228,7 @@ impl Supervisor {
             }
         };
         let (record, pooled) = record;
+        let _op = self.begin(&id).map_err(CreateError::Store)?;
         self.notify();
         log::info!(
             "sandbox {id}: creating from {}{}",
@@ -222,7 +236,10 @@ impl Supervisor {
             if pooled.is_some() { " (warm pool)" } else { "" }
         );
         let made = match (pooled, &spec.origin) {
-            (Some(p), _) => Ok(p.live),
+            (Some(p), _) => {
+                p.live.reset_idle();
+                Ok(p.live)
+            }
             (None, Origin::Boot { .. }) => self.boot(&id, &spec),
             (None, Origin::Template(name)) => self.restore_template(&id, name),
         };
@@ -294,30 +311,36 @@ impl Supervisor {
         sb.wait_ready(BOOT_TIMEOUT)?;
         let child = sb.into_machine();
         let pid = child.detach();
-        connect(&runtime, pid)
+        connect(&runtime, pid).inspect_err(|_| kill_detached(pid))
     }
 
     /// Watches a child's pidfd; if it ends while its sandbox is live, the
     /// sandbox ends with how it did.
     fn watch(self: &Arc<Self>, id: &str, pid: u32) {
+        let unwatched = |me: &Self, why: String| {
+            if let Some(live) = me.take_live(id, pid) {
+                lock(&live.child).kill();
+            }
+            me.lost(
+                id,
+                &format!("its VMM process {pid} could not be watched: {why}"),
+            );
+        };
         let pidfd = match PidFd::open(pid) {
             Ok(fd) => fd,
-            Err(e) => {
-                self.lost(
-                    id,
-                    &format!("its VMM process {pid} could not be watched: {e}"),
-                );
-                return;
-            }
+            Err(e) => return unwatched(self, e.to_string()),
         };
-        let (me, id) = (Arc::clone(self), id.to_string());
-        std::thread::Builder::new()
+        let (me, id_owned) = (Arc::clone(self), id.to_string());
+        let spawned = std::thread::Builder::new()
             .name(format!("watch-{id}"))
             .spawn(move || {
+                let id = id_owned;
                 pidfd.wait();
                 let status = pidfd.reap();
-                let Some(live) = lock(&me.live).remove(&id) else {
-                    return; // deleted: the delete recorded why
+                // Only the VM this watcher watches: after a suspend and a
+                // resume the map holds another one under the same id.
+                let Some(live) = me.take_live(&id, pid) else {
+                    return; // deleted or suspended: that recorded why
                 };
                 let exit = lock(&live.child).exit_reason();
                 let (reason, detail) = match (&exit, status) {
@@ -333,8 +356,35 @@ impl Supervisor {
                 let _ = me.store().end_sandbox(&id, reason, &detail);
                 let _ = std::fs::remove_dir_all(me.dir(&id));
                 me.notify();
-            })
-            .expect("spawning a watcher thread");
+            });
+        if let Err(e) = spawned {
+            unwatched(self, e.to_string());
+        }
+    }
+
+    /// Takes the live sandbox `id` out of the map if it is the VM of
+    /// process `pid`.
+    fn take_live(&self, id: &str, pid: u32) -> Option<Arc<Live>> {
+        let mut live = lock(&self.live);
+        if live.get(id).is_some_and(|l| l.pid == pid) {
+            live.remove(id)
+        } else {
+            None
+        }
+    }
+
+    /// Marks `key` (a sandbox id, or `template:<name>`) as being worked on
+    /// until the guard drops; a second operation on it is a conflict.
+    pub(super) fn begin(&self, key: &str) -> Result<Operation<'_>, StoreError> {
+        if !lock(&self.operations).insert(key.to_string()) {
+            return Err(StoreError::Conflict(format!(
+                "{key} is busy with another operation; try again"
+            )));
+        }
+        Ok(Operation {
+            supervisor: self,
+            key: key.to_string(),
+        })
     }
 
     fn lost(&self, id: &str, detail: &str) {
@@ -348,6 +398,7 @@ impl Supervisor {
     /// not take the kill for a death), then its child is stopped and its
     /// files removed.
     pub fn destroy(&self, id: &str, reason: EndReason, detail: &str) -> Result<(), StoreError> {
+        let _op = self.begin(id)?;
         let mut store = self.store();
         if !store.end_sandbox(id, reason, detail)? {
             let first = store.sandbox(id)?.end_reason;
@@ -357,7 +408,8 @@ impl Supervisor {
             )));
         }
         drop(store);
-        if let Some(live) = lock(&self.live).remove(id) {
+        let live = lock(&self.live).remove(id);
+        if let Some(live) = live {
             lock(&live.child).kill();
         }
         let _ = std::fs::remove_dir_all(self.dir(id));
@@ -386,10 +438,9 @@ impl Supervisor {
             let runtime = self.dir(id).join("runtime");
             if record.state == SandboxState::Suspended {
                 // A suspend or a resume the daemon did not finish: the
-                // store says suspended, so no child may run.
-                if let Ok(mut child) = ChildVm::connect(&runtime) {
-                    child.kill();
-                }
+                // store says suspended, so no child may run (found by its
+                // working directory: it may not answer yet).
+                kill_processes_in(&runtime);
                 let _ = finish_suspend(&self.dir(id));
                 if !self.dir(id).join(SUSPENDED).is_dir() {
                     self.lost(id, "its suspended state was gone when the daemon restarted");
@@ -413,10 +464,14 @@ impl Supervisor {
                     self.watch(id, pid);
                     log::info!("sandbox {id}: adopted (capsule-vmm pid {pid})");
                 }
-                Err(e) => self.lost(
-                    id,
-                    &format!("its VMM was gone when the daemon restarted ({e:#})"),
-                ),
+                Err(e) => {
+                    // Whatever runs there answers for no record now.
+                    kill_processes_in(&runtime);
+                    self.lost(
+                        id,
+                        &format!("its VMM was gone when the daemon restarted ({e:#})"),
+                    )
+                }
             }
         }
         Ok(())
@@ -442,6 +497,7 @@ impl Supervisor {
         id: &str,
         idle: Option<Duration>,
     ) -> Result<SandboxRecord, LifecycleError> {
+        let _op = self.begin(id)?;
         let record = self.store().sandbox(id)?;
         if record.state != SandboxState::Running {
             return Err(StoreError::Conflict(format!(
@@ -485,7 +541,11 @@ impl Supervisor {
             )?
         };
         lock(&live.child).kill();
-        finish_suspend(&dir)?;
+        // Recorded as suspended already; a last step that fails here is
+        // finished by the resume (or the next daemon).
+        if let Err(e) = finish_suspend(&dir) {
+            log::warn!("sandbox {id}: suspended, but {e}");
+        }
         self.notify();
         log::info!("sandbox {id}: suspended");
         Ok(record)
@@ -494,6 +554,7 @@ impl Supervisor {
     /// Resumes a suspended sandbox in place: the same id, memory and
     /// disks, in a new VMM process. Blocks.
     pub fn resume(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, LifecycleError> {
+        let _op = self.begin(id)?;
         let record = self.store().sandbox(id)?;
         if record.state != SandboxState::Suspended {
             return Err(StoreError::Conflict(format!(
@@ -504,7 +565,9 @@ impl Supervisor {
         }
         let dir = self.dir(id);
         let runtime = dir.join("runtime");
-        let _ = std::fs::remove_dir_all(&runtime);
+        // A suspend whose last step failed: its whole state is the one to
+        // resume from.
+        finish_suspend(&dir)?;
         let rootfs = dir.join("rootfs.ext4");
         let options = sandbox::RestoreOptions {
             vm: vmm::RestoreOptions {
@@ -523,19 +586,34 @@ impl Supervisor {
             .map_err(|e| LifecycleError::Failed(format!("sandbox {id} could not be resumed: {e}")))
             .and_then(|sb| {
                 let pid = sb.into_machine().detach();
-                connect(&runtime, pid).map_err(|e| LifecycleError::Failed(format!("{e:#}")))
+                connect(&runtime, pid)
+                    .inspect_err(|_| kill_detached(pid))
+                    .map_err(|e| LifecycleError::Failed(format!("{e:#}")))
             });
         let live = restored?;
         let pid = live.pid;
-        let mut store = self.store();
-        store.set_vmm(id, Some(pid as i32), Some(&runtime.to_string_lossy()))?;
-        let record = store.transition(
-            id,
-            &[SandboxState::Suspended],
-            SandboxState::Running,
-            "resumed",
-        )?;
-        drop(store);
+        let recorded = {
+            let mut store = self.store();
+            store
+                .set_vmm(id, Some(pid as i32), Some(&runtime.to_string_lossy()))
+                .and_then(|()| {
+                    store.transition(
+                        id,
+                        &[SandboxState::Suspended],
+                        SandboxState::Running,
+                        "resumed",
+                    )
+                })
+        };
+        let record = match recorded {
+            Ok(record) => record,
+            Err(e) => {
+                // Not recorded as running: it must not run.
+                lock(&live.child).kill();
+                kill_detached(pid);
+                return Err(e.into());
+            }
+        };
         lock(&self.live).insert(id.to_string(), live);
         self.watch(id, pid);
         self.notify();
@@ -571,19 +649,39 @@ impl Supervisor {
     }
 
     /// Refuses a new VM when the host runs its most sandboxes already.
-    pub(super) fn check_host_room(&self) -> Result<(), StoreError> {
-        let Some(limit) = self.max_sandboxes else {
-            return Ok(());
-        };
-        let live = self.store().sandboxes(&[
-            SandboxState::Creating,
-            SandboxState::Running,
-            SandboxState::Suspended,
-        ])?;
-        if live.len() as u64 >= u64::from(limit) {
-            return Err(StoreError::HostFull { limit });
+    /// VMs that are not sandbox records: a pool's ready ones and template
+    /// builds. The host's limit counts them too.
+    fn unrecorded_vms(&self, building: u32) -> u32 {
+        let pooled: usize = lock(&self.pool).values().map(Vec::len).sum();
+        (pooled as u32).saturating_add(building)
+    }
+
+    /// The host's limit as it applies to sandbox records now.
+    fn record_limit(&self) -> Option<u32> {
+        let building = *lock(&self.building);
+        self.max_sandboxes
+            .map(|limit| limit.saturating_sub(self.unrecorded_vms(building)))
+    }
+
+    /// Makes room for one more VM that is not a record (a build, a pooled
+    /// sandbox), or refuses; the room is held until the guard drops.
+    pub(super) fn host_room(&self) -> Result<Building<'_>, StoreError> {
+        let mut building = lock(&self.building);
+        if let Some(limit) = self.max_sandboxes {
+            let records = self
+                .store()
+                .sandboxes(&[
+                    SandboxState::Creating,
+                    SandboxState::Running,
+                    SandboxState::Suspended,
+                ])?
+                .len() as u64;
+            if records + u64::from(self.unrecorded_vms(*building)) >= u64::from(limit) {
+                return Err(StoreError::HostFull { limit });
+            }
         }
-        Ok(())
+        *building += 1;
+        Ok(Building(self))
     }
 
     /// Stops and removes what no record owns under `vms/`: a pool's
@@ -602,6 +700,18 @@ impl Supervisor {
                 kill_processes_in(&entry.path().join("runtime"));
                 let _ = std::fs::remove_dir_all(entry.path());
                 log::info!("removed {name}, which no sandbox record owns");
+            }
+        }
+        // A template build the daemon did not finish: its VM, and its
+        // files, which no record names.
+        if let Ok(entries) = std::fs::read_dir(self.root.join("templates")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                kill_processes_in(&entry.path().join("runtime"));
+                if !self.store().template_exists(&name).unwrap_or(true) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                    log::info!("removed template {name}'s unfinished build");
+                }
             }
         }
         Ok(())
@@ -626,6 +736,42 @@ impl Supervisor {
         for id in due {
             let _ = self.destroy(&id, EndReason::Expired, "its timeout passed");
         }
+    }
+}
+
+/// Room held on the host for a VM that is not a record yet.
+pub(super) struct Building<'a>(&'a Supervisor);
+
+impl Drop for Building<'_> {
+    fn drop(&mut self) {
+        let mut building = lock(&self.0.building);
+        *building = building.saturating_sub(1);
+    }
+}
+
+/// An operation under way on a sandbox or template name; see
+/// [`Supervisor::begin`].
+pub(super) struct Operation<'a> {
+    supervisor: &'a Supervisor,
+    key: String,
+}
+
+impl Drop for Operation<'_> {
+    fn drop(&mut self) {
+        lock(&self.supervisor.operations).remove(&self.key);
+    }
+}
+
+/// Stops a child this daemon detached and reaps it (it is ours), when
+/// what follows its start fails.
+pub(super) fn kill_detached(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    if let Ok(pidfd) = PidFd::open(pid) {
+        pidfd.wait_for(Duration::from_secs(5));
+        let _ = pidfd.reap();
     }
 }
 
@@ -665,7 +811,7 @@ pub(super) fn child_options(dir: &Path) -> Result<ChildOptions> {
 
 /// SIGKILLs every process whose working directory is `dir` (a child's
 /// runtime directory), waiting up to a few seconds for them to go.
-fn kill_processes_in(dir: &Path) {
+pub(super) fn kill_processes_in(dir: &Path) {
     let find = || -> Vec<i32> {
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();

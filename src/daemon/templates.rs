@@ -80,8 +80,10 @@ impl Supervisor {
         name: &str,
         spec: &TemplateSpec,
     ) -> Result<TemplateRecord, LifecycleError> {
-        // A build runs a VM too: it counts against the host's limit.
-        self.check_host_room()?;
+        // One operation per name at a time, and a build runs a VM: it
+        // counts against the host's limit.
+        let _op = self.begin(&format!("template:{name}"))?;
+        let _room = self.host_room()?;
         let dir = self.new_template_dir(name)?;
         match build(&dir, spec) {
             Ok(()) => {}
@@ -119,6 +121,8 @@ impl Supervisor {
     /// Snapshots a running sandbox into a template named `name`; the
     /// sandbox carries on. Blocks.
     pub fn snapshot_sandbox(&self, id: &str, name: &str) -> Result<TemplateRecord, LifecycleError> {
+        let _op = self.begin(&format!("template:{name}"))?;
+        let _sandbox_op = self.begin(id)?;
         let record = self.store().sandbox(id)?;
         let live = match (record.state, self.live(id)) {
             (SandboxState::Running, Some(live)) => live,
@@ -182,7 +186,7 @@ impl Supervisor {
         let sb = ChildVm::restore(&from.join(SNAPSHOT), &options, child_options(&dir)?)
             .with_context(|| format!("restoring template {name}"))?;
         let pid = sb.into_machine().detach();
-        connect(&dir.join("runtime"), pid)
+        connect(&dir.join("runtime"), pid).inspect_err(|_| super::supervisor::kill_detached(pid))
     }
 }
 

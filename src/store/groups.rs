@@ -233,6 +233,8 @@ impl Store {
                     "group {name:?} still has {live} sandboxes"
                 )));
             }
+            // Its secrets go with it.
+            tx.execute("DELETE FROM secrets WHERE group_name = ?1", [name])?;
             // Ended sandboxes keep their history under the default group.
             tx.execute(
                 "UPDATE sandboxes SET group_name = 'default' WHERE group_name = ?1",
