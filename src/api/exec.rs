@@ -146,7 +146,10 @@ impl Drop for Running {
 /// sees latency, never an error); one suspended or ended otherwise is a
 /// conflict.
 async fn acquire(state: &Arc<AppState>, id: &str) -> Result<Busy, ApiError> {
-    for _ in 0..3 {
+    // Long enough for a suspend or a resume under way to finish.
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(100));
+    while tokio::time::Instant::now() < end {
         let record = state.supervisor.store().sandbox(id)?;
         match (record.state, state.supervisor.live(id)) {
             (SandboxState::Running, Some(live)) => {
@@ -160,14 +163,15 @@ async fn acquire(state: &Arc<AppState>, id: &str) -> Result<Busy, ApiError> {
                 {
                     return Ok(busy);
                 }
+                pause().await;
             }
             (SandboxState::Suspended, _) if record.idle_suspend_ms.is_some() => {
                 let supervisor = Arc::clone(&state.supervisor);
                 let id = id.to_string();
                 match super::sandboxes::blocking(move || supervisor.resume(&id)).await? {
                     Ok(_) => {}
-                    // Another request resumed it first.
-                    Err(LifecycleError::Store(StoreError::Conflict(_))) => {}
+                    // Another request is resuming it (or did).
+                    Err(LifecycleError::Store(StoreError::Conflict(_))) => pause().await,
                     Err(e) => {
                         return Err(ApiError::new(
                             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -177,10 +181,8 @@ async fn acquire(state: &Arc<AppState>, id: &str) -> Result<Busy, ApiError> {
                     }
                 }
             }
-            (SandboxState::Running, None) => {
-                // Being suspended right now: wait for it to finish.
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
+            // Being suspended or adopted right now: wait for it to finish.
+            (SandboxState::Running, None) => pause().await,
             (s, _) => {
                 return Err(ApiError::conflict(format!(
                     "sandbox {id} is {s}, not running"
