@@ -33,7 +33,7 @@ fn end_at(timeout_seconds: u64) -> Result<Option<i64>, ApiError> {
 
 /// A file on the daemon's host a request names: a relative path is bad
 /// input (400); no regular file there is a 404 (`file_not_found`).
-pub(super) fn host_file(what: &str, path: &str) -> Result<PathBuf, ApiError> {
+fn host_file(what: &str, path: &str) -> Result<PathBuf, ApiError> {
     let p = PathBuf::from(path);
     if !p.is_absolute() {
         return Err(ApiError::bad_request(format!(
@@ -52,6 +52,30 @@ pub(super) fn host_file(what: &str, path: &str) -> Result<PathBuf, ApiError> {
         Ok(_) => Err(missing("not a regular file".into())),
         Err(e) => Err(missing(e.to_string())),
     }
+}
+
+/// The kernel, initramfs and root filesystem a request names, each
+/// checked ([`host_file`]); the daemon's kernel and initramfs where it
+/// names none.
+pub(super) fn boot_files(
+    state: &AppState,
+    kernel: &Option<String>,
+    initramfs: &Option<String>,
+    rootfs: &Option<String>,
+) -> Result<(PathBuf, PathBuf, Option<PathBuf>), ApiError> {
+    let kernel = match kernel {
+        Some(k) => host_file("kernel", k)?,
+        None => state.kernel.clone(),
+    };
+    let initramfs = match initramfs {
+        Some(i) => host_file("initramfs", i)?,
+        None => state.initramfs.clone(),
+    };
+    let rootfs = rootfs
+        .as_deref()
+        .map(|r| host_file("rootfs", r))
+        .transpose()?;
+    Ok((kernel, initramfs, rootfs))
 }
 
 impl CreateSandbox {
@@ -79,19 +103,8 @@ impl CreateSandbox {
             return self.template_spec(state, name);
         }
         let (cpus, memory_mib) = self.size()?;
-        let kernel = match &self.kernel {
-            Some(k) => host_file("kernel", k)?,
-            None => state.kernel.clone(),
-        };
-        let initramfs = match &self.initramfs {
-            Some(i) => host_file("initramfs", i)?,
-            None => state.initramfs.clone(),
-        };
-        let rootfs = self
-            .rootfs
-            .as_deref()
-            .map(|r| host_file("rootfs", r))
-            .transpose()?;
+        let (kernel, initramfs, rootfs) =
+            boot_files(state, &self.kernel, &self.initramfs, &self.rootfs)?;
         self.common(
             state,
             Origin::Boot {

@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{check_name, Json, Path};
 use super::model::{timestamp, CreateSandbox, Sandbox};
-use super::sandboxes::{blocking, create_error, host_file, lifecycle};
+use super::sandboxes::{blocking, boot_files, create_error, lifecycle};
 use crate::daemon::templates::TemplateSpec;
 use crate::daemon::AppState;
 use crate::store::TemplateRecord;
@@ -112,20 +112,12 @@ pub async fn create(
     if !(1..=24 * 3600).contains(&timeout) {
         return Err(ApiError::bad_request("timeout_seconds must be 1 to 86400"));
     }
+    let (kernel, initramfs, rootfs) =
+        boot_files(&state, &body.kernel, &body.initramfs, &body.rootfs)?;
     let spec = TemplateSpec {
-        kernel: match &body.kernel {
-            Some(k) => host_file("kernel", k)?,
-            None => state.kernel.clone(),
-        },
-        initramfs: match &body.initramfs {
-            Some(i) => host_file("initramfs", i)?,
-            None => state.initramfs.clone(),
-        },
-        rootfs: body
-            .rootfs
-            .as_deref()
-            .map(|r| host_file("rootfs", r))
-            .transpose()?,
+        kernel,
+        initramfs,
+        rootfs,
         cpus,
         memory_mib,
         cmd: body.cmd.clone(),

@@ -291,23 +291,14 @@ impl Supervisor {
         else {
             return Err(anyhow!("not a boot"));
         };
-        let mut builder = Sandbox::builder()
-            .kernel(kernel)
-            .initramfs(initramfs)
-            .cpus(spec.cpus)
-            .memory_mib(u64::from(spec.memory_mib))
-            .hostname("capsule");
-        if let Some(rootfs) = rootfs {
-            // Its own copy: sandboxes made from one image never share writes.
-            let copy = dir.join("rootfs.ext4");
-            std::fs::copy(rootfs, &copy)
-                .with_context(|| format!("copying the root filesystem {}", rootfs.display()))?;
-            builder = builder.rootfs(copy, false);
-        }
-        let config = builder.vm_config()?;
-        let child =
-            ChildVm::boot(&config, child_options(&dir)?).context("cannot start the microVM")?;
-        let mut sb = Sandbox::adopt_booted(child, builder.guest_info())?;
+        let mut sb = boot_in(
+            &dir,
+            kernel,
+            initramfs,
+            rootfs.as_deref(),
+            spec.cpus,
+            spec.memory_mib,
+        )?;
         sb.wait_ready(BOOT_TIMEOUT)?;
         let child = sb.into_machine();
         let pid = child.detach();
@@ -568,7 +559,7 @@ impl Supervisor {
         // A suspend whose last step failed: its whole state is the one to
         // resume from.
         finish_suspend(&dir)?;
-        let rootfs = dir.join("rootfs.ext4");
+        let rootfs = dir.join(ROOTFS);
         let options = sandbox::RestoreOptions {
             vm: vmm::RestoreOptions {
                 disks: if rootfs.exists() {
@@ -773,6 +764,37 @@ pub(super) fn kill_detached(pid: u32) {
         pidfd.wait_for(Duration::from_secs(5));
         let _ = pidfd.reap();
     }
+}
+
+/// The file name of a sandbox's (or template's) own root filesystem.
+pub(super) const ROOTFS: &str = "rootfs.ext4";
+
+/// Starts a child in `dir` booting `kernel` and `initramfs`, with its own
+/// copy of `rootfs` (sandboxes made from one image never share writes);
+/// its agent is not waited for yet.
+pub(super) fn boot_in(
+    dir: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+    rootfs: Option<&Path>,
+    cpus: u8,
+    memory_mib: u32,
+) -> Result<Sandbox<ChildVm>> {
+    let mut builder = Sandbox::builder()
+        .kernel(kernel)
+        .initramfs(initramfs)
+        .cpus(cpus)
+        .memory_mib(u64::from(memory_mib))
+        .hostname("capsule");
+    if let Some(rootfs) = rootfs {
+        let copy = dir.join(ROOTFS);
+        std::fs::copy(rootfs, &copy)
+            .with_context(|| format!("copying the root filesystem {}", rootfs.display()))?;
+        builder = builder.rootfs(copy, false);
+    }
+    let config = builder.vm_config()?;
+    let child = ChildVm::boot(&config, child_options(dir)?).context("cannot start the microVM")?;
+    Ok(Sandbox::adopt_booted(child, builder.guest_info())?)
 }
 
 /// Where a suspended sandbox's state is, in its directory; it is written

@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use sandbox::{ChildVm, ExecRequest, Machine, Sandbox, VmSettings};
+use sandbox::{ChildVm, ExecRequest, Machine};
 
-use super::supervisor::{child_options, connect, LifecycleError, Live, Supervisor, BOOT_TIMEOUT};
+use super::supervisor::{
+    boot_in, child_options, connect, LifecycleError, Live, Supervisor, BOOT_TIMEOUT, ROOTFS,
+};
 use crate::store::{SandboxState, StoreError, TemplateRecord};
 
 const SNAPSHOT: &str = "snapshot";
-const ROOTFS: &str = "rootfs.ext4";
 /// The most output kept from a template's priming command (for its error).
 const COMMAND_OUTPUT: usize = 1 << 20;
 
@@ -192,21 +193,14 @@ impl Supervisor {
 
 /// Builds a template's files in `dir`.
 fn build(dir: &Path, spec: &TemplateSpec) -> Result<()> {
-    let mut builder = Sandbox::builder()
-        .kernel(&spec.kernel)
-        .initramfs(&spec.initramfs)
-        .cpus(spec.cpus)
-        .memory_mib(u64::from(spec.memory_mib))
-        .hostname("capsule");
-    if let Some(rootfs) = &spec.rootfs {
-        let own = dir.join(ROOTFS);
-        std::fs::copy(rootfs, &own)
-            .with_context(|| format!("copying the root filesystem {}", rootfs.display()))?;
-        builder = builder.rootfs(own, false);
-    }
-    let config = builder.vm_config()?;
-    let child = ChildVm::boot(&config, child_options(dir)?).context("cannot start the microVM")?;
-    let mut sb = Sandbox::adopt_booted(child, builder.guest_info())?;
+    let mut sb = boot_in(
+        dir,
+        &spec.kernel,
+        &spec.initramfs,
+        spec.rootfs.as_deref(),
+        spec.cpus,
+        spec.memory_mib,
+    )?;
     let built = (|| -> Result<()> {
         sb.wait_ready(BOOT_TIMEOUT)?;
         if !spec.cmd.is_empty() {

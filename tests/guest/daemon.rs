@@ -217,8 +217,8 @@ fn the_daemon_runs_sandboxes_through_their_whole_life() {
     let (code, out, err) = d.capsule(&["exec", &bob, "--", "cat", "/etc/os-release"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("Capsule ext4 test root"), "{out}");
-    let (code, _, _) = d.capsule(&["exec", &alice, "--", "sh", "-c", "exit 7"]);
-    assert_eq!(code, 7);
+    let (code, _, err) = d.capsule(&["exec", &alice, "--", "sh", "-c", "exit 7"]);
+    assert_eq!(code, 7, "{err}");
 
     // A secret: in its commands' environment, never on the guest's disk,
     // never in what the API shows.
