@@ -63,13 +63,15 @@ fn host_memory_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
-/// A duration in seconds (fractions allowed): finite, above zero, at
-/// most [`MAX_DURATION`].
+/// A duration in seconds (fractions allowed) or with units (`90s`, `30m`,
+/// `1h30m`, `2d`): finite, above zero, at most [`MAX_DURATION`].
 pub fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a number of seconds: {s:?}"))?;
+    let secs: f64 = match s.trim().parse() {
+        Ok(secs) => secs,
+        Err(_) => humantime::parse_duration(s.trim())
+            .map_err(|_| format!("not a time: {s:?} (seconds, or with a unit: 90s, 30m, 2h)"))?
+            .as_secs_f64(),
+    };
     if !secs.is_finite() || secs <= 0.0 {
         return Err(format!(
             "{s} is not a time: give a number of seconds above 0"
@@ -130,7 +132,20 @@ mod tests {
     #[test]
     fn seconds() {
         assert_eq!(parse_seconds("1.5"), Ok(Duration::from_millis(1500)));
-        for bad in ["NaN", "inf", "-1", "0", "", "1e300", "soon"] {
+        assert_eq!(parse_seconds("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_seconds("1h30m"), Ok(Duration::from_secs(5400)));
+        for bad in [
+            "NaN",
+            "inf",
+            "-1",
+            "0",
+            "",
+            "1e300",
+            "soon",
+            "0s",
+            "5 parsecs",
+            "99999d",
+        ] {
             assert!(parse_seconds(bad).is_err(), "{bad}");
         }
     }
