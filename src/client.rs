@@ -23,6 +23,11 @@ pub struct ApiRefusal {
     pub message: String,
 }
 
+/// The daemon could not be reached at all.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DaemonUnreachable(String);
+
 pub struct ApiClient {
     socket: PathBuf,
     runtime: tokio::runtime::Runtime,
@@ -52,12 +57,17 @@ impl ApiClient {
             tokio::net::UnixStream::connect(&self.socket),
         )
         .await
-        .map_err(|_| anyhow!("the daemon at {} does not answer", self.socket.display()))?
+        .map_err(|_| {
+            DaemonUnreachable(format!(
+                "the daemon at {} does not answer",
+                self.socket.display()
+            ))
+        })?
         .map_err(|e| {
-            anyhow!(
+            DaemonUnreachable(format!(
                 "cannot reach the daemon at {} ({e}); start it with `capsule serve`",
                 self.socket.display()
-            )
+            ))
         })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

@@ -93,8 +93,12 @@ pub fn stream(agent: &AgentClient, argv: &[String], args: &CommandArgs) -> Resul
     Ok(status)
 }
 
-/// The process exit status for a command's status.
+/// The process exit status for a command's status: its own, 128+N if a
+/// signal N ended it, [`crate::exit::TIMED_OUT`] if its timeout did.
 pub fn exit_code(status: &ExitStatus) -> u8 {
+    if status.timed_out {
+        return crate::exit::TIMED_OUT;
+    }
     status.shell_code().clamp(0, 255) as u8
 }
 

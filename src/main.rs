@@ -8,10 +8,12 @@ mod commands;
 mod daemon;
 mod doctor;
 mod exec;
+mod exit;
 mod json_num;
 mod keeper;
 mod labels;
 mod manage;
+mod progress;
 mod run;
 mod secrets;
 mod store;
@@ -82,14 +84,26 @@ enum Command {
     Suspend { id: String },
     /// Resume a suspended daemon sandbox (`capsule sandbox resume`).
     Resume { id: String },
+    /// Print a shell completion script, e.g.
+    /// `capsule completion bash > /etc/bash_completion.d/capsule`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
-    // VMM and device messages on stderr: warnings and errors always, more
-    // with CAPSULE_LOG=info|debug|trace.
-    vmm::logging::log_to_stderr("capsule: ", "CAPSULE_LOG");
-    let _ = vmm::host::raise_fd_limit();
     let cli = Cli::parse();
+    // VMM and device messages on stderr: warnings and errors always, more
+    // with CAPSULE_LOG=info|debug|trace. The daemon has a log of its own.
+    if !matches!(cli.command, Command::Serve(_)) {
+        vmm::logging::log_to_stderr("capsule: ", "CAPSULE_LOG");
+    }
+    let _ = vmm::host::raise_fd_limit();
+    let runs_a_command = matches!(
+        cli.command,
+        Command::Run(_) | Command::Exec(_) | Command::Fork(_)
+    );
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Exec(args) => commands::exec(args),
@@ -113,12 +127,17 @@ fn main() -> ExitCode {
         Command::Resume { id } => {
             manage::sandbox(manage::SandboxCommand::Resume { id, json: false })
         }
+        Command::Completion { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "capsule", &mut std::io::stdout());
+            Ok(0)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("capsule: error: {e:#}");
-            ExitCode::from(run::SANDBOX_FAILURE)
+            ExitCode::from(exit::for_error(&e, runs_a_command))
         }
     }
 }

@@ -12,8 +12,10 @@ use hyper::Method;
 use serde_json::{json, Value};
 
 use crate::api::model::Sandbox;
+use crate::api::stats::SandboxStats;
 use crate::client::ApiClient;
 use crate::exec::CommandArgs;
+use crate::progress::while_waiting;
 
 /// Daemon sandbox ids start so; kept sandboxes may not be named so.
 pub const DAEMON_ID_PREFIX: &str = "sb-";
@@ -43,6 +45,12 @@ pub enum SandboxCommand {
     Ls(ListArgs),
     /// Show one sandbox.
     Get {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a sandbox uses of the host now: CPU time, memory, disk, uptime.
+    Stats {
         id: String,
         #[arg(long)]
         json: bool,
@@ -199,6 +207,51 @@ fn show(s: &Sandbox) {
     }
 }
 
+/// `bytes` in the largest binary unit that keeps it at least 1.
+fn size_text(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn show_stats(s: &SandboxStats) {
+    let or_none = |v: Option<String>| v.unwrap_or_else(|| format!("- ({})", s.state));
+    println!("id:       {}", s.id);
+    println!("state:    {}", s.state);
+    println!(
+        "uptime:   {}",
+        or_none(s.uptime_seconds.map(|t| {
+            humantime::format_duration(std::time::Duration::from_secs(t as u64)).to_string()
+        }))
+    );
+    println!(
+        "cpu:      {}",
+        or_none(
+            s.cpu_seconds
+                .map(|t| format!("{t:.2} s on {} vCPU", s.cpus))
+        )
+    );
+    println!(
+        "memory:   {}",
+        or_none(s.memory_bytes.map(|m| format!(
+            "{} resident ({} its share) of {}",
+            size_text(m),
+            size_text(s.memory_pss_bytes.unwrap_or(m)),
+            size_text(s.memory_limit_bytes)
+        )))
+    );
+    println!("disk:     {}", size_text(s.disk_bytes));
+}
+
 fn print_sandbox(s: &Sandbox, json: bool) -> Result<()> {
     if json {
         print_json(s)
@@ -230,10 +283,9 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
                 ),
             ]);
             let body = Value::Object(body);
-            if !a.json {
-                eprintln!("capsule: creating a sandbox...");
-            }
-            let s: Sandbox = api.call(Method::POST, "/v1/sandboxes", Some(body))?;
+            let s: Sandbox = while_waiting("creating a sandbox", a.json, || {
+                api.call(Method::POST, "/v1/sandboxes", Some(body))
+            })?;
             if a.json {
                 print_json(&s)?;
             } else {
@@ -275,6 +327,18 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
                 api.call(Method::GET, &format!("/v1/sandboxes/{}", encode(&id)), None)?;
             print_sandbox(&s, json)?;
         }
+        SandboxCommand::Stats { id, json } => {
+            let s: SandboxStats = api.call(
+                Method::GET,
+                &format!("/v1/sandboxes/{}/stats", encode(&id)),
+                None,
+            )?;
+            if json {
+                print_json(&s)?;
+            } else {
+                show_stats(&s);
+            }
+        }
         SandboxCommand::Rm { id } => {
             api.delete(&format!("/v1/sandboxes/{}", encode(&id)))?;
         }
@@ -288,27 +352,33 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
             print_sandbox(&s, json)?;
         }
         SandboxCommand::Suspend { id, json } => {
-            let s: Sandbox = api.call(
-                Method::POST,
-                &format!("/v1/sandboxes/{}/suspend", encode(&id)),
-                None,
-            )?;
+            let s: Sandbox = while_waiting(&format!("suspending {id}"), json, || {
+                api.call(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/suspend", encode(&id)),
+                    None,
+                )
+            })?;
             print_sandbox(&s, json)?;
         }
         SandboxCommand::Resume { id, json } => {
-            let s: Sandbox = api.call(
-                Method::POST,
-                &format!("/v1/sandboxes/{}/resume", encode(&id)),
-                None,
-            )?;
+            let s: Sandbox = while_waiting(&format!("resuming {id}"), json, || {
+                api.call(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/resume", encode(&id)),
+                    None,
+                )
+            })?;
             print_sandbox(&s, json)?;
         }
         SandboxCommand::Snapshot { id, name, json } => {
-            let t: Value = api.call(
-                Method::POST,
-                &format!("/v1/sandboxes/{}/snapshot", encode(&id)),
-                Some(json!({ "name": name })),
-            )?;
+            let t: Value = while_waiting(&format!("snapshotting {id} as {name}"), json, || {
+                api.call(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/snapshot", encode(&id)),
+                    Some(json!({ "name": name })),
+                )
+            })?;
             print_template(&t, json)?;
         }
         SandboxCommand::Timeout { id, timeout, json } => {
@@ -513,17 +583,17 @@ pub fn template(command: TemplateCommand) -> Result<u8> {
                 .map(crate::keeper::absolute)
                 .transpose()?
                 .map(|p| p.to_string_lossy().into_owned());
-            if !json {
-                eprintln!("capsule: building template {name} (boot, run the command, snapshot)...");
-            }
-            let t: Value = api.call(
-                Method::POST,
-                "/v1/templates",
-                Some(json!({
-                    "name": name, "rootfs": rootfs, "cpus": cpus, "memory_mib": memory,
-                    "cmd": command, "timeout_seconds": timeout,
-                })),
-            )?;
+            let building = format!("building template {name} (boot, run the command, snapshot)");
+            let t: Value = while_waiting(&building, json, || {
+                api.call(
+                    Method::POST,
+                    "/v1/templates",
+                    Some(json!({
+                        "name": name, "rootfs": rootfs, "cpus": cpus, "memory_mib": memory,
+                        "cmd": command, "timeout_seconds": timeout,
+                    })),
+                )
+            })?;
             print_template(&t, json)?;
         }
         TemplateCommand::Ls { json } => {
@@ -550,11 +620,14 @@ pub fn template(command: TemplateCommand) -> Result<u8> {
         } => {
             let mut body = placement.fields();
             body.insert("count".into(), json!(count));
-            let forks: Vec<Value> = api.call(
-                Method::POST,
-                &format!("/v1/templates/{}/fork", encode(&name)),
-                Some(Value::Object(body)),
-            )?;
+            let forks: Vec<Value> =
+                while_waiting(&format!("forking {count} from {name}"), json, || {
+                    api.call(
+                        Method::POST,
+                        &format!("/v1/templates/{}/fork", encode(&name)),
+                        Some(Value::Object(body)),
+                    )
+                })?;
             if json {
                 return print_json(&forks).map(|_| 0);
             }

@@ -12,7 +12,7 @@ use crate::exec::{self, CommandArgs};
 use crate::keeper::{self, BootSpec, Origin};
 
 /// Exit status when the sandbox, not the command, failed.
-pub const SANDBOX_FAILURE: u8 = 125;
+pub const SANDBOX_FAILURE: u8 = crate::exit::FAILED;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {

@@ -532,3 +532,109 @@ fn secrets_go_in_and_never_come_out() {
         "a new group of the same name starts empty"
     );
 }
+
+#[test]
+fn metrics_and_stats_answer_without_sandboxes() {
+    let d = start(&[]);
+    let (status, text) = d.call("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let text = text.as_str().expect("OpenMetrics text").to_string();
+    for line in [
+        "# TYPE capsule_sandboxes gauge",
+        "capsule_sandboxes{state=\"running\"} 0",
+        "capsule_sandboxes{state=\"ended\"} 0",
+        "# TYPE capsule_sandbox_create_seconds histogram",
+        "capsule_sandbox_create_seconds_count{source=\"pool\"} 0",
+        "capsule_sandbox_create_seconds_count{source=\"boot\"} 0",
+        "# TYPE capsule_sandbox_resume_seconds histogram",
+        "# EOF",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+    refused(
+        d.call("GET", "/v1/sandboxes/sb-nosuchsandbox00/stats", None),
+        404,
+        "sandbox_not_found",
+    );
+    let (code, _, err) = d.capsule(&["sandbox", "stats", "sb-nosuchsandbox00"]);
+    assert_eq!(code, 3, "{err}");
+}
+
+/// The statuses docs/API.md promises scripts, one per kind of refusal.
+#[test]
+fn the_cli_exits_with_a_status_for_each_kind_of_refusal() {
+    let d = start(&[]);
+    let run = |args: &[&str]| {
+        let (code, _, err) = d.capsule(args);
+        (code, err)
+    };
+    assert_eq!(run(&["group", "create", "team-a"]).0, 0);
+    // 400: a name the API refuses.
+    let (code, err) = run(&["group", "create", "Bad Name"]);
+    assert_eq!(code, 2, "{err}");
+    // 404
+    let (code, err) = run(&["sandbox", "get", "sb-nosuchsandbox00"]);
+    assert_eq!(code, 3, "{err}");
+    // 409: it exists already.
+    let (code, err) = run(&["group", "create", "team-a"]);
+    assert_eq!(code, 4, "{err}");
+    // 429: the host's limit is 0 in this test's daemon? Not here: a quota.
+    assert_eq!(
+        run(&["group", "create", "none", "--max-sandboxes", "0"]).0,
+        0
+    );
+    let (code, err) = run(&["sandbox", "create", "--group", "none"]);
+    assert_eq!(code, 5, "{err}");
+    // clap's own: an unknown flag.
+    assert_eq!(run(&["sandbox", "ls", "--no-such-flag"]).0, 2);
+    // No daemon.
+    let out = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["sandbox", "ls"])
+        .env("CAPSULE_HOME", d.home.path().join("elsewhere"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn shell_completion_scripts_name_the_commands() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef capsule"),
+        ("fish", "complete -c capsule"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_capsule"))
+            .args(["completion", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains(marker), "{shell}: no {marker:?}");
+        assert!(script.contains("sandbox"), "{shell}: no sandbox command");
+    }
+}
+
+#[test]
+fn the_json_log_is_one_object_per_line() {
+    let d = start(&["--log-format", "json"]);
+    assert_eq!(
+        d.call("POST", "/v1/groups", Some(r#"{"name": "logged"}"#))
+            .0,
+        201
+    );
+    let log = d.log();
+    assert!(log.contains("serving the API"), "{log}");
+    for line in log.lines() {
+        let event: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+        assert!(
+            event["level"].is_string() && event["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+}

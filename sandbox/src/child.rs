@@ -174,7 +174,13 @@ impl ChildVm {
     /// Reaches the child already running in `runtime_dir` (started by
     /// another process).
     pub fn connect(runtime_dir: &Path) -> Result<ChildVm> {
-        let client = ChildClient::connect(runtime_dir, QUICK)?;
+        Self::connect_within(runtime_dir, QUICK)
+    }
+
+    /// [`ChildVm::connect`], waiting up to `patience` for the child to
+    /// answer: one busy writing a snapshot answers once it is written.
+    pub fn connect_within(runtime_dir: &Path, patience: Duration) -> Result<ChildVm> {
+        let client = ChildClient::connect(runtime_dir, patience)?;
         Ok(ChildVm {
             client: Mutex::new(client),
             process: None,

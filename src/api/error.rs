@@ -75,7 +75,7 @@ impl From<StoreError> for ApiError {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "host_full", message)
             }
             StoreError::Sqlite(_) | StoreError::TooNew { .. } | StoreError::Corrupt { .. } => {
-                log::error!("{message}");
+                tracing::error!("{message}");
                 ApiError::internal(message)
             }
         }

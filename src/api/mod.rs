@@ -11,6 +11,7 @@ pub mod model;
 mod pools;
 mod sandboxes;
 mod secrets;
+pub mod stats;
 mod templates;
 
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use crate::daemon::AppState;
         sandboxes::set_timeout,
         sandboxes::suspend,
         sandboxes::resume,
+        stats::sandbox_stats,
         templates::snapshot,
         exec::exec,
         groups::create,
@@ -58,12 +60,14 @@ use crate::daemon::AppState;
         pools::delete,
         events::list,
         events::stream,
+        stats::metrics,
     ),
     tags(
         (name = "sandboxes", description = "Sandboxes: create, inspect, run commands, end"),
         (name = "groups", description = "Groups: their quotas and secrets"),
         (name = "templates", description = "Primed snapshots to create and fork sandboxes from"),
-        (name = "events", description = "What happened to sandboxes, in order")
+        (name = "events", description = "What happened to sandboxes, in order"),
+        (name = "daemon", description = "The daemon itself")
     )
 )]
 pub struct ApiDoc;
@@ -145,6 +149,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sandboxes/{id}/suspend", post(sandboxes::suspend))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
         .route("/v1/sandboxes/{id}/snapshot", post(templates::snapshot))
+        .route("/v1/sandboxes/{id}/stats", get(stats::sandbox_stats))
         .route(
             "/v1/templates",
             post(templates::create).get(templates::list),
@@ -172,6 +177,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/events", get(events::list))
         .route("/v1/events/stream", get(events::stream))
+        .route("/metrics", get(stats::metrics))
         .route("/openapi.json", get(|| async { openapi_json() }))
         .fallback(|| async {
             error::ApiError::new(

@@ -12,9 +12,14 @@
 //!         vms/<id>/  each sandbox's child (see supervisor)
 //! ```
 
+mod child;
+pub mod logging;
+pub mod metrics;
 mod pidfd;
 pub mod pool;
+pub mod stats;
 pub mod supervisor;
+mod suspend;
 pub mod templates;
 
 use std::net::SocketAddr;
@@ -65,6 +70,10 @@ pub struct ServeArgs {
     /// are refused with 429 `host_full`).
     #[arg(long)]
     pub max_sandboxes: Option<u32>,
+    /// How the log on stderr is written; its level is CAPSULE_LOG's
+    /// (`info` unless set; `debug`, `warn`, or a tracing filter).
+    #[arg(long, value_enum, default_value_t)]
+    pub log_format: logging::LogFormat,
 }
 
 /// The API socket: `$CAPSULE_HOME/api.sock`.
@@ -73,6 +82,7 @@ pub fn socket_path() -> Result<PathBuf> {
 }
 
 pub fn serve(args: ServeArgs) -> Result<u8> {
+    logging::init(args.log_format)?;
     let home = crate::keeper::home()?;
     let root = home.join("daemon");
     vmm::private::ensure_private_dir(&root)?;
@@ -138,7 +148,7 @@ async fn run(
     let unix = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("listening on {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    eprintln!("capsule: serving the API on {}", socket.display());
+    tracing::info!("serving the API on {}", socket.display());
 
     let expiry = Arc::clone(&state.supervisor);
     tokio::spawn(async move {
@@ -158,7 +168,7 @@ async fn run(
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;
-        eprintln!("capsule: serving the API on http://{addr} (bearer token required)");
+        tracing::info!("serving the API on http://{addr} (bearer token required)");
         let token = Arc::new(token);
         let guarded = app
             .clone()
@@ -168,7 +178,7 @@ async fn run(
             }));
         tokio::spawn(async move {
             if let Err(e) = axum::serve(tcp, guarded).await {
-                log::error!("TCP listener: {e}");
+                tracing::error!("TCP listener: {e}");
             }
         });
     }
@@ -178,7 +188,7 @@ async fn run(
         .context("serving the API")?;
     let _ = std::fs::remove_file(&socket);
     // The sandboxes keep running; the next daemon adopts them.
-    eprintln!("capsule: stopped; sandboxes keep running for the next `capsule serve`");
+    tracing::info!("stopped; sandboxes keep running for the next `capsule serve`");
     Ok(())
 }
 

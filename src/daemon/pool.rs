@@ -51,7 +51,7 @@ impl Supervisor {
     fn discard(&self, pooled: Pooled) {
         lock(&pooled.live.child).kill();
         // Ours, and unwatched: reaped here, or it stays a zombie.
-        super::supervisor::kill_detached(pooled.live.pid);
+        super::child::kill_detached(pooled.live.pid);
         let _ = std::fs::remove_dir_all(self.dir(&pooled.id));
     }
 
@@ -122,20 +122,21 @@ impl Supervisor {
                 continue;
             }
             let Ok(id) = new_id() else { return false };
+            let _span = tracing::info_span!("pool", template = %template, id = %id).entered();
             // A pooled sandbox is a VM: the host's limit counts it.
             let Ok(_room) = self.host_room() else {
                 return false;
             };
             match self.restore_template(&id, &template) {
                 Ok(live) => {
-                    log::info!("pool {template}: {id} ready");
+                    tracing::info!("ready");
                     self.give_back(&template, Pooled { id, live });
                     // A pool trimmed or deleted meanwhile.
                     self.trim_pools();
                     return true;
                 }
                 Err(e) => {
-                    log::warn!("pool {template}: could not restore a sandbox: {e:#}");
+                    tracing::warn!("could not restore a sandbox: {e:#}");
                     let _ = std::fs::remove_dir_all(self.dir(&id));
                     return false;
                 }

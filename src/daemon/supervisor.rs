@@ -12,14 +12,20 @@
 //! Every sandbox that ends is recorded with its reason before its files go.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use sandbox::{AgentClient, ChildOptions, ChildVm, Machine, Sandbox, VmSettings};
+use sandbox::{AgentClient, ChildVm, Machine};
 
+use super::child::{
+    boot_in, connect, connect_within, kill_detached, kill_processes_in, ANSWER_PATIENCE,
+};
+use super::logging::sandbox_span;
+use super::metrics::{CreateSource, Metrics};
 use super::pidfd::PidFd;
+use super::suspend::{finish_suspend, SUSPENDED, SUSPENDING};
 use crate::labels::Labels;
 use crate::store::{EndReason, NewSandbox, SandboxRecord, SandboxState, Store, StoreError};
 
@@ -89,8 +95,16 @@ impl Live {
 }
 
 impl Activity {
+    /// No command running, idle counted from now.
+    pub(super) fn idle_from_now() -> Activity {
+        Activity {
+            running: Default::default(),
+            last: Mutex::new(Some(std::time::Instant::now())),
+        }
+    }
+
     /// Whether nothing has run for `idle`.
-    fn idle_for(&self, idle: Duration) -> bool {
+    pub(super) fn idle_for(&self, idle: Duration) -> bool {
         self.running.load(std::sync::atomic::Ordering::SeqCst) == 0
             && lock(&self.last).is_none_or(|t| t.elapsed() >= idle)
     }
@@ -117,7 +131,7 @@ pub struct Supervisor {
     /// The most live sandboxes this host runs, over every group.
     max_sandboxes: Option<u32>,
     store: Arc<Mutex<Store>>,
-    live: Mutex<HashMap<String, Arc<Live>>>,
+    pub(super) live: Mutex<HashMap<String, Arc<Live>>>,
     /// Restored sandboxes kept ready, by template (see the pool module).
     pub(super) pool: Mutex<HashMap<String, Vec<super::pool::Pooled>>>,
     /// Sandboxes (and template names) an operation is under way on.
@@ -126,6 +140,7 @@ pub struct Supervisor {
     pub(super) building: Mutex<u32>,
     /// Woken after every change the event log records.
     pub changed: tokio::sync::Notify,
+    pub(super) metrics: Metrics,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -170,6 +185,7 @@ impl Supervisor {
             operations: Mutex::new(std::collections::HashSet::new()),
             building: Mutex::new(0),
             changed: tokio::sync::Notify::new(),
+            metrics: Metrics::default(),
         }))
     }
 
@@ -228,13 +244,20 @@ impl Supervisor {
             }
         };
         let (record, pooled) = record;
+        let _span = sandbox_span(&id).entered();
         let _op = self.begin(&id).map_err(CreateError::Store)?;
         self.notify();
-        log::info!(
-            "sandbox {id}: creating from {}{}",
+        let started = std::time::Instant::now();
+        tracing::info!(
+            "creating from {}{}",
             record.source,
             if pooled.is_some() { " (warm pool)" } else { "" }
         );
+        let source = match (&pooled, &spec.origin) {
+            (Some(_), _) => CreateSource::Pool,
+            (None, Origin::Template(_)) => CreateSource::Template,
+            (None, Origin::Boot { .. }) => CreateSource::Boot,
+        };
         let made = match (pooled, &spec.origin) {
             (Some(p), _) => {
                 p.live.reset_idle();
@@ -263,12 +286,13 @@ impl Supervisor {
                 lock(&self.live).insert(id.clone(), live);
                 self.watch(&id, pid);
                 self.notify();
-                log::info!("sandbox {id}: running (capsule-vmm pid {pid})");
+                self.metrics.created(source, started.elapsed());
+                tracing::info!("running (capsule-vmm pid {pid})");
                 Ok(record)
             }
             Err(e) => {
                 let detail = format!("{e:#}");
-                log::warn!("sandbox {id}: could not be created: {detail}");
+                tracing::warn!("could not be created: {detail}");
                 let _ = self
                     .store()
                     .end_sandbox(&id, EndReason::CreateFailed, &detail);
@@ -307,7 +331,7 @@ impl Supervisor {
 
     /// Watches a child's pidfd; if it ends while its sandbox is live, the
     /// sandbox ends with how it did.
-    fn watch(self: &Arc<Self>, id: &str, pid: u32) {
+    pub(super) fn watch(self: &Arc<Self>, id: &str, pid: u32) {
         let unwatched = |me: &Self, why: String| {
             if let Some(live) = me.take_live(id, pid) {
                 lock(&live.child).kill();
@@ -326,6 +350,7 @@ impl Supervisor {
             .name(format!("watch-{id}"))
             .spawn(move || {
                 let id = id_owned;
+                let _span = sandbox_span(&id).entered();
                 pidfd.wait();
                 let status = pidfd.reap();
                 // Only the VM this watcher watches: after a suspend and a
@@ -343,7 +368,7 @@ impl Supervisor {
                     (Some(exit), None) => (EndReason::VmmDied, format!("its VM stopped: {exit}")),
                     (None, None) => (EndReason::VmmDied, "its VMM process ended".to_string()),
                 };
-                log::warn!("sandbox {id}: ended: {detail}");
+                tracing::warn!("ended: {detail}");
                 let _ = me.store().end_sandbox(&id, reason, &detail);
                 let _ = std::fs::remove_dir_all(me.dir(&id));
                 me.notify();
@@ -379,7 +404,7 @@ impl Supervisor {
     }
 
     fn lost(&self, id: &str, detail: &str) {
-        log::warn!("sandbox {id}: lost: {detail}");
+        tracing::warn!("lost: {detail}");
         let _ = self.store().end_sandbox(id, EndReason::Lost, detail);
         let _ = std::fs::remove_dir_all(self.dir(id));
         self.notify();
@@ -389,6 +414,7 @@ impl Supervisor {
     /// not take the kill for a death), then its child is stopped and its
     /// files removed.
     pub fn destroy(&self, id: &str, reason: EndReason, detail: &str) -> Result<(), StoreError> {
+        let _span = sandbox_span(id).entered();
         let _op = self.begin(id)?;
         let mut store = self.store();
         if !store.end_sandbox(id, reason, detail)? {
@@ -405,8 +431,8 @@ impl Supervisor {
         }
         let _ = std::fs::remove_dir_all(self.dir(id));
         self.notify();
-        log::info!(
-            "sandbox {id}: ended ({reason}{})",
+        tracing::info!(
+            "ended ({reason}{})",
             if detail.is_empty() {
                 String::new()
             } else {
@@ -426,6 +452,7 @@ impl Supervisor {
         ])?;
         for record in records {
             let id = &record.id;
+            let _span = sandbox_span(id).entered();
             let runtime = self.dir(id).join("runtime");
             if record.state == SandboxState::Suspended {
                 // A suspend or a resume the daemon did not finish: the
@@ -446,14 +473,22 @@ impl Supervisor {
                 continue;
             }
             let pid = record.vmm_pid.unwrap_or(0) as u32;
-            // A suspend that had not reached the store: it never happened.
-            let _ = std::fs::remove_dir_all(self.dir(id).join(SUSPENDING));
-            match connect(&runtime, pid) {
+            // A suspend that had not reached the store never happened; its
+            // child may still be writing it, and answers once done.
+            let suspending = self.dir(id).join(SUSPENDING);
+            let patience = if suspending.exists() {
+                BOOT_TIMEOUT
+            } else {
+                ANSWER_PATIENCE
+            };
+            let connected = connect_within(&runtime, pid, patience);
+            let _ = std::fs::remove_dir_all(&suspending);
+            match connected {
                 Ok(live) => {
                     let pid = live.pid;
                     lock(&self.live).insert(id.clone(), live);
                     self.watch(id, pid);
-                    log::info!("sandbox {id}: adopted (capsule-vmm pid {pid})");
+                    tracing::info!("adopted (capsule-vmm pid {pid})");
                 }
                 Err(e) => {
                     // Whatever runs there answers for no record now.
@@ -466,177 +501,6 @@ impl Supervisor {
             }
         }
         Ok(())
-    }
-
-    /// Suspends a running sandbox to disk: its memory and device state in
-    /// `suspended/` (its disks' writes frozen in layers there), its VMM
-    /// process gone. Blocks.
-    ///
-    /// The steps are ordered so a daemon killed between any two leaves
-    /// something [`Supervisor::adopt`] finishes: the state is written to
-    /// `suspending/` and marked complete, then the store says suspended,
-    /// then the child is killed, then `suspending/` replaces `suspended/`.
-    pub fn suspend(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, LifecycleError> {
-        self.suspend_if(id, None)
-    }
-
-    /// [`Supervisor::suspend`], but with `idle`, only if no command has
-    /// run for that long (checked once the sandbox is out of the live map,
-    /// so a command cannot start in between).
-    fn suspend_if(
-        self: &Arc<Self>,
-        id: &str,
-        idle: Option<Duration>,
-    ) -> Result<SandboxRecord, LifecycleError> {
-        let _op = self.begin(id)?;
-        let record = self.store().sandbox(id)?;
-        if record.state != SandboxState::Running {
-            return Err(StoreError::Conflict(format!(
-                "sandbox {id} is {}, not running",
-                record.state
-            ))
-            .into());
-        }
-        // Out of the live map first: commands are refused from here on,
-        // and the watcher takes the child's end for ours.
-        let Some(live) = lock(&self.live).remove(id) else {
-            return Err(StoreError::Conflict(format!("sandbox {id} is busy")).into());
-        };
-        if idle.is_some_and(|idle| !live.activity.idle_for(idle)) {
-            lock(&self.live).insert(id.to_string(), live);
-            return Err(StoreError::Conflict(format!("sandbox {id} is not idle")).into());
-        }
-        let dir = self.dir(id);
-        let partial = dir.join(SUSPENDING);
-        let _ = std::fs::remove_dir_all(&partial);
-        let written = lock(&live.child)
-            .snapshot(&partial, false)
-            .map_err(|e| e.to_string())
-            .and_then(|_| std::fs::write(partial.join(COMPLETE), b"").map_err(|e| e.to_string()));
-        if let Err(e) = written {
-            // Not suspended: it carries on as it was.
-            let _ = std::fs::remove_dir_all(&partial);
-            lock(&self.live).insert(id.to_string(), live);
-            return Err(LifecycleError::Failed(format!(
-                "sandbox {id} could not be suspended: {e}"
-            )));
-        }
-        let record = {
-            let mut store = self.store();
-            store.set_vmm(id, None, None)?;
-            store.transition(
-                id,
-                &[SandboxState::Running],
-                SandboxState::Suspended,
-                "suspended",
-            )?
-        };
-        lock(&live.child).kill();
-        // Recorded as suspended already; a last step that fails here is
-        // finished by the resume (or the next daemon).
-        if let Err(e) = finish_suspend(&dir) {
-            log::warn!("sandbox {id}: suspended, but {e}");
-        }
-        self.notify();
-        log::info!("sandbox {id}: suspended");
-        Ok(record)
-    }
-
-    /// Resumes a suspended sandbox in place: the same id, memory and
-    /// disks, in a new VMM process. Blocks.
-    pub fn resume(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, LifecycleError> {
-        let _op = self.begin(id)?;
-        let record = self.store().sandbox(id)?;
-        if record.state != SandboxState::Suspended {
-            return Err(StoreError::Conflict(format!(
-                "sandbox {id} is {}, not suspended",
-                record.state
-            ))
-            .into());
-        }
-        let dir = self.dir(id);
-        let runtime = dir.join("runtime");
-        // A suspend whose last step failed: its whole state is the one to
-        // resume from.
-        finish_suspend(&dir)?;
-        let rootfs = dir.join(ROOTFS);
-        let options = sandbox::RestoreOptions {
-            vm: vmm::RestoreOptions {
-                disks: if rootfs.exists() {
-                    vec![rootfs.into()]
-                } else {
-                    Vec::new()
-                },
-                ..Default::default()
-            },
-            timeout: Some(BOOT_TIMEOUT),
-            ..Default::default()
-        };
-        let child = child_options(&dir).map_err(|e| LifecycleError::Failed(format!("{e:#}")))?;
-        let restored = ChildVm::restore(&dir.join(SUSPENDED), &options, child)
-            .map_err(|e| LifecycleError::Failed(format!("sandbox {id} could not be resumed: {e}")))
-            .and_then(|sb| {
-                let pid = sb.into_machine().detach();
-                connect(&runtime, pid)
-                    .inspect_err(|_| kill_detached(pid))
-                    .map_err(|e| LifecycleError::Failed(format!("{e:#}")))
-            });
-        let live = restored?;
-        let pid = live.pid;
-        let recorded = {
-            let mut store = self.store();
-            store
-                .set_vmm(id, Some(pid as i32), Some(&runtime.to_string_lossy()))
-                .and_then(|()| {
-                    store.transition(
-                        id,
-                        &[SandboxState::Suspended],
-                        SandboxState::Running,
-                        "resumed",
-                    )
-                })
-        };
-        let record = match recorded {
-            Ok(record) => record,
-            Err(e) => {
-                // Not recorded as running: it must not run.
-                lock(&live.child).kill();
-                kill_detached(pid);
-                return Err(e.into());
-            }
-        };
-        lock(&self.live).insert(id.to_string(), live);
-        self.watch(id, pid);
-        self.notify();
-        log::info!("sandbox {id}: resumed (capsule-vmm pid {pid})");
-        Ok(record)
-    }
-
-    /// Suspends the running sandboxes that asked for it and have had no
-    /// command for their idle time.
-    pub fn suspend_idle(self: &Arc<Self>) {
-        let records = match self.store().sandboxes(&[SandboxState::Running]) {
-            Ok(records) => records,
-            Err(e) => {
-                log::error!("idle suspend: {e}");
-                return;
-            }
-        };
-        for record in records {
-            let Some(ms) = record.idle_suspend_ms else {
-                continue;
-            };
-            let idle = Duration::from_millis(ms.max(0) as u64);
-            let due = self
-                .live(&record.id)
-                .is_some_and(|live| live.activity.idle_for(idle));
-            if due {
-                match self.suspend_if(&record.id, Some(idle)) {
-                    Ok(_) => log::info!("sandbox {}: suspended after {idle:?} idle", record.id),
-                    Err(e) => log::debug!("sandbox {}: not suspended for idleness: {e}", record.id),
-                }
-            }
-        }
     }
 
     /// Refuses a new VM when the host runs its most sandboxes already.
@@ -690,7 +554,7 @@ impl Supervisor {
             if !known.contains(&name) {
                 kill_processes_in(&entry.path().join("runtime"));
                 let _ = std::fs::remove_dir_all(entry.path());
-                log::info!("removed {name}, which no sandbox record owns");
+                tracing::info!("removed {name}, which no sandbox record owns");
             }
         }
         // A template build the daemon did not finish: its VM, and its
@@ -701,7 +565,7 @@ impl Supervisor {
                 kill_processes_in(&entry.path().join("runtime"));
                 if !self.store().template_exists(&name).unwrap_or(true) {
                     let _ = std::fs::remove_dir_all(entry.path());
-                    log::info!("removed template {name}'s unfinished build");
+                    tracing::info!("removed template {name}'s unfinished build");
                 }
             }
         }
@@ -720,7 +584,7 @@ impl Supervisor {
                 .map(|r| r.id)
                 .collect(),
             Err(e) => {
-                log::error!("expiry: {e}");
+                tracing::error!("expiry: {e}");
                 return;
             }
         };
@@ -753,138 +617,7 @@ impl Drop for Operation<'_> {
     }
 }
 
-/// Stops a child this daemon detached and reaps it (it is ours), when
-/// what follows its start fails.
-pub(super) fn kill_detached(pid: u32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    if let Ok(pidfd) = PidFd::open(pid) {
-        pidfd.wait_for(Duration::from_secs(5));
-        let _ = pidfd.reap();
-    }
-}
-
-/// The file name of a sandbox's (or template's) own root filesystem.
-pub(super) const ROOTFS: &str = "rootfs.ext4";
-
-/// Starts a child in `dir` booting `kernel` and `initramfs`, with its own
-/// copy of `rootfs` (sandboxes made from one image never share writes);
-/// its agent is not waited for yet.
-pub(super) fn boot_in(
-    dir: &Path,
-    kernel: &Path,
-    initramfs: &Path,
-    rootfs: Option<&Path>,
-    cpus: u8,
-    memory_mib: u32,
-) -> Result<Sandbox<ChildVm>> {
-    let mut builder = Sandbox::builder()
-        .kernel(kernel)
-        .initramfs(initramfs)
-        .cpus(cpus)
-        .memory_mib(u64::from(memory_mib))
-        .hostname("capsule");
-    if let Some(rootfs) = rootfs {
-        let copy = dir.join(ROOTFS);
-        std::fs::copy(rootfs, &copy)
-            .with_context(|| format!("copying the root filesystem {}", rootfs.display()))?;
-        builder = builder.rootfs(copy, false);
-    }
-    let config = builder.vm_config()?;
-    let child = ChildVm::boot(&config, child_options(dir)?).context("cannot start the microVM")?;
-    Ok(Sandbox::adopt_booted(child, builder.guest_info())?)
-}
-
-/// Where a suspended sandbox's state is, in its directory; it is written
-/// to `suspending/` first, and `complete` marks it whole.
-const SUSPENDED: &str = "suspended";
-const SUSPENDING: &str = "suspending";
-const COMPLETE: &str = "complete";
-
-/// With the child gone: a whole `suspending/` replaces `suspended/` (the
-/// state it was resumed from, whose layers the new one has linked), and
-/// the runtime directory (sockets, the layer the snapshot froze) goes.
-fn finish_suspend(dir: &Path) -> Result<(), LifecycleError> {
-    let (partial, done) = (dir.join(SUSPENDING), dir.join(SUSPENDED));
-    if partial.join(COMPLETE).is_file() {
-        let _ = std::fs::remove_dir_all(&done);
-        std::fs::rename(&partial, &done)
-            .map_err(|e| LifecycleError::Failed(format!("keeping the suspended state: {e}")))?;
-    }
-    let _ = std::fs::remove_dir_all(&partial);
-    let _ = std::fs::remove_dir_all(dir.join("runtime"));
-    Ok(())
-}
-
-/// How a sandbox's child is started: in `dir/runtime`, in a process group
-/// of its own (a signal to the daemon's group, a Ctrl-C, must not reach
-/// the sandboxes), its messages appended to `dir/vmm.log`.
-pub(super) fn child_options(dir: &Path) -> Result<ChildOptions> {
-    let log = vmm::private::create_log(&dir.join("vmm.log"))?;
-    let mut options = ChildOptions::new(dir.join("runtime"));
-    options.customize = Box::new(move |cmd| {
-        std::os::unix::process::CommandExt::process_group(cmd, 0);
-        cmd.stderr(log);
-    });
-    Ok(options)
-}
-
-/// SIGKILLs every process whose working directory is `dir` (a child's
-/// runtime directory), waiting up to a few seconds for them to go.
-pub(super) fn kill_processes_in(dir: &Path) {
-    let find = || -> Vec<i32> {
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .parse::<i32>()
-                    .ok()
-                    .map(|pid| (pid, e.path()))
-            })
-            .filter(|(_, path)| std::fs::read_link(path.join("cwd")).is_ok_and(|cwd| cwd == dir))
-            .map(|(pid, _)| pid)
-            .collect()
-    };
-    for pid in find() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let end = std::time::Instant::now() + Duration::from_secs(5);
-    while !find().is_empty() && std::time::Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Connects to a child's control socket and its guest's agent.
-pub(super) fn connect(runtime: &Path, pid_hint: u32) -> Result<Arc<Live>> {
-    let child = ChildVm::connect(runtime)?;
-    let pid = child.pid();
-    if pid_hint != 0 && pid != pid_hint {
-        return Err(anyhow!(
-            "its control socket answers for process {pid}, not {pid_hint}"
-        ));
-    }
-    let agent = sandbox::connect_agent(&runtime.join(capsule_vmm::protocol::VSOCK_SOCKET))?;
-    let activity = Activity::default();
-    // Idle is counted from now: a sandbox just started or adopted.
-    *lock(&activity.last) = Some(std::time::Instant::now());
-    Ok(Arc::new(Live {
-        child: Mutex::new(child),
-        agent,
-        pid,
-        activity,
-    }))
-}
-
-/// Why a suspend or resume did not happen.
+/// Why a suspend, resume, snapshot or template build did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
     #[error(transparent)]

@@ -19,9 +19,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use sandbox::{ChildVm, ExecRequest, Machine};
 
-use super::supervisor::{
-    boot_in, child_options, connect, LifecycleError, Live, Supervisor, BOOT_TIMEOUT, ROOTFS,
-};
+use super::child::{boot_in, child_options, connect, kill_detached, ROOTFS};
+use super::logging::{sandbox_span, template_span};
+use super::supervisor::{LifecycleError, Live, Supervisor, BOOT_TIMEOUT};
 use crate::store::{SandboxState, StoreError, TemplateRecord};
 
 const SNAPSHOT: &str = "snapshot";
@@ -83,8 +83,10 @@ impl Supervisor {
     ) -> Result<TemplateRecord, LifecycleError> {
         // One operation per name at a time, and a build runs a VM: it
         // counts against the host's limit.
+        let _span = template_span(name).entered();
         let _op = self.begin(&format!("template:{name}"))?;
         let _room = self.host_room()?;
+        tracing::info!("building");
         let dir = self.new_template_dir(name)?;
         match build(&dir, spec) {
             Ok(()) => {}
@@ -115,13 +117,15 @@ impl Supervisor {
             let _ = std::fs::remove_dir_all(dir);
             return Err(e.into());
         }
-        log::info!("template {name}: ready");
+        tracing::info!("ready");
         Ok(self.store().template(&name)?)
     }
 
     /// Snapshots a running sandbox into a template named `name`; the
     /// sandbox carries on. Blocks.
     pub fn snapshot_sandbox(&self, id: &str, name: &str) -> Result<TemplateRecord, LifecycleError> {
+        let _span = sandbox_span(id).entered();
+        let _template = template_span(name).entered();
         let _op = self.begin(&format!("template:{name}"))?;
         let _sandbox_op = self.begin(id)?;
         let record = self.store().sandbox(id)?;
@@ -187,7 +191,7 @@ impl Supervisor {
         let sb = ChildVm::restore(&from.join(SNAPSHOT), &options, child_options(&dir)?)
             .with_context(|| format!("restoring template {name}"))?;
         let pid = sb.into_machine().detach();
-        connect(&dir.join("runtime"), pid).inspect_err(|_| super::supervisor::kill_detached(pid))
+        connect(&dir.join("runtime"), pid).inspect_err(|_| kill_detached(pid))
     }
 }
 
@@ -240,7 +244,7 @@ fn build(dir: &Path, spec: &TemplateSpec) -> Result<()> {
 /// `dir`, with a link to the raw image under its root disk.
 fn snapshot_into(live: &Live, dir: &Path, sandbox_dir: &Path) -> Result<()> {
     let stats = super::supervisor::lock(&live.child).snapshot(&dir.join(SNAPSHOT), false)?;
-    log::debug!(
+    tracing::debug!(
         "snapshot: {} bytes of memory written",
         stats.memory_bytes_written
     );

@@ -117,6 +117,23 @@ fn corrupt(what: &'static str, detail: impl fmt::Display) -> rusqlite::Error {
     )
 }
 
+/// Runs `sql`, whose rows are a word (`what`) and a count.
+fn count_by<T>(conn: &rusqlite::Connection, sql: &str, what: &'static str) -> Result<Vec<(T, u64)>>
+where
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+{
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([], |r| {
+        let raw: String = r.get(0)?;
+        let word = raw
+            .parse()
+            .map_err(|e| corrupt(what, format!("{raw:?}: {e}")))?;
+        Ok((word, r.get::<_, i64>(1)?.max(0) as u64))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 fn record_from(row: &Row) -> rusqlite::Result<SandboxRecord> {
     let text = |name: &str| row.get::<_, String>(name);
     let raw = text("state")?;
@@ -261,6 +278,24 @@ impl Store {
         ))?;
         let rows = stmt.query_map([], record_from)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// How many sandboxes are in each state (states with none left out).
+    pub fn count_by_state(&self) -> Result<Vec<(SandboxState, u64)>> {
+        count_by(
+            &self.conn,
+            "SELECT state, count(*) FROM sandboxes GROUP BY state",
+            "sandbox state",
+        )
+    }
+
+    /// How many ended sandboxes ended for each reason.
+    pub fn count_by_end_reason(&self) -> Result<Vec<(EndReason, u64)>> {
+        count_by(
+            &self.conn,
+            "SELECT end_reason, count(*) FROM sandboxes WHERE state = 'ended' GROUP BY end_reason",
+            "end reason",
+        )
     }
 
     /// Moves a sandbox to `to` if it is in one of `from`; records the event

@@ -252,6 +252,42 @@ fn the_daemon_runs_sandboxes_through_their_whole_life() {
     }
     assert_eq!(get(&d, &bob)["secrets"], serde_json::json!(["API_KEY"]));
 
+    // What each uses, measured on the host; the daemon's metrics.
+    let (status, stats) = d.call("GET", &format!("/v1/sandboxes/{bob}/stats"), None);
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["state"], "running", "{stats}");
+    assert!(stats["cpu_seconds"].as_f64().unwrap() > 0.0, "{stats}");
+    assert!(stats["uptime_seconds"].as_f64().unwrap() > 0.0, "{stats}");
+    let memory = stats["memory_bytes"].as_u64().unwrap();
+    assert!(memory > 1 << 20 && memory < (192 + 64) << 20, "{stats}");
+    assert!(
+        stats["memory_pss_bytes"].as_u64().unwrap() <= memory,
+        "{stats}"
+    );
+    // Its own copy of the root filesystem, at least what the guest uses.
+    assert!(stats["disk_bytes"].as_u64().unwrap() > 1 << 20, "{stats}");
+    let (code, out, err) = d.capsule(&["sandbox", "stats", &bob]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("resident") && out.contains("disk:"), "{out}");
+    let (_, metrics) = d.call("GET", "/metrics", None);
+    let metrics = metrics.as_str().unwrap().to_string();
+    for line in [
+        "capsule_sandboxes{state=\"running\"} 2",
+        "capsule_sandbox_create_seconds_count{source=\"boot\"} 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
+    }
+    // Every line the daemon logged about a sandbox names it.
+    let log = d.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("sandbox{{id={bob}}}")) && l.contains("running")),
+        "{log}"
+    );
+
     // A timeout that passes ends the sandbox, with its reason.
     let (status, s) = d.call(
         "POST",
@@ -385,6 +421,9 @@ fn ten_suspends_and_resumes_keep_memory_and_disk() {
             &d,
             &format!("echo $(( $(cat /tmp/counter) + 1 )) > /tmp/counter; echo {i} > /root/files/f{i}; sync"),
         );
+        if i == 7 {
+            killed_mid_suspend(&mut d, &id);
+        }
         let (status, s) = d.call("POST", &format!("/v1/sandboxes/{id}/suspend"), None);
         assert_eq!(
             (status, &s["state"]),
@@ -450,6 +489,60 @@ fn ten_suspends_and_resumes_keep_memory_and_disk() {
         204
     );
     assert!(!d.capsule_home().join("daemon/vms").join(&id).exists());
+}
+
+/// Kills the daemon while it writes sandbox `id`'s suspended state, and
+/// restarts it: the sandbox is running again, adopted, the half-written
+/// state gone, one VMM process for it, nothing else left in its
+/// directory. (Its memory and files are checked by the caller's next
+/// cycle.)
+fn killed_mid_suspend(d: &mut Daemon, id: &str) {
+    let dir = d.capsule_home().join("daemon/vms").join(id);
+    let socket = d.socket();
+    let url = format!("http://capsule/v1/sandboxes/{id}/suspend");
+    let suspend = std::thread::spawn(move || {
+        Command::new("curl")
+            .args(["-s", "--max-time", "120", "-X", "POST", "--unix-socket"])
+            .arg(&socket)
+            .arg(url)
+            .output()
+            .unwrap()
+    });
+    let end = Instant::now() + Duration::from_secs(60);
+    while !dir.join("suspending").exists() {
+        assert!(Instant::now() < end, "the suspend never started writing");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    d.kill();
+    let _ = suspend.join();
+    d.restart(&[]);
+    // Killed before the store said suspended (almost always: the state
+    // takes seconds to write), the sandbox runs on; after, it is
+    // suspended, whole.
+    let s = get(d, id);
+    let (vmms, mut want) = match s["state"].as_str() {
+        Some("running") => (1, vec!["rootfs.ext4", "runtime", "suspended", "vmm.log"]),
+        Some("suspended") => (0, vec!["rootfs.ext4", "suspended", "vmm.log"]),
+        _ => panic!("after a kill mid-suspend: {s}"),
+    };
+    wait_vmm_processes(d, vmms);
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    want.sort();
+    assert_eq!(
+        left, want,
+        "sandbox {id}'s directory after a kill mid-suspend ({})",
+        s["state"]
+    );
+    if vmms == 0 {
+        let (status, s) = d.call("POST", &format!("/v1/sandboxes/{id}/resume"), None);
+        not_the_test_hosts_doing(status, &s);
+        assert_eq!(status, 200, "{s}");
+    }
 }
 
 /// capsule-vmm processes running sandboxes of this daemon.

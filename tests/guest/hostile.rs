@@ -37,6 +37,30 @@ fn still_answers(vm: &mut Sandbox, while_what: &str) {
     eprintln!("an exec answered in {:?} while {while_what}", t.elapsed());
 }
 
+/// What the guest's processes are doing and its console's last lines, for
+/// a failure's message; asked within a few seconds, whatever the answer.
+fn guest_state(agent: &sandbox::AgentClient, vm: &mut Sandbox) -> String {
+    let script = "cat /proc/loadavg; for p in /proc/[0-9]*; do \
+                  echo \"${p#/proc/} $(cut -d' ' -f3 $p/stat) $(cat $p/wchan) $(cat $p/comm)\"; \
+                  done 2>/dev/null";
+    let mut out = Vec::new();
+    let listing = match agent.exec(ExecRequest::new(["sh", "-c", script])) {
+        Ok(mut handle) => loop {
+            match handle.next_event_timeout(Duration::from_secs(10)) {
+                Ok(Some(ExecEvent::Stdout(d))) => out.extend(d),
+                Ok(Some(ExecEvent::Exit(_)) | None) => break String::from_utf8_lossy(&out).into(),
+                Ok(Some(_)) => {}
+                Err(e) => break format!("(the listing stopped: {e})"),
+            }
+        },
+        Err(e) => format!("(no listing: {e})"),
+    };
+    format!(
+        "guest processes (pid state wchan name):\n{listing}\nconsole:\n{}",
+        vm.console_tail(20)
+    )
+}
+
 /// The VM's agent connection, opened if need be.
 fn vm_agent(vm: &mut Sandbox) -> sandbox::Result<sandbox::AgentClient> {
     sandbox::connect_agent(vm.vsock_path())
@@ -73,10 +97,15 @@ fn a_stream_in_trouble_never_holds_up_another() {
         ]))
         .expect("looper");
     let mut seen = 0;
+    let t = Instant::now();
     while seen < 4096 {
         match stopped.next_event_timeout(ANSWER_WITHIN) {
             Ok(Some(ExecEvent::Stdout(d))) => seen += d.len(),
-            other => panic!("the looper did not stream: {other:?}"),
+            other => panic!(
+                "the looper did not stream: {other:?} after {seen} bytes in {:?}\n{}",
+                t.elapsed(),
+                guest_state(&agent, &mut vm)
+            ),
         }
     }
     stopped.signal(libc::SIGSTOP).expect("SIGSTOP");
