@@ -61,6 +61,7 @@ bench: artifacts build
 	scripts/compare-qemu.sh --snapshot
 	scripts/compare-qemu.sh --block
 	scripts/compare-qemu.sh --debian
+	scripts/bench-daemon.sh
 
 # cargo-fuzz targets (fuzz/): what Capsule reads from guests, agents and
 # snapshot files. Each runs FUZZ_SECONDS; findings land in fuzz/artifacts/.
