@@ -120,7 +120,7 @@ fn main() -> ExitCode {
         Command::Pool(command) => manage::pool(command),
         Command::Events(args) => manage::events(args),
         Command::Doctor(args) => doctor::doctor(args),
-        Command::Rm { id } => manage::sandbox(manage::SandboxCommand::Rm { id }),
+        Command::Rm { id } => manage::sandbox(manage::SandboxCommand::Rm { id, json: false }),
         Command::Suspend { id } => {
             manage::sandbox(manage::SandboxCommand::Suspend { id, json: false })
         }

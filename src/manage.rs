@@ -37,6 +37,14 @@ fn print_json(value: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+/// What a delete prints with `--json` (nothing without): what went.
+fn print_deleted(json: bool, what: Value) -> Result<u8> {
+    if json {
+        print_json(&json!({ "deleted": what }))?;
+    }
+    Ok(0)
+}
+
 #[derive(Subcommand, Debug)]
 pub enum SandboxCommand {
     /// Create a sandbox and wait until it takes commands; prints its id.
@@ -55,8 +63,12 @@ pub enum SandboxCommand {
         #[arg(long)]
         json: bool,
     },
-    /// End a sandbox now.
-    Rm { id: String },
+    /// End a sandbox now (with --json, prints its final record).
+    Rm {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace a sandbox's labels.
     Label {
         id: String,
@@ -339,8 +351,13 @@ pub fn sandbox(command: SandboxCommand) -> Result<u8> {
                 show_stats(&s);
             }
         }
-        SandboxCommand::Rm { id } => {
+        SandboxCommand::Rm { id, json } => {
             api.delete(&format!("/v1/sandboxes/{}", encode(&id)))?;
+            if json {
+                let s: Sandbox =
+                    api.call(Method::GET, &format!("/v1/sandboxes/{}", encode(&id)), None)?;
+                print_json(&s)?;
+            }
         }
         SandboxCommand::Label { id, labels, json } => {
             let body = json!({ "labels": labels.into_iter().collect::<std::collections::BTreeMap<_, _>>() });
@@ -418,7 +435,11 @@ pub enum GroupCommand {
         json: bool,
     },
     /// Delete a group that has no live sandboxes.
-    Rm { name: String },
+    Rm {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -479,9 +500,9 @@ pub fn group(command: GroupCommand) -> Result<u8> {
             json,
         ),
         GroupCommand::Ls { json } => (api.call(Method::GET, "/v1/groups", None)?, json),
-        GroupCommand::Rm { name } => {
+        GroupCommand::Rm { name, json } => {
             api.delete(&format!("/v1/groups/{}", encode(&name)))?;
-            return Ok(0);
+            return print_deleted(json, json!({ "group": name }));
         }
     };
     if json {
@@ -538,7 +559,11 @@ pub enum TemplateCommand {
         json: bool,
     },
     /// Delete a template (its sandboxes carry on).
-    Rm { name: String },
+    Rm {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Make COUNT sandboxes from a template at once; prints their ids.
     Fork {
         name: String,
@@ -609,8 +634,9 @@ pub fn template(command: TemplateCommand) -> Result<u8> {
                 print_template(t, false)?;
             }
         }
-        TemplateCommand::Rm { name } => {
+        TemplateCommand::Rm { name, json } => {
             api.delete(&format!("/v1/templates/{}", encode(&name)))?;
+            return print_deleted(json, json!({ "template": name }));
         }
         TemplateCommand::Fork {
             name,
@@ -665,7 +691,11 @@ pub enum PoolCommand {
         json: bool,
     },
     /// Stop keeping a template's sandboxes ready.
-    Rm { template: String },
+    Rm {
+        template: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn pool(command: PoolCommand) -> Result<u8> {
@@ -684,9 +714,9 @@ pub fn pool(command: PoolCommand) -> Result<u8> {
             json,
         ),
         PoolCommand::Ls { json } => (api.call(Method::GET, "/v1/pools", None)?, json),
-        PoolCommand::Rm { template } => {
+        PoolCommand::Rm { template, json } => {
             api.delete(&format!("/v1/pools/{}", encode(&template)))?;
-            return Ok(0);
+            return print_deleted(json, json!({ "pool": template }));
         }
     };
     if json {
@@ -708,7 +738,12 @@ pub fn pool(command: PoolCommand) -> Result<u8> {
 pub enum SecretCommand {
     /// Set a group's secret; the value is read from stdin, or asked for
     /// without echo on a terminal. It is never shown again.
-    Set { group: String, name: String },
+    Set {
+        group: String,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// List a group's secrets (names and dates only).
     Ls {
         group: String,
@@ -716,13 +751,18 @@ pub enum SecretCommand {
         json: bool,
     },
     /// Delete a group's secret.
-    Rm { group: String, name: String },
+    Rm {
+        group: String,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn secret(command: SecretCommand) -> Result<u8> {
     let api = ApiClient::new()?;
     match command {
-        SecretCommand::Set { group, name } => {
+        SecretCommand::Set { group, name, json } => {
             let value = if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
                 rpassword::prompt_password(format!("value of {name}: "))
                     .context("reading the value")?
@@ -739,7 +779,11 @@ pub fn secret(command: SecretCommand) -> Result<u8> {
                 &format!("/v1/groups/{}/secrets/{}", encode(&group), encode(&name)),
                 Some(json!({ "value": value.as_str() })),
             )?;
-            eprintln!("capsule: secret {name} set in group {group}");
+            if json {
+                print_json(&json!({ "group": group, "secret": name, "set": true }))?;
+            } else {
+                eprintln!("capsule: secret {name} set in group {group}");
+            }
         }
         SecretCommand::Ls { group, json } => {
             let list: Vec<Value> = api.call(
@@ -760,12 +804,13 @@ pub fn secret(command: SecretCommand) -> Result<u8> {
                 );
             }
         }
-        SecretCommand::Rm { group, name } => {
+        SecretCommand::Rm { group, name, json } => {
             api.delete(&format!(
                 "/v1/groups/{}/secrets/{}",
                 encode(&group),
                 encode(&name)
             ))?;
+            return print_deleted(json, json!({ "group": group, "secret": name }));
         }
     }
     Ok(0)

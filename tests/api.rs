@@ -585,6 +585,11 @@ fn the_cli_exits_with_a_status_for_each_kind_of_refusal() {
     );
     let (code, err) = run(&["sandbox", "create", "--group", "none"]);
     assert_eq!(code, 5, "{err}");
+    // Deletes say what went, with --json.
+    let (code, out, err) = d.capsule(&["group", "rm", "none", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let said: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(said, json!({ "deleted": { "group": "none" } }));
     // clap's own: an unknown flag.
     assert_eq!(run(&["sandbox", "ls", "--no-such-flag"]).0, 2);
     // No daemon.
