@@ -6,13 +6,15 @@
 # stand-in and --max-sandboxes 0 refuses every create (429 host_full) after
 # it has been checked, so nothing boots; the guest tier covers boots.
 # The event stream never ends, so it is left out here (tests/api.rs and
-# the guest tests read it).
+# the guest tests read it). Then Prometheus's Python client parses /metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v schemathesis >/dev/null || {
     echo "schemathesis: installing it from PyPI" >&2
     pip install -q schemathesis >&2
 }
+# Prometheus's own client library parses the daemon's /metrics below.
+python3 -c 'import prometheus_client' 2>/dev/null || pip install -q prometheus_client >&2
 bin=$(scripts/cargo-exe.sh capsule build -p capsule --bin capsule)
 [ -n "$bin" ] || { echo "schemathesis: could not build capsule" >&2; exit 1; }
 work=$(mktemp -d)
@@ -50,3 +52,16 @@ if [ "$rc" != 0 ]; then
 fi
 kill -0 "$daemon" || { echo "schemathesis: the daemon died" >&2; exit 1; }
 echo "schemathesis: passed against the live daemon"
+# /metrics as Prometheus reads it: OpenMetrics text its parser accepts,
+# with the series docs/API.md lists.
+curl -sf -H "Authorization: Bearer $token" "http://127.0.0.1:$port/metrics" | python3 -c '
+import sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+names = {f.name for f in text_string_to_metric_families(sys.stdin.read())}
+want = {"capsule_sandboxes", "capsule_sandbox_create_seconds", "capsule_sandbox_suspend_seconds",
+        "capsule_sandbox_resume_seconds"}
+missing = want - names
+if missing:
+    sys.exit(f"metrics: missing {sorted(missing)} (have {sorted(names)})")
+print(f"metrics: /metrics parses as OpenMetrics ({len(names)} families)")
+' || { echo "metrics: FAILED" >&2; exit 1; }
