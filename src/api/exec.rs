@@ -23,7 +23,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Json, Path};
-use crate::daemon::supervisor::{Busy, LifecycleError};
+use crate::daemon::supervisor::{Busy, LifecycleError, RunningCommand};
 use crate::daemon::AppState;
 use crate::store::{SandboxState, StoreError};
 
@@ -52,6 +52,43 @@ pub struct ExecBody {
     pub timeout_seconds: Option<u64>,
     /// Text given to the command's stdin, then end of file (default: none).
     pub stdin: Option<String>,
+    /// Keep its stdin open (after `stdin`, if given) for
+    /// `POST /v1/sandboxes/{id}/commands/{pid}/stdin`, until a write there
+    /// says `eof`.
+    #[serde(default)]
+    pub keep_stdin_open: bool,
+}
+
+/// The most environment variables a sandbox or a command may set.
+const MAX_ENV: usize = 256;
+/// The longest environment value, in characters.
+const MAX_ENV_VALUE: usize = 32 << 10;
+
+/// Checks environment variables a request sets: names without `=` or
+/// NUL, values without NUL, both bounded.
+pub(super) fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if env.len() > MAX_ENV {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_ENV} environment variables"
+        )));
+    }
+    if let Some(bad) = env
+        .keys()
+        .find(|k| k.is_empty() || k.chars().count() > 256 || k.contains(['=', '\0']))
+    {
+        return Err(ApiError::bad_request(format!(
+            "env name {bad:?} is not valid"
+        )));
+    }
+    if let Some((name, _)) = env
+        .iter()
+        .find(|(_, v)| v.chars().count() > MAX_ENV_VALUE || v.contains('\0'))
+    {
+        return Err(ApiError::bad_request(format!(
+            "env {name}: a value may not hold NUL or pass {MAX_ENV_VALUE} characters"
+        )));
+    }
+    Ok(())
 }
 
 /// One line of an exec's output stream.
@@ -86,15 +123,7 @@ impl ExecBody {
         if self.cmd.iter().any(|a| a.contains('\0')) {
             return Err(ApiError::bad_request("cmd arguments may not contain NUL"));
         }
-        if let Some(bad) = self
-            .env
-            .keys()
-            .find(|k| k.is_empty() || k.contains(['=', '\0']))
-        {
-            return Err(ApiError::bad_request(format!(
-                "env name {bad:?} is not valid"
-            )));
-        }
+        check_env(&self.env)?;
         if let Some(t) = self.timeout_seconds {
             if t == 0 || t > MAX_TIMEOUT_SECONDS {
                 return Err(ApiError::bad_request(format!(
@@ -107,7 +136,7 @@ impl ExecBody {
             env: self.env.clone().into_iter().collect(),
             cwd: self.cwd.clone(),
             user: self.user.clone(),
-            stdin: self.stdin.is_some(),
+            stdin: self.stdin.is_some() || self.keep_stdin_open,
             timeout_ms: self.timeout_seconds.map(|t| t * 1000),
         })
     }
@@ -225,17 +254,17 @@ pub async fn exec(
     // unknown sandbox is a 404 whatever the body.
     let record = state.supervisor.store().sandbox(&id)?;
     let mut request = body.request()?;
-    // Secrets first: what the request sets itself wins.
+    // The sandbox's environment, then its secrets, then what the request
+    // sets itself, each winning over the one before.
     let secrets = super::secrets::environment(&state, &record.group, &record.secrets)?;
-    let mut env: Vec<(String, String)> = secrets
-        .iter()
-        .map(|(k, v)| (k.clone(), v.to_string()))
-        .collect();
+    let mut env: Vec<(String, String)> = record.env.clone().into_iter().collect();
+    env.extend(secrets.iter().map(|(k, v)| (k.clone(), v.to_string())));
     env.append(&mut request.env);
     request.env = env;
+    let cmd = request.argv.clone();
     let running = Running::start()?;
     let busy = acquire(&state, &id).await?;
-    let stdin = body.stdin.clone();
+    let (stdin, keep_stdin_open) = (body.stdin.clone(), body.keep_stdin_open);
     let agent_busy = busy.live().clone();
     let mut handle = super::sandboxes::blocking(move || agent_busy.agent.exec(request))
         .await?
@@ -251,13 +280,26 @@ pub async fn exec(
     std::thread::Builder::new()
         .name("exec-stream".into())
         .spawn(move || {
-            // The sandbox counts as busy until the command ends.
+            // The sandbox counts as busy until the command ends, and
+            // the command takes signals and stdin through the API.
+            let live = Arc::clone(busy.live());
             let (_busy, _running) = (busy, running);
+            let registered = live.commands.register(
+                pid,
+                RunningCommand {
+                    input: handle.input(),
+                    cmd,
+                    started_at: crate::store::now_ms(),
+                    stdin_open: keep_stdin_open,
+                },
+            );
             if let Some(text) = stdin {
                 let input = handle.input();
                 std::thread::spawn(move || {
                     let _ = input.write_stdin(text.as_bytes());
-                    let _ = input.close_stdin();
+                    if !keep_stdin_open {
+                        let _ = input.close_stdin();
+                    }
                 });
             }
             let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
@@ -280,6 +322,8 @@ pub async fn exec(
                     Ok(Some(ExecEvent::Stdout(d))) => ExecLine::Stdout { data: b64(&d) },
                     Ok(Some(ExecEvent::Stderr(d))) => ExecLine::Stderr { data: b64(&d) },
                     Ok(Some(ExecEvent::Exit(status))) => {
+                        // Gone from the list before the client hears it ended.
+                        drop(registered);
                         let _ = tx.blocking_send(line(&ExecLine::Exit {
                             exit_code: status.code,
                             signal: status.signal,

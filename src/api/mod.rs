@@ -2,6 +2,7 @@
 //! code, and the OpenAPI document generated from these handlers
 //! (`/openapi.json`; checked in as `docs/openapi.json`).
 
+mod commands;
 pub mod error;
 mod events;
 pub mod exec;
@@ -42,6 +43,9 @@ use crate::daemon::AppState;
         stats::sandbox_stats,
         templates::snapshot,
         exec::exec,
+        commands::list,
+        commands::signal,
+        commands::stdin,
         groups::create,
         groups::list,
         groups::get_one,
@@ -123,8 +127,13 @@ fn describe_maps(doc: &mut serde_json::Value) {
                 "env" => {
                     prop.insert(
                         "propertyNames".into(),
-                        serde_json::json!({ "pattern": "^[^=]+$" }),
+                        serde_json::json!({ "pattern": "^[^=\\u0000]{1,256}$" }),
                     );
+                    prop.insert(
+                        "additionalProperties".into(),
+                        serde_json::json!({ "type": "string", "pattern": "^[^\\u0000]*$", "maxLength": 32768 }),
+                    );
+                    prop.insert("maxProperties".into(), 256.into());
                 }
                 _ => {}
             }
@@ -146,6 +155,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
+        .route("/v1/sandboxes/{id}/commands", get(commands::list))
+        .route(
+            "/v1/sandboxes/{id}/commands/{pid}/signal",
+            post(commands::signal),
+        )
+        .route(
+            "/v1/sandboxes/{id}/commands/{pid}/stdin",
+            post(commands::stdin),
+        )
         .route("/v1/sandboxes/{id}/suspend", post(sandboxes::suspend))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))
         .route("/v1/sandboxes/{id}/snapshot", post(templates::snapshot))

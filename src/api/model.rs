@@ -62,6 +62,10 @@ pub struct CreateSandbox {
     #[serde(default, deserialize_with = "crate::json_num::opt_u64")]
     #[schema(minimum = 1, maximum = 2592000)]
     pub idle_suspend_seconds: Option<u64>,
+    /// Environment variables every command in it gets (a command's own
+    /// `env` wins; these are not secret: use `secrets` for those).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 /// Why and when a sandbox ended.
@@ -90,6 +94,8 @@ pub struct Sandbox {
     pub secrets: Vec<String>,
     /// Seconds without a command after which it is suspended, if set.
     pub idle_suspend_seconds: Option<u64>,
+    /// Environment every command in it gets.
+    pub env: BTreeMap<String, String>,
 }
 
 impl From<&SandboxRecord> for Sandbox {
@@ -110,6 +116,7 @@ impl From<&SandboxRecord> for Sandbox {
             }),
             secrets: r.secrets.clone(),
             idle_suspend_seconds: r.idle_suspend_ms.map(|ms| ms.max(0) as u64 / 1000),
+            env: r.env.clone(),
         }
     }
 }

@@ -152,6 +152,7 @@ impl CreateSandbox {
         let group = self.group.clone().unwrap_or_else(|| "default".into());
         check_name("group", &group)?;
         check_labels(&self.labels).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        super::exec::check_env(&self.env)?;
         {
             let store = state.supervisor.store();
             store.group(&group)?;
@@ -169,6 +170,7 @@ impl CreateSandbox {
             end_at: end_at(self.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS))?,
             source,
             secrets: self.secrets.clone(),
+            env: self.env.clone(),
             idle_suspend_ms: match self.idle_suspend_seconds {
                 None => None,
                 Some(s) if (1..=MAX_TIMEOUT_SECONDS).contains(&s) => Some(s as i64 * 1000),

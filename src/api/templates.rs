@@ -233,6 +233,9 @@ pub struct ForkTemplate {
     pub timeout_seconds: Option<u64>,
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Environment every command in each fork gets.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// One fork: the sandbox, or why it was not made.
@@ -272,6 +275,7 @@ pub async fn fork(
         labels: body.labels.clone(),
         timeout_seconds: body.timeout_seconds,
         secrets: body.secrets.clone(),
+        env: body.env.clone(),
         ..Default::default()
     };
     let spec = create.spec(&state)?;

@@ -130,5 +130,6 @@ pub(super) fn connect_within(
         agent,
         pid,
         activity,
+        commands: Default::default(),
     }))
 }

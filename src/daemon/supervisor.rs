@@ -58,6 +58,7 @@ pub struct CreateSpec {
     pub source: serde_json::Value,
     pub secrets: Vec<String>,
     pub idle_suspend_ms: Option<i64>,
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// A running sandbox: its child, for control, and its agent, for commands.
@@ -66,6 +67,52 @@ pub struct Live {
     pub agent: AgentClient,
     pub pid: u32,
     pub activity: Activity,
+    pub commands: Commands,
+}
+
+/// The commands streaming in a sandbox, by their process id in the guest:
+/// what the API's signals and stdin writes reach.
+#[derive(Default)]
+pub struct Commands(Mutex<HashMap<i32, Arc<RunningCommand>>>);
+
+pub struct RunningCommand {
+    pub input: sandbox::ExecInput,
+    pub cmd: Vec<String>,
+    /// Unix milliseconds.
+    pub started_at: i64,
+    /// Its stdin takes writes through the API.
+    pub stdin_open: bool,
+}
+
+impl Commands {
+    /// Registered until the guard drops (when the command's stream ends).
+    pub fn register(&self, pid: i32, command: RunningCommand) -> Registered<'_> {
+        lock(&self.0).insert(pid, Arc::new(command));
+        Registered(self, pid)
+    }
+
+    pub fn get(&self, pid: i32) -> Option<Arc<RunningCommand>> {
+        lock(&self.0).get(&pid).cloned()
+    }
+
+    /// Every running command, by process id.
+    pub fn list(&self) -> Vec<(i32, Arc<RunningCommand>)> {
+        let mut all: Vec<_> = lock(&self.0)
+            .iter()
+            .map(|(pid, c)| (*pid, Arc::clone(c)))
+            .collect();
+        all.sort_by_key(|(pid, _)| *pid);
+        all
+    }
+}
+
+/// A command in [`Commands`] while it runs.
+pub struct Registered<'a>(&'a Commands, i32);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        lock(&(self.0).0).remove(&self.1);
+    }
 }
 
 /// Commands running in a sandbox, and when the last began or ended: what
@@ -231,6 +278,7 @@ impl Supervisor {
                 end_at: spec.end_at,
                 secrets: spec.secrets.clone(),
                 idle_suspend_ms: spec.idle_suspend_ms,
+                env: spec.env.clone(),
             },
             record_limit,
         );

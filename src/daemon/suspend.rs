@@ -42,14 +42,7 @@ impl Supervisor {
         let _span = sandbox_span(id).entered();
         let _op = self.begin(id)?;
         let started = std::time::Instant::now();
-        let record = self.store().sandbox(id)?;
-        if record.state != SandboxState::Running {
-            return Err(StoreError::Conflict(format!(
-                "sandbox {id} is {}, not running",
-                record.state
-            ))
-            .into());
-        }
+        self.require_state(id, SandboxState::Running)?;
         // Out of the live map first: commands are refused from here on,
         // and the watcher takes the child's end for ours.
         let Some(live) = lock(&self.live).remove(id) else {
@@ -99,20 +92,24 @@ impl Supervisor {
         Ok(record)
     }
 
+    /// Refuses (409) unless sandbox `id` is in state `want`.
+    fn require_state(&self, id: &str, want: SandboxState) -> Result<(), StoreError> {
+        let state = self.store().sandbox(id)?.state;
+        if state != want {
+            return Err(StoreError::Conflict(format!(
+                "sandbox {id} is {state}, not {want}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Resumes a suspended sandbox in place: the same id, memory and
     /// disks, in a new VMM process. Blocks.
     pub fn resume(self: &Arc<Self>, id: &str) -> Result<SandboxRecord, LifecycleError> {
         let _span = sandbox_span(id).entered();
         let _op = self.begin(id)?;
         let started = std::time::Instant::now();
-        let record = self.store().sandbox(id)?;
-        if record.state != SandboxState::Suspended {
-            return Err(StoreError::Conflict(format!(
-                "sandbox {id} is {}, not suspended",
-                record.state
-            ))
-            .into());
-        }
+        self.require_state(id, SandboxState::Suspended)?;
         let dir = self.dir(id);
         let runtime = dir.join("runtime");
         // A suspend whose last step failed: its whole state is the one to

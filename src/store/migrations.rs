@@ -84,4 +84,9 @@ pub(super) const STEPS: &[&str] = &[
         warm            INTEGER NOT NULL
     ) STRICT;
     "#,
+    // 6: environment every command in the sandbox gets (JSON object; not
+    // secret: secrets are sealed in their own table).
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN env TEXT NOT NULL DEFAULT '{}';
+    "#,
 ];

@@ -84,6 +84,8 @@ pub struct NewSandbox {
     /// Suspend it after this long (ms) without a command; the next
     /// command resumes it.
     pub idle_suspend_ms: Option<i64>,
+    /// Environment every command in it gets.
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -104,6 +106,7 @@ pub struct SandboxRecord {
     pub runtime_dir: Option<String>,
     pub secrets: Vec<String>,
     pub idle_suspend_ms: Option<i64>,
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 fn corrupt(what: &'static str, detail: impl fmt::Display) -> rusqlite::Error {
@@ -164,6 +167,7 @@ fn record_from(row: &Row) -> rusqlite::Result<SandboxRecord> {
         runtime_dir: row.get("runtime_dir")?,
         secrets: serde_json::from_str(&text("secrets")?).map_err(|e| corrupt("secrets", e))?,
         idle_suspend_ms: row.get("idle_suspend_ms")?,
+        env: serde_json::from_str(&text("env")?).map_err(|e| corrupt("env", e))?,
     })
 }
 
@@ -226,8 +230,8 @@ impl Store {
             let inserted = tx.execute(
                 "INSERT OR IGNORE INTO sandboxes
                  (id, group_name, state, source, cpus, memory_mib, labels, created_at, end_at, secrets,
-                  idle_suspend_ms)
-                 VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                  idle_suspend_ms, env)
+                 VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     new.id,
                     new.group,
@@ -238,7 +242,8 @@ impl Store {
                     at,
                     new.end_at,
                     serde_json::to_string(&new.secrets).unwrap_or_default(),
-                    new.idle_suspend_ms
+                    new.idle_suspend_ms,
+                    serde_json::to_string(&new.env).unwrap_or_default()
                 ],
             )?;
             if inserted == 0 {
@@ -414,6 +419,7 @@ mod tests {
             end_at: Some(now_ms() + 60_000),
             secrets: vec!["API_KEY".into()],
             idle_suspend_ms: Some(60_000),
+            env: [("LANG".to_string(), "C.UTF-8".to_string())].into(),
         }
     }
 
@@ -425,6 +431,7 @@ mod tests {
         assert_eq!(r.labels["owner"], "alice");
         assert_eq!(r.secrets, ["API_KEY"]);
         assert_eq!(r.idle_suspend_ms, Some(60_000));
+        assert_eq!(r.env["LANG"], "C.UTF-8");
         assert!(matches!(
             s.insert_sandbox(&new("sb1", "default", 1), None),
             Err(StoreError::Conflict(_))

@@ -227,9 +227,26 @@ pub struct ExecInput {
 
 impl ExecInput {
     /// See [`ExecHandle::write_stdin`].
-    pub fn write_stdin(&self, mut data: &[u8]) -> Result<(), ClientError> {
+    pub fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
+        self.write_stdin_until(data, None)
+    }
+
+    /// Like [`ExecInput::write_stdin`], waiting at most `timeout` for the
+    /// process to take it: [`ClientError::Timeout`] then, with part of
+    /// `data` perhaps sent.
+    pub fn write_stdin_within(&self, data: &[u8], timeout: Duration) -> Result<(), ClientError> {
+        self.write_stdin_until(data, Some(Instant::now() + timeout))
+    }
+
+    fn write_stdin_until(
+        &self,
+        mut data: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), ClientError> {
         while !data.is_empty() {
-            let n = self.slot.take_credit(data.len().min(DATA_CHUNK), None)?;
+            let n = self
+                .slot
+                .take_credit(data.len().min(DATA_CHUNK), deadline)?;
             self.conn
                 .send(&Frame::data(self.slot.id, channel::STDIN, &data[..n]))?;
             data = &data[n..];
