@@ -12,7 +12,7 @@ export CAPSULE_INITRAMFS := $(abspath $(ARTIFACTS)/initramfs.cpio)
 export CAPSULE_ROOTFS    := $(abspath $(ARTIFACTS)/rootfs.ext4)
 export CAPSULE_BZIMAGE   := $(abspath $(ARTIFACTS)/bzImage)
 
-.PHONY: deps kernel agent artifacts build demo test test-host test-guest lint bench fuzz fmt clean
+.PHONY: deps kernel agent artifacts build demo test test-host test-guest test-sdk lint bench fuzz fmt clean
 
 deps:
 	@images/install-deps.sh
@@ -39,7 +39,7 @@ build: deps
 demo: artifacts build
 	@scripts/demo.sh
 
-test: artifacts test-host test-guest
+test: artifacts test-host test-guest test-sdk
 
 # Host tier: everything that needs no Linux guest.
 test-host: deps
@@ -50,6 +50,11 @@ test-host: deps
 # nested test host. Never skipped: it fails if it cannot run.
 test-guest: artifacts
 	@scripts/test-guest.sh
+
+# The Python SDK and `capsule mcp`, pip-installed from the checkout and
+# tested with pytest and the `mcp` package's client against real guests.
+test-sdk: artifacts
+	@scripts/test-sdk.sh
 
 lint:
 	cargo fmt --all -- --check

@@ -1,0 +1,75 @@
+"""The asynchronous SDK: the same calls with ``await``."""
+
+import asyncio
+import time
+
+import pytest
+
+import capsule
+from capsule import AsyncCapsule, AsyncSandbox
+
+from conftest import TEMPLATE
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def aclient(daemon, template):
+    async with AsyncCapsule(socket=daemon["socket"]) as c:
+        yield c
+
+
+async def test_async_create_run_suspend_and_fork(aclient):
+    async with await AsyncSandbox.create(template=TEMPLATE, envs={"A": "1"},
+                                         capsule=aclient) as sb:
+        seen = []
+        start = time.monotonic()
+
+        async def on_stdout(text):
+            seen.append((text, time.monotonic()))
+
+        r = await sb.commands.run("echo $A; sleep 3; echo done", on_stdout=on_stdout)
+        assert (r.exit_code, r.stdout) == (0, "1\ndone\n")
+        assert seen[0][0] == "1\n" and seen[0][1] - start < time.monotonic() - start - 2.0
+
+        await sb.commands.run("echo kept > /tmp/f")
+        assert (await sb.suspend()).state == "suspended"
+        assert (await sb.resume()).state == "running"
+        assert (await sb.commands.run("cat /tmp/f")).stdout == "kept\n"
+
+        snap = await sb.snapshot(name="sdk-async")
+        forks = await snap.fork(count=2)
+        try:
+            outs = await asyncio.gather(*(f.commands.run("cat /tmp/f") for f in forks))
+            assert [o.stdout for o in outs] == ["kept\n", "kept\n"]
+        finally:
+            for f in forks:
+                await f.kill()
+            await snap.delete()
+    assert (await (await AsyncSandbox.connect(sb.id, capsule=aclient)).get_info()).state \
+        == "ended"
+
+
+async def test_async_background_stdin_kill_and_errors(aclient):
+    async with await aclient.create(template=TEMPLATE) as sb:
+        h = await sb.commands.run("read l; echo got $l; sleep 100", background=True,
+                                  timeout=None)
+        await h.send_stdin("it\n")
+        deadline = time.monotonic() + 60
+        while "got it" not in h.stdout:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        with pytest.raises(capsule.Timeout):
+            await h.wait(timeout=0.2)
+        await h.kill()
+        r = await h.wait(timeout=60)
+        assert (r.signal, r.stdout) == (9, "got it\n")
+        with pytest.raises(capsule.Timeout) as e:
+            await sb.commands.run("sleep 60", timeout=1)
+        assert e.value.result.timed_out
+    with pytest.raises(capsule.NotFound):
+        await AsyncSandbox.connect("sb-nosuchsandbox00", capsule=aclient)
+    await aclient.groups.create("sdk-async-none", max_sandboxes=0)
+    with pytest.raises(capsule.QuotaExceeded):
+        await aclient.create(template=TEMPLATE, group="sdk-async-none")
+    assert TEMPLATE in [t.name for t in await aclient.templates.list()]

@@ -1,0 +1,183 @@
+"""The synchronous SDK against the real daemon and real guests."""
+
+import threading
+import time
+
+import pytest
+
+import capsule
+from capsule import Sandbox
+
+from conftest import TEMPLATE
+
+
+def test_create_run_and_the_result(client, template):
+    with Sandbox.create(template=TEMPLATE, timeout=600, labels={"owner": "alice"},
+                        envs={"A": "1"}, capsule=client) as sb:
+        r = sb.commands.run("python3 -c 'print(6*7)' 2>/dev/null || echo $((6*7))")
+        assert (r.exit_code, r.stdout) == (0, "42\n")
+        r = sb.commands.run("echo $A; echo oops >&2; exit 3")
+        assert (r.exit_code, r.stdout, r.stderr) == (3, "1\n", "oops\n")
+        # A list is the program and its arguments, no shell.
+        r = sb.commands.run(["printf", "%s|", "a b", "$A"])
+        assert r.stdout == "a b|$A|"
+        assert sb.commands.run("cat /tmp/primed").stdout == "primed\n"
+        assert sb.commands.run("cat", stdin="in\n").stdout == "in\n"
+        r = sb.commands.run("echo $A $B; pwd; id -u", envs={"B": "2"}, cwd="/tmp", user="1000")
+        assert r.stdout == "1 2\n/tmp\n1000\n"
+        info = sb.get_info()
+        assert (info.state, info.labels, info.env) == ("running", {"owner": "alice"}, {"A": "1"})
+    # The context manager ended it.
+    assert Sandbox.connect(sb.id, capsule=client).get_info().ended.reason == "deleted"
+
+
+def test_output_streams_to_callbacks_before_the_command_ends(sandbox):
+    seen = []
+    start = time.monotonic()
+    r = sandbox.commands.run("echo first; sleep 3; echo second >&2; echo third",
+                             on_stdout=lambda t: seen.append(("out", t, time.monotonic())),
+                             on_stderr=lambda t: seen.append(("err", t, time.monotonic())))
+    ended = time.monotonic()
+    assert [(k, t) for k, t, _ in seen] == [("out", "first\n"), ("err", "second\n"),
+                                            ("out", "third\n")]
+    # The first line came while the command still slept.
+    assert seen[0][2] - start < ended - start - 2.0, seen
+    assert r.stdout == "first\nthird\n" and r.stderr == "second\n"
+
+
+def test_a_background_command_takes_stdin_and_is_killed(sandbox):
+    lines = []
+    h = sandbox.commands.run("while read l; do echo got $l; done", background=True,
+                             on_stdout=lines.append, timeout=None)
+    assert h.pid and h.exit_code is None
+    assert [c.pid for c in sandbox.commands.list()] == [h.pid]
+    h.send_stdin("one\n")
+    h.send_stdin(b"two\n")
+    h.close_stdin()
+    r = h.wait(timeout=60)
+    assert (r.exit_code, r.stdout, "".join(lines)) == (0, "got one\ngot two\n", r.stdout)
+
+    h = sandbox.commands.run("sleep 100", background=True)
+    with pytest.raises(capsule.Timeout):
+        h.wait(timeout=0.5)  # still running: the wait gave up, not the command
+    h.kill()
+    r = h.wait(timeout=60)
+    assert (r.exit_code, r.signal) == (None, 9)
+    assert sandbox.commands.list() == []
+    with pytest.raises(capsule.NotFound) as e:
+        sandbox.commands.kill(h.pid)
+    assert e.value.code == "command_not_found"
+
+
+def test_a_command_past_its_timeout_is_killed_in_the_sandbox(sandbox):
+    start = time.monotonic()
+    with pytest.raises(capsule.Timeout) as e:
+        sandbox.commands.run("echo before; sleep 60", timeout=2)
+    assert time.monotonic() - start < 30
+    assert e.value.code == "command_timed_out"
+    assert e.value.result.timed_out and e.value.result.stdout == "before\n"
+    # Distinct: a request timeout is the connection's, and says so.
+    with capsule.Capsule(request_timeout=0.001) as hasty:
+        with pytest.raises(capsule.Timeout) as e:
+            hasty.create(template=TEMPLATE)
+        assert e.value.code == "request_timeout"
+
+
+def test_errors_are_typed_with_the_api_code(client, template):
+    with pytest.raises(capsule.NotFound) as e:
+        Sandbox.connect("sb-nosuchsandbox00", capsule=client)
+    assert (e.value.code, e.value.status) == ("sandbox_not_found", 404)
+    with pytest.raises(capsule.NotFound):
+        client.create(template="no-such-template")
+    client.groups.create("sdk-none", max_sandboxes=0)
+    with pytest.raises(capsule.QuotaExceeded) as e:
+        client.create(template=TEMPLATE, group="sdk-none")
+    assert e.value.code == "quota_exceeded" and "sdk-none" in e.value.message
+    with pytest.raises(capsule.BadRequest):
+        client.create(template=TEMPLATE, labels={"bad key!": "x"})
+    sb = client.create(template=TEMPLATE)
+    sb.kill()
+    sb.kill()  # ending an ended sandbox does nothing
+    with pytest.raises(capsule.SandboxEnded) as e:
+        sb.commands.run("true")
+    assert e.value.reason == "deleted"
+    with pytest.raises(capsule.DaemonUnavailable):
+        capsule.Capsule(socket="/nonexistent/api.sock").list()
+
+
+def test_suspend_and_resume_keep_memory_and_files(sandbox):
+    # The sleeper's output goes nowhere, so the command ends without it.
+    sandbox.commands.run("echo kept > /tmp/file; sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/pid")
+    pid = sandbox.commands.run("cat /tmp/pid").stdout.strip()
+    for _ in range(2):
+        assert sandbox.suspend().state == "suspended"
+        with pytest.raises(capsule.Conflict):
+            sandbox.suspend()
+        assert sandbox.resume().state == "running"
+    assert sandbox.commands.run("cat /tmp/file").stdout == "kept\n"
+    # The same process, still running: its memory came back.
+    assert sandbox.commands.run(f"kill -0 {pid} && echo alive").stdout == "alive\n"
+
+
+def test_labels_timeouts_listing_and_stats(client, sandbox):
+    sandbox.set_labels({"suite": "sdk", "job": "7"})
+    ids = [s.id for s in Sandbox.list(labels={"job": "7"}, capsule=client)]
+    assert ids == [sandbox.id]
+    assert sandbox.id in [s.id for s in client.list(state="running")]
+    assert [s.id for s in Sandbox.list(selector="job!=7,suite=sdk", capsule=client)] == []
+    before = sandbox.get_info().end_at
+    assert sandbox.get_info().end_at == before  # reading never changes it
+    assert sandbox.set_timeout(3600).end_at != before
+    assert sandbox.set_timeout(None).end_at is None
+    stats = sandbox.stats()
+    assert stats.state == "running" and stats.memory_bytes > 0 and stats.cpu_seconds > 0
+
+
+def test_snapshot_and_fork(client, sandbox):
+    sandbox.commands.run("echo from-the-snapshot > /tmp/state")
+    snap = sandbox.snapshot(name="sdk-primed")
+    forks = snap.fork(count=3, labels={"batch": "1"})
+    try:
+        assert len(forks) == 3
+        names = set()
+        for f in forks:
+            assert f.commands.run("cat /tmp/state").stdout == "from-the-snapshot\n"
+            names.add(f.commands.run("hostname").stdout.strip())
+        assert names == {f.id for f in forks}
+        assert {s.id for s in Sandbox.list(labels={"batch": "1"}, capsule=client)} == \
+            {f.id for f in forks}
+    finally:
+        for f in forks:
+            f.kill()
+        snap.delete()
+
+
+def test_templates_pools_groups_secrets_and_events(client, template):
+    assert TEMPLATE in [t.name for t in client.templates.list()]
+    pool = template.set_pool(1)
+    assert (pool.template, pool.warm) == (TEMPLATE, 1)
+    deadline = time.monotonic() + 120
+    while client.pools.list()[0].ready < 1:
+        assert time.monotonic() < deadline, "the pool never filled"
+        time.sleep(0.2)
+    client.pools.delete(TEMPLATE)
+
+    g = client.groups.create("sdk-team", max_sandboxes=2)
+    assert g.quota["max_sandboxes"] == 2
+    client.secrets.set("sdk-team", "TOKEN", "s3cret-value")
+    assert [s.name for s in client.secrets.list("sdk-team")] == ["TOKEN"]
+    with client.create(template=TEMPLATE, group="sdk-team", secrets=["TOKEN"]) as sb:
+        assert sb.commands.run("echo $TOKEN").stdout == "s3cret-value\n"
+        assert "s3cret-value" not in repr(sb.get_info())
+    client.secrets.delete("sdk-team", "TOKEN")
+
+    events = client.events.list()
+    assert {"created", "ready", "ended"} <= {e.kind for e in events}
+    # Following: the next event arrives as it happens.
+    got = []
+    follower = threading.Thread(target=lambda: got.append(
+        next(e for e in client.events.follow(after=events[-1].seq) if e.kind == "ended")))
+    follower.start()
+    client.create(template=TEMPLATE).kill()
+    follower.join(timeout=120)
+    assert got and got[0].kind == "ended"
