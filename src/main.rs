@@ -13,6 +13,7 @@ mod json_num;
 mod keeper;
 mod labels;
 mod manage;
+mod mcp;
 mod progress;
 mod run;
 mod secrets;
@@ -84,6 +85,9 @@ enum Command {
     Suspend { id: String },
     /// Resume a suspended daemon sandbox (`capsule sandbox resume`).
     Resume { id: String },
+    /// An MCP server on stdio whose tools drive sandboxes through the
+    /// daemon (`claude mcp add capsule -- capsule mcp`).
+    Mcp(mcp::McpArgs),
     /// Print a shell completion script, e.g.
     /// `capsule completion bash > /etc/bash_completion.d/capsule`.
     Completion {
@@ -127,6 +131,7 @@ fn main() -> ExitCode {
         Command::Resume { id } => {
             manage::sandbox(manage::SandboxCommand::Resume { id, json: false })
         }
+        Command::Mcp(args) => mcp::serve(args),
         Command::Completion { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "capsule", &mut std::io::stdout());
