@@ -28,6 +28,18 @@ pub struct ApiRefusal {
 #[error("{0}")]
 pub struct DaemonUnreachable(String);
 
+/// Percent-encodes a path segment or a query value.
+pub fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 pub struct ApiClient {
     socket: PathBuf,
     runtime: tokio::runtime::Runtime,

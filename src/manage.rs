@@ -13,24 +13,12 @@ use serde_json::{json, Value};
 
 use crate::api::model::Sandbox;
 use crate::api::stats::SandboxStats;
-use crate::client::ApiClient;
+use crate::client::{encode, ApiClient};
 use crate::exec::CommandArgs;
 use crate::progress::while_waiting;
 
 /// Daemon sandbox ids start so; kept sandboxes may not be named so.
 pub const DAEMON_ID_PREFIX: &str = "sb-";
-
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);

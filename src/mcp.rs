@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::exec::ExecLine;
-use crate::client::{ApiClient, ApiRefusal, DaemonUnreachable};
+use crate::client::{encode as seg, ApiClient, ApiRefusal, DaemonUnreachable};
 
 /// Output bytes per stream shown to the model in a tool result.
 const SHOWN_BYTES: usize = 16 << 10;
@@ -150,18 +150,6 @@ pub struct ForkParams {
     pub labels: BTreeMap<String, String>,
     /// Seconds until each is destroyed (default 300; 0 for never).
     pub timeout_seconds: Option<u64>,
-}
-
-/// Percent-encodes one path segment or query value.
-fn seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// A tool's answer: JSON for the model, or an error it can act on.

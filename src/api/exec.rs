@@ -277,6 +277,7 @@ pub async fn exec(
         })?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(BUFFERED_EVENTS);
     let pid = handle.pid();
+    let id_for_log = id.clone();
     std::thread::Builder::new()
         .name("exec-stream".into())
         .spawn(move || {
@@ -336,6 +337,17 @@ pub async fn exec(
                             Err(e) => e.to_string(),
                             _ => "the command's stream ended without an exit status".into(),
                         };
+                        // What the guest said last tells a crash from a
+                        // stall or a reset: for the daemon's log.
+                        let console = {
+                            use sandbox::Machine;
+                            let child = live.child.lock().unwrap_or_else(|p| p.into_inner());
+                            child.console_tail(20)
+                        };
+                        tracing::warn!(
+                            sandbox = %id_for_log,
+                            "a command's stream broke ({message}); the guest's console:\n{console}"
+                        );
                         let _ = tx.blocking_send(line(&ExecLine::Error {
                             code: "lost".into(),
                             message,

@@ -9,6 +9,7 @@ inside the nested test host where the machine's KVM cannot.
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -38,9 +39,15 @@ def daemon():
     env.pop("CAPSULE_URL", None)
     log_path = os.path.join(home, "daemon.log")
     log = open(log_path, "w")
+    # Also on TCP behind a bearer token, for the tests that connect so.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token_file = os.path.join(home, "token")
     process = subprocess.Popen(
         [binary, "serve", "--kernel", _artifact("CAPSULE_KERNEL"),
-         "--initramfs", _artifact("CAPSULE_INITRAMFS")],
+         "--initramfs", _artifact("CAPSULE_INITRAMFS"),
+         "--listen", f"127.0.0.1:{port}", "--token-file", token_file],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     socket_path = os.path.join(home, "api.sock")
     deadline = time.monotonic() + 30
@@ -49,14 +56,23 @@ def daemon():
             log.close()
             pytest.exit(f"capsule serve did not start:\n{open(log_path).read()}", returncode=2)
         time.sleep(0.02)
-    yield {"home": home, "socket": socket_path, "process": process, "log": log_path}
+    while not os.path.exists(token_file):
+        time.sleep(0.02)
+    with open(token_file) as f:
+        token = f.read().strip()
+    yield {"home": home, "socket": socket_path, "process": process, "log": log_path,
+           "url": f"http://127.0.0.1:{port}", "token": token, "token_file": token_file}
+    # Sandboxes outlive their daemon: the tests' own must not outlive the run.
+    with capsule.Capsule(socket=socket_path) as c:
+        for sb in c.list(state=["creating", "running", "suspended"]):
+            c.connect(sb.id).kill()
+        for pool in c.pools.list():
+            c.pools.delete(pool.template)
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
-    # The sandboxes outlive a daemon; the tests' own must not outlive the run.
-    subprocess.run(["pkill", "-KILL", "-f", f"{home}/daemon/vms"], check=False)
     log.close()
 
 
@@ -87,3 +103,28 @@ def anyio_backend():
     # Async tests (marked anyio) run on asyncio through anyio's pytest
     # plugin, httpx's own dependency: no other event loop plugin needed.
     return "asyncio"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report carries the daemon's log and the live
+    sandboxes' VMM logs: what happened on the other side."""
+    outcome = yield
+    report = outcome.get_result()
+    daemon = item.funcargs.get("daemon") or getattr(item.session, "_capsule_daemon", None)
+    if "daemon" in item.funcargs:
+        item.session._capsule_daemon = item.funcargs["daemon"]
+    if report.when != "call" or not report.failed or daemon is None:
+        return
+    def tail(path, n=40):
+        try:
+            with open(path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError as e:
+            return f"({e})\n"
+    report.sections.append(("daemon log", tail(daemon["log"])))
+    vms = pathlib.Path(daemon["home"]) / "daemon" / "vms"
+    for log in sorted(vms.glob("*/vmm.log")):
+        report.sections.append((f"{log.parent.name} vmm.log", tail(log, 20)))
+    for console in sorted(vms.glob("*/runtime/console.log")):
+        report.sections.append((f"{console.parent.parent.name} console", tail(console, 20)))

@@ -20,8 +20,15 @@ async def aclient(daemon, template):
 
 
 async def test_async_create_run_suspend_and_fork(aclient):
-    async with await AsyncSandbox.create(template=TEMPLATE, envs={"A": "1"},
+    await aclient.secrets.set("default", "ASYNC_KEY", "async-secret")
+    async with await AsyncSandbox.create(template=TEMPLATE, envs={"A": "1"}, timeout=600,
+                                         labels={"suite": "async"}, secrets=["ASYNC_KEY"],
                                          capsule=aclient) as sb:
+        listed = await AsyncSandbox.list(labels={"suite": "async"}, capsule=aclient)
+        assert [s.id for s in listed] == [sb.id]
+        assert (await sb.commands.run("echo $ASYNC_KEY")).stdout == "async-secret\n"
+        assert (await sb.set_timeout(None)).end_at is None
+        assert (await sb.stats()).state == "running"
         seen = []
         start = time.monotonic()
 

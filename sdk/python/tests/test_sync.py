@@ -34,7 +34,8 @@ def test_create_run_and_the_result(client, template):
 def test_output_streams_to_callbacks_before_the_command_ends(sandbox):
     seen = []
     start = time.monotonic()
-    r = sandbox.commands.run("echo first; sleep 3; echo second >&2; echo third",
+    # Across stdout and stderr only time orders output: a second apart.
+    r = sandbox.commands.run("echo first; sleep 3; echo second >&2; sleep 1; echo third",
                              on_stdout=lambda t: seen.append(("out", t, time.monotonic())),
                              on_stderr=lambda t: seen.append(("err", t, time.monotonic())))
     ended = time.monotonic()
@@ -181,3 +182,16 @@ def test_templates_pools_groups_secrets_and_events(client, template):
     client.create(template=TEMPLATE).kill()
     follower.join(timeout=120)
     assert got and got[0].kind == "ended"
+
+
+def test_a_tcp_daemon_with_its_token(daemon, monkeypatch):
+    with capsule.Capsule(url=daemon["url"], token=daemon["token"]) as c:
+        assert isinstance(c.list(), list)
+    # From the environment, as a deployed agent would be configured.
+    monkeypatch.setenv("CAPSULE_URL", daemon["url"])
+    monkeypatch.setenv("CAPSULE_TOKEN_FILE", daemon["token_file"])
+    with capsule.Capsule() as c:
+        assert c.connection.url == daemon["url"] and isinstance(c.groups.list(), list)
+    with pytest.raises(capsule.Unauthorized) as e:
+        capsule.Capsule(url=daemon["url"], token="wrong").list()
+    assert e.value.code == "unauthorized"

@@ -80,6 +80,56 @@ def exec_body(cmd: Command, envs: Optional[Mapping[str, str]], cwd: Optional[str
     })
 
 
+def list_path(labels: Optional[Mapping[str, str]], state: Union[str, Sequence[str], None],
+              selector: Optional[str]) -> str:
+    """GET /v1/sandboxes with its label selector and states."""
+    if selector is None and labels:
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+    params = drop_none({
+        "label_selector": selector,
+        "state": state if isinstance(state, str) or state is None else ",".join(state),
+    })
+    query = "&".join(f"{k}={seg(v)}" for k, v in params.items())
+    return "/v1/sandboxes" + (f"?{query}" if query else "")
+
+
+def template_body(name: str, cmd: Optional[Command], rootfs: Optional[str], cpus: Optional[int],
+                  memory_mib: Optional[int], timeout: Optional[float]) -> Dict[str, Any]:
+    return drop_none({
+        "name": name, "cmd": argv(cmd) if cmd is not None else None,
+        "rootfs": rootfs, "cpus": cpus, "memory_mib": memory_mib,
+        "timeout_seconds": max(1, int(round(timeout))) if timeout else None,
+    })
+
+
+def quota_body(max_sandboxes: Optional[int], max_vcpus: Optional[int],
+               max_memory_mib: Optional[int]) -> Dict[str, Any]:
+    return drop_none({"max_sandboxes": max_sandboxes, "max_vcpus": max_vcpus,
+                      "max_memory_mib": max_memory_mib})
+
+
+def fork_body(count: int, labels: Optional[Mapping[str, str]], group: Optional[str],
+              timeout: Optional[float], envs: Optional[Mapping[str, str]],
+              secrets: Optional[Sequence[str]]) -> Dict[str, Any]:
+    return drop_none({
+        "count": count, "labels": dict(labels) if labels else None, "group": group,
+        "timeout_seconds": 0 if timeout is None else max(1, int(round(timeout))),
+        "env": dict(envs) if envs else None, "secrets": list(secrets) if secrets else None,
+    })
+
+
+def fork_results(name: str, count: int, forks: List[Dict[str, Any]]):
+    """The forks' sandbox records, and the error for those that failed
+    (``None`` if none did)."""
+    made = [f["sandbox"] for f in forks if f.get("sandbox")]
+    failed = [f["error"] for f in forks if f.get("error")]
+    if not failed:
+        return made, None
+    return made, SandboxFailed(f"{len(failed)} of {count} forks of {name} failed: "
+                               f"{failed[0].get('message')}",
+                               code=str(failed[0].get("code", "sandbox_failed")))
+
+
 def stdin_body(data: Union[str, bytes], eof: bool) -> Dict[str, Any]:
     raw = data.encode() if isinstance(data, str) else bytes(data)
     return {"data": base64.b64encode(raw).decode("ascii"), "eof": eof}

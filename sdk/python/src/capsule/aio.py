@@ -17,7 +17,7 @@ from ._wire import DEFAULT_COMMAND_TIMEOUT, Command, OutputCallback, seg
 from .errors import CapsuleError, Conflict, NotFound, SandboxFailed, Timeout, ended
 from .models import (CommandInfo, CommandResult, Event, GroupInfo, PoolStatus, SandboxInfo,
                      SandboxStats, SecretInfo, TemplateInfo)
-from .sandbox import _raw, _selector
+from .sandbox import _raw
 
 
 class AsyncCapsule:
@@ -105,12 +105,7 @@ class AsyncSandbox:
                    selector: Optional[str] = None, capsule: Optional[AsyncCapsule] = None,
                    **connection: Any) -> List[SandboxInfo]:
         capsule = _capsule(capsule, connection)
-        params = _wire.drop_none({
-            "label_selector": selector or _selector(labels),
-            "state": state if isinstance(state, str) or state is None else ",".join(state),
-        })
-        query = "&".join(f"{k}={seg(v)}" for k, v in params.items())
-        answer = await capsule.http.call("GET", "/v1/sandboxes" + (f"?{query}" if query else ""))
+        answer = await capsule.http.call("GET", _wire.list_path(labels, state, selector))
         return [SandboxInfo.from_api(s) for s in answer]
 
     def _path(self, tail: str = "") -> str:
@@ -329,23 +324,15 @@ class AsyncTemplate:
                    envs: Optional[Mapping[str, str]] = None,
                    secrets: Optional[Sequence[str]] = None,
                    allow_partial: bool = False) -> List[AsyncSandbox]:
-        body = _wire.drop_none({
-            "count": count, "labels": dict(labels) if labels else None, "group": group,
-            "timeout_seconds": 0 if timeout is None else max(1, int(round(timeout))),
-            "env": dict(envs) if envs else None, "secrets": list(secrets) if secrets else None,
-        })
+        body = _wire.fork_body(count, labels, group, timeout, envs, secrets)
         forks = await self.capsule.http.call("POST", f"/v1/templates/{seg(self.name)}/fork",
                                              body)
-        made = [AsyncSandbox(f["sandbox"]["id"], self.capsule,
-                             SandboxInfo.from_api(f["sandbox"]))
-                for f in forks if f.get("sandbox")]
-        failed = [f["error"] for f in forks if f.get("error")]
-        if failed and not allow_partial:
+        records, error = _wire.fork_results(self.name, count, forks)
+        made = [AsyncSandbox(s["id"], self.capsule, SandboxInfo.from_api(s)) for s in records]
+        if error is not None and not allow_partial:
             for sb in made:
                 await sb.kill()
-            raise SandboxFailed(f"{len(failed)} of {count} forks of {self.name} failed: "
-                                f"{failed[0].get('message')}",
-                                code=str(failed[0].get("code", "sandbox_failed")))
+            raise error
         return made
 
     async def set_pool(self, warm: int) -> PoolStatus:
@@ -363,11 +350,7 @@ class AsyncTemplates:
                      rootfs: Optional[str] = None, cpus: Optional[int] = None,
                      memory_mib: Optional[int] = None,
                      timeout: Optional[float] = None) -> AsyncTemplate:
-        body = _wire.drop_none({
-            "name": name, "cmd": _wire.argv(cmd) if cmd is not None else None,
-            "rootfs": rootfs, "cpus": cpus, "memory_mib": memory_mib,
-            "timeout_seconds": max(1, int(round(timeout))) if timeout else None,
-        })
+        body = _wire.template_body(name, cmd, rootfs, cpus, memory_mib, timeout)
         info = TemplateInfo.from_api(await self._capsule.http.call("POST", "/v1/templates", body))
         return AsyncTemplate(info.name, self._capsule, info)
 
@@ -406,8 +389,7 @@ class AsyncGroups:
     async def create(self, name: str, *, max_sandboxes: Optional[int] = None,
                      max_vcpus: Optional[int] = None,
                      max_memory_mib: Optional[int] = None) -> GroupInfo:
-        quota = _wire.drop_none({"max_sandboxes": max_sandboxes, "max_vcpus": max_vcpus,
-                                 "max_memory_mib": max_memory_mib})
+        quota = _wire.quota_body(max_sandboxes, max_vcpus, max_memory_mib)
         return GroupInfo.from_api(await self._capsule.http.call(
             "POST", "/v1/groups", {"name": name, "quota": quota}))
 

@@ -65,12 +65,6 @@ def _capsule(capsule: Optional[Capsule], conn: Dict[str, Any]) -> Capsule:
     return capsule if capsule is not None else Capsule(**conn)
 
 
-def _selector(labels: Optional[Mapping[str, str]]) -> Optional[str]:
-    if not labels:
-        return None
-    return ",".join(f"{k}={v}" for k, v in labels.items())
-
-
 class Sandbox:
     """A running (or suspended) microVM.
 
@@ -143,12 +137,7 @@ class Sandbox:
         ``selector`` such as ``"owner=alice,job!=7"``), in ``state``
         (default: all but ended)."""
         capsule = _capsule(capsule, connection)
-        params = _wire.drop_none({
-            "label_selector": selector or _selector(labels),
-            "state": state if isinstance(state, str) or state is None else ",".join(state),
-        })
-        query = "&".join(f"{k}={seg(v)}" for k, v in params.items())
-        answer = capsule.http.call("GET", "/v1/sandboxes" + (f"?{query}" if query else ""))
+        answer = capsule.http.call("GET", _wire.list_path(labels, state, selector))
         return [SandboxInfo.from_api(s) for s in answer]
 
     # This sandbox.
@@ -418,21 +407,14 @@ class Template:
         """``count`` sandboxes restored from it at once, each with its own
         identity. If any fails, the others are ended and
         :class:`SandboxFailed` raised, unless ``allow_partial``."""
-        body = _wire.drop_none({
-            "count": count, "labels": dict(labels) if labels else None, "group": group,
-            "timeout_seconds": 0 if timeout is None else max(1, int(round(timeout))),
-            "env": dict(envs) if envs else None, "secrets": list(secrets) if secrets else None,
-        })
+        body = _wire.fork_body(count, labels, group, timeout, envs, secrets)
         forks = self.capsule.http.call("POST", f"/v1/templates/{seg(self.name)}/fork", body)
-        made = [Sandbox(f["sandbox"]["id"], self.capsule, SandboxInfo.from_api(f["sandbox"]))
-                for f in forks if f.get("sandbox")]
-        failed = [f["error"] for f in forks if f.get("error")]
-        if failed and not allow_partial:
+        records, error = _wire.fork_results(self.name, count, forks)
+        made = [Sandbox(s["id"], self.capsule, SandboxInfo.from_api(s)) for s in records]
+        if error is not None and not allow_partial:
             for sb in made:
                 sb.kill()
-            raise SandboxFailed(f"{len(failed)} of {count} forks of {self.name} failed: "
-                                f"{failed[0].get('message')}",
-                                code=str(failed[0].get("code", "sandbox_failed")))
+            raise error
         return made
 
     def set_pool(self, warm: int) -> PoolStatus:
@@ -457,11 +439,7 @@ class Templates:
     def create(self, name: str, cmd: Optional[Command] = None, *, rootfs: Optional[str] = None,
                cpus: Optional[int] = None, memory_mib: Optional[int] = None,
                timeout: Optional[float] = None) -> Template:
-        body = _wire.drop_none({
-            "name": name, "cmd": _wire.argv(cmd) if cmd is not None else None,
-            "rootfs": rootfs, "cpus": cpus, "memory_mib": memory_mib,
-            "timeout_seconds": max(1, int(round(timeout))) if timeout else None,
-        })
+        body = _wire.template_body(name, cmd, rootfs, cpus, memory_mib, timeout)
         info = TemplateInfo.from_api(self._capsule.http.call("POST", "/v1/templates", body))
         return Template(info.name, self._capsule, info)
 
@@ -501,8 +479,7 @@ class Groups:
 
     def create(self, name: str, *, max_sandboxes: Optional[int] = None,
                max_vcpus: Optional[int] = None, max_memory_mib: Optional[int] = None) -> GroupInfo:
-        quota = _wire.drop_none({"max_sandboxes": max_sandboxes, "max_vcpus": max_vcpus,
-                                 "max_memory_mib": max_memory_mib})
+        quota = _wire.quota_body(max_sandboxes, max_vcpus, max_memory_mib)
         return GroupInfo.from_api(self._capsule.http.call(
             "POST", "/v1/groups", {"name": name, "quota": quota}))
 
@@ -515,10 +492,9 @@ class Groups:
     def set_quota(self, name: str, *, max_sandboxes: Optional[int] = None,
                   max_vcpus: Optional[int] = None,
                   max_memory_mib: Optional[int] = None) -> GroupInfo:
-        quota = _wire.drop_none({"max_sandboxes": max_sandboxes, "max_vcpus": max_vcpus,
-                                 "max_memory_mib": max_memory_mib})
         return GroupInfo.from_api(self._capsule.http.call(
-            "PUT", f"/v1/groups/{seg(name)}/quota", quota))
+            "PUT", f"/v1/groups/{seg(name)}/quota",
+            _wire.quota_body(max_sandboxes, max_vcpus, max_memory_mib)))
 
     def delete(self, name: str) -> None:
         self._capsule.http.call("DELETE", f"/v1/groups/{seg(name)}")
