@@ -96,6 +96,17 @@ impl<M: Machine> Sandbox<M> {
         self.vm
     }
 
+    /// The machine and the agent connection, if one is open. After a
+    /// restore that is the connection the guest's new identity went out
+    /// on: the agent takes a connection's requests in order, so commands
+    /// sent on it run only once the clock, RNG and hostname are the
+    /// fork's own. A new connection promises no such thing.
+    pub fn into_parts(mut self) -> (M, Option<AgentClient>) {
+        self.collect_identity_answer();
+        let agent = self.agent.take();
+        (self.vm, agent)
+    }
+
     pub fn guest(&self) -> &GuestInfo {
         &self.guest
     }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use sandbox::{ChildOptions, ChildVm, Sandbox, VmSettings};
+use sandbox::{AgentClient, ChildOptions, ChildVm, Sandbox, VmSettings};
 
 use super::pidfd::PidFd;
 use super::supervisor::{Activity, Live};
@@ -115,6 +115,24 @@ pub(super) fn connect_within(
     pid_hint: u32,
     patience: Duration,
 ) -> Result<Arc<Live>> {
+    connect_with(runtime, pid_hint, patience, None)
+}
+
+/// A child just restored: its control socket, and the agent connection
+/// its restore gave the guest its identity on (see
+/// [`sandbox::Sandbox::into_parts`]), so no command runs before that.
+pub(super) fn connect_restored(restored: Sandbox<ChildVm>, runtime: &Path) -> Result<Arc<Live>> {
+    let (child, agent) = restored.into_parts();
+    let pid = child.detach();
+    connect_with(runtime, pid, ANSWER_PATIENCE, agent).inspect_err(|_| kill_detached(pid))
+}
+
+fn connect_with(
+    runtime: &Path,
+    pid_hint: u32,
+    patience: Duration,
+    agent: Option<AgentClient>,
+) -> Result<Arc<Live>> {
     let child = ChildVm::connect_within(runtime, patience)?;
     let pid = child.pid();
     if pid_hint != 0 && pid != pid_hint {
@@ -122,7 +140,10 @@ pub(super) fn connect_within(
             "its control socket answers for process {pid}, not {pid_hint}"
         ));
     }
-    let agent = sandbox::connect_agent(&runtime.join(capsule_vmm::protocol::VSOCK_SOCKET))?;
+    let agent = match agent {
+        Some(agent) => agent,
+        None => sandbox::connect_agent(&runtime.join(capsule_vmm::protocol::VSOCK_SOCKET))?,
+    };
     // Idle is counted from now: a sandbox just started or adopted.
     let activity = Activity::idle_from_now();
     Ok(Arc::new(Live {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use sandbox::{ChildVm, Machine};
 
-use super::child::{child_options, connect, kill_detached, ROOTFS};
+use super::child::{child_options, connect_restored, kill_detached, ROOTFS};
 use super::logging::sandbox_span;
 use super::supervisor::{lock, LifecycleError, Supervisor, BOOT_TIMEOUT};
 use crate::store::{SandboxRecord, SandboxState, StoreError};
@@ -132,10 +132,7 @@ impl Supervisor {
         let restored = ChildVm::restore(&dir.join(SUSPENDED), &options, child)
             .map_err(|e| LifecycleError::Failed(format!("sandbox {id} could not be resumed: {e}")))
             .and_then(|sb| {
-                let pid = sb.into_machine().detach();
-                connect(&runtime, pid)
-                    .inspect_err(|_| kill_detached(pid))
-                    .map_err(|e| LifecycleError::Failed(format!("{e:#}")))
+                connect_restored(sb, &runtime).map_err(|e| LifecycleError::Failed(format!("{e:#}")))
             });
         let live = restored?;
         let pid = live.pid;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use sandbox::{ChildVm, ExecRequest, Machine};
 
-use super::child::{boot_in, child_options, connect, kill_detached, ROOTFS};
+use super::child::{boot_in, child_options, connect_restored, ROOTFS};
 use super::logging::{sandbox_span, template_span};
 use super::supervisor::{LifecycleError, Live, Supervisor, BOOT_TIMEOUT};
 use crate::store::{SandboxState, StoreError, TemplateRecord};
@@ -190,8 +190,7 @@ impl Supervisor {
         };
         let sb = ChildVm::restore(&from.join(SNAPSHOT), &options, child_options(&dir)?)
             .with_context(|| format!("restoring template {name}"))?;
-        let pid = sb.into_machine().detach();
-        connect(&dir.join("runtime"), pid).inspect_err(|_| kill_detached(pid))
+        connect_restored(sb, &dir.join("runtime"))
     }
 }
 
