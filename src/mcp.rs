@@ -27,9 +27,10 @@ use crate::client::{encode as seg, ApiClient, ApiRefusal, DaemonUnreachable};
 /// Output bytes per stream shown to the model in a tool result.
 const SHOWN_BYTES: usize = 16 << 10;
 /// Output bytes per stream kept for `exec_output`.
-const KEPT_BYTES: usize = 16 << 20;
-/// Outputs kept for `exec_output`, newest last.
-const KEPT_OUTPUTS: usize = 32;
+const KEPT_BYTES: usize = 4 << 20;
+/// Outputs kept for `exec_output`, newest last: with [`KEPT_BYTES`], at
+/// most 128 MiB held for a chatty model.
+const KEPT_OUTPUTS: usize = 16;
 
 #[derive(clap::Args, Debug)]
 pub struct McpArgs {}
@@ -292,7 +293,12 @@ impl CapsuleMcp {
         });
         let path = format!("/v1/sandboxes/{}/exec", seg(&p.id));
         let ran = blocking(move |api| collect_exec(api, &path, body)).await;
-        let (stdout, stderr, exit) = match ran {
+        let Collected {
+            stdout,
+            stderr,
+            dropped,
+            exit,
+        } = match ran {
             Ok(r) => r,
             Err(e) => return answer(Err(e)),
         };
@@ -304,6 +310,9 @@ impl CapsuleMcp {
             "stdout_bytes": stdout.len(), "stderr_bytes": stderr.len(),
             "stdout_truncated": stdout.len() > SHOWN_BYTES,
             "stderr_truncated": stderr.len() > SHOWN_BYTES,
+            // Past 4 MiB a stream's output is not kept: redirect it to a
+            // file in the sandbox instead.
+            "output_past_4_mib_dropped": dropped,
         });
         if truncated {
             match self.keep(stdout, stderr) {
@@ -438,15 +447,16 @@ impl CapsuleMcp {
 
 /// Runs an exec, keeping up to [`KEPT_BYTES`] of each stream; the exit
 /// line as JSON.
-fn collect_exec(api: &ApiClient, path: &str, body: Value) -> Result<(Vec<u8>, Vec<u8>, Value)> {
+fn collect_exec(api: &ApiClient, path: &str, body: Value) -> Result<Collected> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let (mut stdout, mut stderr, mut exit) = (Vec::new(), Vec::new(), None);
+    let mut dropped = false;
     api.stream_lines(Method::POST, path, Some(body), |line| {
         let event: ExecLine =
             serde_json::from_slice(line).context("the daemon sent a line that is not an event")?;
         match event {
-            ExecLine::Stdout { data } => append(&mut stdout, &b64.decode(data)?),
-            ExecLine::Stderr { data } => append(&mut stderr, &b64.decode(data)?),
+            ExecLine::Stdout { data } => dropped |= append(&mut stdout, &b64.decode(data)?),
+            ExecLine::Stderr { data } => dropped |= append(&mut stderr, &b64.decode(data)?),
             ExecLine::Exit { .. } => exit = Some(serde_json::to_value(&event)?),
             ExecLine::Error { message, .. } => {
                 anyhow::bail!("the command's stream broke: {message}")
@@ -456,12 +466,28 @@ fn collect_exec(api: &ApiClient, path: &str, body: Value) -> Result<(Vec<u8>, Ve
         Ok(())
     })?;
     let exit = exit.context("the command's stream ended without its exit status")?;
-    Ok((stdout, stderr, exit))
+    Ok(Collected {
+        stdout,
+        stderr,
+        dropped,
+        exit,
+    })
 }
 
-fn append(buf: &mut Vec<u8>, data: &[u8]) {
+/// A command's output as kept, and how it ended.
+struct Collected {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    /// Output past [`KEPT_BYTES`] was dropped.
+    dropped: bool,
+    exit: Value,
+}
+
+/// Appends what fits in [`KEPT_BYTES`]; whether any was dropped.
+fn append(buf: &mut Vec<u8>, data: &[u8]) -> bool {
     let room = KEPT_BYTES.saturating_sub(buf.len());
     buf.extend_from_slice(&data[..data.len().min(room)]);
+    data.len() > room
 }
 
 #[tool_handler(router = self.tool_router)]
