@@ -11,8 +11,8 @@ for v in CAPSULE_KERNEL CAPSULE_INITRAMFS; do
 done
 # pytest and anyio for the tests, and the `mcp` package's client for
 # `capsule mcp`: clients nobody here wrote.
-python3 -c 'import pytest, anyio; from mcp.shared.exceptions import MCPError' 2>/dev/null ||
-    pip install -q pytest anyio 'mcp>=2.3,<3' >&2
+python3 -c 'import pytest, anyio, pytest_rerunfailures; from mcp.shared.exceptions import MCPError' 2>/dev/null ||
+    pip install -q pytest anyio pytest-rerunfailures 'mcp>=2.3,<3' >&2
 # As a user installs it (a local path is always built and installed anew).
 pip install -q ./sdk/python >&2
 bin=$(scripts/cargo-exe.sh capsule build --release -p capsule --bin capsule)
@@ -21,7 +21,11 @@ vmm=$(scripts/cargo-exe.sh capsule-vmm build --release -p capsule-vmm)
 [ -n "$vmm" ] || { echo "test-sdk: could not build capsule-vmm" >&2; exit 1; }
 export CAPSULE_BIN=$bin CAPSULE_VMM=$vmm
 # The checkout is read-only inside the test host: no cache, no bytecode.
-pytest_cmd=(python3 -B -m pytest sdk/python/tests -p no:cacheprovider -q -rfE --color=no)
+# A test whose guest stopped answering (the nested test host stalls
+# guests now and then, QEMU's as often as ours) runs once more; those are
+# counted, and more than three fail the run.
+pytest_cmd=(python3 -B -m pytest sdk/python/tests -p no:cacheprovider -q -rfER --color=no
+    --reruns 1 --only-rerun "guest did not take the command|did not become ready|timed out waiting for the agent")
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 attempt=1 retried=""
@@ -43,8 +47,10 @@ while :; do
     fi
     break
 done
-count() { grep -oE "[0-9]+ $1" "$log" | tail -n 1 | cut -d' ' -f1; }
+count() { { grep -oE "[0-9]+ $1" "$log" || true; } | tail -n 1 | cut -d' ' -f1; }
 passed=$(count passed)
 failed=$(count failed)
-echo "sdk: ${passed:-0} passed, ${failed:-0} failed, against real guests${retried:+ (run again after a test-host hang)}"
+reruns=$(count rerun)
+echo "sdk: ${passed:-0} passed, ${failed:-0} failed, ${reruns:-0} run again after their guest stalled, against real guests${retried:+ (the whole run again after a test-host hang)}"
 [ "$rc" = 0 ] && [ "${passed:-0}" -gt 0 ] || { echo "sdk: FAILED" >&2; exit 1; }
+[ "${reruns:-0}" -le 3 ] || { echo "sdk: FAILED: more than 3 tests passed only on a rerun" >&2; exit 1; }
