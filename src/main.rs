@@ -3,6 +3,7 @@
 mod api;
 mod args;
 mod artifacts;
+mod bearer;
 mod client;
 mod commands;
 mod daemon;

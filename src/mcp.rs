@@ -1,6 +1,7 @@
-//! `capsule mcp`: a Model Context Protocol server on stdio (rmcp) whose
-//! tools drive sandboxes through the daemon's HTTP API, so a model gets
-//! exactly what the CLI and the SDK get, quotas and permissions included.
+//! `capsule mcp`: a Model Context Protocol server (rmcp) on stdio, or on
+//! streamable HTTP with `--http`, whose tools drive sandboxes through the
+//! daemon's HTTP API, so a model gets exactly what the CLI and the SDK
+//! get, quotas and permissions included.
 //!
 //! A command's output is capped for the model ([`SHOWN_BYTES`] per stream);
 //! the whole of it (up to [`KEPT_BYTES`]) is kept under an `output_id`
@@ -9,6 +10,8 @@
 //! can act on them; malformed calls are MCP errors; the server carries on.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -33,22 +36,76 @@ const KEPT_BYTES: usize = 4 << 20;
 const KEPT_OUTPUTS: usize = 16;
 
 #[derive(clap::Args, Debug)]
-pub struct McpArgs {}
+pub struct McpArgs {
+    /// Serve MCP's streamable HTTP transport on this address, at `/mcp`,
+    /// instead of stdio (e.g. 127.0.0.1:8765). Every request needs
+    /// `Authorization: Bearer <token>`, the token read from --token-file.
+    #[arg(long, requires = "token_file")]
+    pub http: Option<SocketAddr>,
+    /// File holding the bearer token for --http (made, 0600, with a fresh
+    /// token if missing).
+    #[arg(long, requires = "http")]
+    pub token_file: Option<PathBuf>,
+}
 
-pub fn serve(_args: McpArgs) -> Result<u8> {
+pub fn serve(args: McpArgs) -> Result<u8> {
+    let token = args
+        .token_file
+        .as_deref()
+        .map(crate::bearer::read_or_make)
+        .transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let service = CapsuleMcp::new()
-            .serve(rmcp::transport::stdio())
-            .await
-            .context("starting the MCP server on stdio")?;
-        service.waiting().await.context("serving MCP")?;
-        Ok::<_, anyhow::Error>(())
+        match (args.http, token) {
+            (Some(addr), Some(token)) => serve_http(addr, token).await,
+            _ => {
+                let service = CapsuleMcp::new()
+                    .serve(rmcp::transport::stdio())
+                    .await
+                    .context("starting the MCP server on stdio")?;
+                service.waiting().await.context("serving MCP")?;
+                Ok(())
+            }
+        }
     })?;
     Ok(0)
+}
+
+/// Streamable HTTP at `/mcp` behind the bearer token. Every session (and,
+/// in MCP's stateless protocol versions, every request) gets a handler
+/// sharing one store of kept outputs, so an `output_id` holds across them.
+async fn serve_http(addr: SocketAddr, token: String) -> Result<()> {
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    let mut config = StreamableHttpServerConfig::default();
+    // The Host header is checked against DNS rebinding: loopback names by
+    // default, and the address served if it is not one.
+    if !addr.ip().is_loopback() && !addr.ip().is_unspecified() {
+        config.allowed_hosts.push(addr.ip().to_string());
+        config.allowed_hosts.push(addr.to_string());
+    }
+    let shared = CapsuleMcp::new();
+    let service = StreamableHttpService::new(
+        move || Ok(shared.clone()),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    let app = crate::bearer::guard(axum::Router::new().nest_service("/mcp", service), token);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    let bound = listener.local_addr()?;
+    // The address actually bound (port 0 picks one), for scripts and tests.
+    eprintln!("capsule mcp: serving MCP on http://{bound}/mcp (bearer token required)");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(crate::daemon::shutdown_signal())
+        .await
+        .context("serving MCP over HTTP")
 }
 
 /// A command's whole output, kept for paging.

@@ -23,19 +23,13 @@ mod suspend;
 pub mod templates;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use axum::extract::Request;
-use axum::http::{header, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use clap::Args;
 
-use crate::api::error::ApiError;
 use crate::store::Store;
 use supervisor::Supervisor;
 
@@ -115,7 +109,7 @@ pub fn serve(args: ServeArgs) -> Result<u8> {
         })
         .context("starting the pool refill thread")?;
     let token = match (&args.listen, &args.token_file) {
-        (Some(_), Some(path)) => Some(read_or_make_token(path)?),
+        (Some(_), Some(path)) => Some(crate::bearer::read_or_make(path)?),
         (Some(_), None) => bail!("--listen needs --token-file: TCP requests need a bearer token"),
         (None, _) => None,
     };
@@ -169,13 +163,7 @@ async fn run(
             .await
             .with_context(|| format!("listening on {addr}"))?;
         tracing::info!("serving the API on http://{addr} (bearer token required)");
-        let token = Arc::new(token);
-        let guarded = app
-            .clone()
-            .layer(axum::middleware::from_fn(move |req, next| {
-                let token = Arc::clone(&token);
-                async move { require_token(&token, req, next).await }
-            }));
+        let guarded = crate::bearer::guard(app.clone(), token);
         tokio::spawn(async move {
             if let Err(e) = axum::serve(tcp, guarded).await {
                 tracing::error!("TCP listener: {e}");
@@ -192,56 +180,11 @@ async fn run(
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-}
-
-async fn require_token(token: &str, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Compared in constant time: the token is a secret.
-    let ok = given.is_some_and(|g| {
-        g.len() == token.len()
-            && g.bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
-    if ok {
-        next.run(req).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this listener needs Authorization: Bearer <token>",
-        )
-        .into_response()
-    }
-}
-
-fn read_or_make_token(path: &std::path::Path) -> Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-    let token = supervisor::random_word(32)?;
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    writeln!(f, "{token}")?;
-    Ok(token)
 }

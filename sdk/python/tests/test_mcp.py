@@ -3,12 +3,18 @@ nobody here wrote), against the real daemon and real guests."""
 
 import json
 import os
+import re
+import subprocess
+import time
 
+import httpx
 import pytest
 
 # Installed by scripts/test-sdk.sh; missing, the run fails rather than skips.
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from conftest import REPO, TEMPLATE
@@ -16,11 +22,17 @@ from conftest import REPO, TEMPLATE
 pytestmark = pytest.mark.anyio
 
 
-def _params(daemon):
-    binary = os.environ.get("CAPSULE_BIN", str(REPO / "target/release/capsule"))
+BINARY = os.environ.get("CAPSULE_BIN", str(REPO / "target/release/capsule"))
+
+
+def _env(daemon):
     env = {k: v for k, v in os.environ.items() if k not in ("CAPSULE_URL", "CAPSULE_SOCKET")}
     env["CAPSULE_HOME"] = daemon["home"]
-    return StdioServerParameters(command=binary, args=["mcp"], env=env)
+    return env
+
+
+def _params(daemon):
+    return StdioServerParameters(command=BINARY, args=["mcp"], env=_env(daemon))
 
 
 def _json(result):
@@ -85,3 +97,61 @@ async def test_an_mcp_client_runs_a_sandbox_through_its_life(daemon, template):
             except MCPError:
                 pass
             assert (await session.list_tools()).tools
+
+
+def _served_url(log, proc, within=30):
+    """The URL `capsule mcp --http` says it serves (it picks the port)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        found = re.search(r"serving MCP on (http://\S+/mcp)", log.read_text())
+        if found:
+            return found.group(1)
+        assert proc.poll() is None, f"capsule mcp --http exited: {log.read_text()}"
+        time.sleep(0.05)
+    raise AssertionError(f"capsule mcp --http did not start: {log.read_text()}")
+
+
+async def test_an_mcp_client_over_streamable_http(daemon, template, tmp_path):
+    token_file, log = tmp_path / "mcp-token", tmp_path / "mcp-http.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [BINARY, "mcp", "--http", "127.0.0.1:0", "--token-file", str(token_file)],
+            env=_env(daemon), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        url = _served_url(log, proc)
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                      "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                                 "clientInfo": {"name": "t", "version": "0"}}}
+        accept = {"Accept": "application/json, text/event-stream"}
+        for auth in (None, "Bearer wrong-token"):
+            headers = dict(accept, **({"Authorization": auth} if auth else {}))
+            refused = httpx.post(url, json=initialize, headers=headers)
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["code"] == "unauthorized"
+
+        async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http:
+            async with streamable_http_client(url, http_client=http) as (read, write):
+                async with ClientSession(read, write) as session:
+                    init = await session.initialize()
+                    assert init.server_info.name == "capsule"
+                    names = {t.name for t in (await session.list_tools()).tools}
+                    assert {"sandbox_create", "sandbox_exec", "exec_output"} <= names
+                    sid = _json(await session.call_tool(
+                        "sandbox_create", {"template": TEMPLATE}))["id"]
+                    try:
+                        out = _json(await session.call_tool(
+                            "sandbox_exec", {"id": sid, "command": "seq 1 20000"}))
+                        assert out["stdout_truncated"]
+                        # The kept output is there for a later request.
+                        more = _json(await session.call_tool(
+                            "exec_output", {"output_id": out["output_id"], "stream": "stdout",
+                                            "offset": len(out["stdout"].encode())}))
+                        assert (out["stdout"] + more["data"]).startswith("1\n2\n")
+                    finally:
+                        gone = _json(await session.call_tool("sandbox_delete", {"id": sid}))
+                        assert gone["state"] == "ended"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
