@@ -62,4 +62,33 @@ mod tests {
         assert!(peer_is_trusted(&server));
         assert!(peer_is_trusted(&client));
     }
+
+    /// A peer of another user is refused even where the socket's mode
+    /// would let it connect. Needs root to become that user (the host
+    /// tier runs as root under `make test`).
+    #[test]
+    fn a_peer_of_another_user_is_not_trusted() {
+        assert!(
+            Uid::effective().is_root(),
+            "this test needs root, to connect as another user"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = bind_private(&path).unwrap();
+        // Opened up, so only the peer check stands in the way.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let connect_as_nobody = std::thread::spawn(move || {
+            // The raw syscall changes this thread's credentials alone
+            // (glibc's setresuid would change every thread's); the
+            // thread ends with them.
+            // SAFETY: setresuid takes three integers; -1 leaves a field.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, -1i64, 65534i64, -1i64) };
+            assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+            UnixStream::connect(&path).unwrap()
+        });
+        let _client = connect_as_nobody.join().unwrap();
+        let (server, _) = listener.accept().unwrap();
+        assert!(!peer_is_trusted(&server));
+    }
 }

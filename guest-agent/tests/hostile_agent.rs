@@ -98,6 +98,22 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
+/// Waits for the client to notice its connection is lost, failing the
+/// test (not hanging it) if it has not within `limit`.
+fn lost_within(client: &AgentClient, limit: Duration, what: &str) -> ClientError {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Err(e) = client.check_alive() {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the connection was not lost within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn within<T>(limit: Duration, what: &str, f: impl FnOnce() -> T) -> T {
     let t = Instant::now();
     let out = f();
@@ -235,6 +251,7 @@ fn an_agent_that_ignores_the_window_loses_the_connection() {
 #[test]
 fn no_exit_after_the_commands_timeout_fails_after_the_grace_period() {
     let (client, mut fake) = connect(quick_options());
+    let before = rss_bytes();
     let agent = std::thread::spawn(move || {
         fake.start_exec();
         // Answers pings, sends nothing else, for 5 s.
@@ -257,6 +274,7 @@ fn no_exit_after_the_commands_timeout_fails_after_the_grace_period() {
     });
     assert!(matches!(err, ClientError::Overdue { .. }), "{err}");
     assert!(err.is_no_answer());
+    assert!(rss_bytes().saturating_sub(before) < 8 << 20);
     agent.join().unwrap();
 }
 
@@ -310,6 +328,7 @@ fn a_drip_fed_hello_fails_by_the_deadline() {
 #[test]
 fn a_frame_dripped_mid_session_loses_the_connection() {
     let (client, mut fake) = connect(quick_options());
+    let before = rss_bytes();
     let dripper = std::thread::spawn(move || {
         let id = fake.start_exec();
         let mut head = Vec::new();
@@ -328,7 +347,40 @@ fn a_frame_dripped_mid_session_loses_the_connection() {
         handle.next_event().unwrap_err()
     });
     assert!(err.is_no_answer(), "{err}");
+    assert!(rss_bytes().saturating_sub(before) < 8 << 20);
     drop(handle);
+    drop(client);
+    dripper.join().unwrap();
+}
+
+/// With nothing in flight the client sends no pings, so only the
+/// whole-frame deadline can notice a frame that never ends.
+#[test]
+fn a_frame_dripped_to_an_idle_client_hits_the_frame_deadline() {
+    let options = ClientOptions {
+        keepalive_interval: Duration::from_secs(600),
+        ..quick_options()
+    };
+    let (client, mut fake) = connect(options);
+    let dripper = std::thread::spawn(move || {
+        let mut head = Vec::new();
+        Frame::data(1, channel::STDOUT, &[0; 1000])
+            .encode_into(&mut head)
+            .unwrap();
+        // One byte every 20 ms: 10 s in all, each byte well inside any
+        // per-read timeout.
+        for byte in head.iter().take(500) {
+            if fake.sock.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let err = lost_within(&client, Duration::from_secs(3), "dripped frame, idle");
+    assert!(
+        err.to_string().contains("in the middle of a frame"),
+        "{err}"
+    );
     drop(client);
     dripper.join().unwrap();
 }
@@ -336,6 +388,7 @@ fn a_frame_dripped_mid_session_loses_the_connection() {
 #[test]
 fn three_hundred_unread_frames_then_drop_returns_at_once() {
     let (client, mut fake) = connect(quick_options());
+    let before = rss_bytes();
     let (handle, id) = exec_answered(&client, &mut fake);
     for i in 0..300u32 {
         fake.send(&Frame::data(
@@ -344,8 +397,9 @@ fn three_hundred_unread_frames_then_drop_returns_at_once() {
             &i.to_le_bytes().repeat(256),
         ));
     }
-    // Nobody read any of it.
+    // Nobody read any of it; what the client holds stays small.
     std::thread::sleep(Duration::from_millis(200));
+    assert!(rss_bytes().saturating_sub(before) < 8 << 20);
     within(Duration::from_secs(2), "dropping handle and client", || {
         drop(handle);
         drop(client);
@@ -368,6 +422,7 @@ fn exec_answered(client: &AgentClient, fake: &mut Fake) -> (guest_agent::ExecHan
 #[test]
 fn a_frame_for_a_stream_never_opened_is_a_clear_error() {
     let (client, mut fake) = connect(quick_options());
+    let before = rss_bytes();
     let waiter = std::thread::spawn(move || {
         fake.start_exec();
         fake.send(&Frame::data(77, channel::STDOUT, b"hi"));
@@ -382,6 +437,7 @@ fn a_frame_for_a_stream_never_opened_is_a_clear_error() {
             .contains("stream 77, which was never opened"),
         "{err}"
     );
+    assert!(rss_bytes().saturating_sub(before) < 8 << 20);
     drop(waiter.join().unwrap());
 }
 
@@ -392,12 +448,7 @@ fn a_giant_declared_length_is_refused_before_allocating() {
     let mut frame = u32::MAX.to_le_bytes().to_vec();
     frame.extend_from_slice(&[FrameKind::Data as u8, 1, 0, 0, 0]);
     fake.sock.write_all(&frame).unwrap();
-    let err = within(Duration::from_secs(2), "giant length", || loop {
-        if let Err(e) = client.check_alive() {
-            break e;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    });
+    let err = lost_within(&client, Duration::from_secs(2), "giant length");
     assert!(err.to_string().contains("frame length 4294967295"), "{err}");
     assert!(rss_bytes().saturating_sub(before) < 8 << 20);
 }
@@ -405,6 +456,7 @@ fn a_giant_declared_length_is_refused_before_allocating() {
 #[test]
 fn garbage_json_in_a_reply_is_a_clear_error() {
     let (client, mut fake) = connect(quick_options());
+    let before = rss_bytes();
     let agent = std::thread::spawn(move || {
         let open = fake.expect(FrameKind::Open);
         fake.send(&Frame::new(
@@ -418,6 +470,7 @@ fn garbage_json_in_a_reply_is_a_clear_error() {
         client.exec(ExecRequest::new(["x"])).err().unwrap()
     });
     assert!(err.to_string().contains("malformed Reply payload"), "{err}");
+    assert!(rss_bytes().saturating_sub(before) < 8 << 20);
     drop(agent.join().unwrap());
 }
 

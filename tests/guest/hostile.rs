@@ -219,6 +219,63 @@ fn a_frozen_fork_is_reported_and_the_others_finish() {
     );
 }
 
+/// Reads the guest's disk has completed (`/sys/block/vda/stat`).
+fn disk_reads(vm: &mut Sandbox) -> u64 {
+    let stat = sh_ok(vm, "cat /sys/block/vda/stat");
+    stat.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no read count in {stat:?}"))
+}
+
+/// A guest that keeps its disk flat out (eight readers of 1 MiB O_DIRECT
+/// blocks: the queue never empties) cannot hold up the host. Pause, a
+/// snapshot and teardown each finish within a bound, because the device
+/// serves a bounded batch per wake-up and looks at the pause gate and the
+/// stop flag between batches (a self-feeding queue is refused outright:
+/// devices/tests/fairness.rs).
+#[test]
+fn pause_snapshot_and_teardown_are_prompt_while_the_disk_is_flat_out() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let (_dir, disk) = scratch_file("busy.img", 64 << 20);
+    let mut vm = boot(builder().disk(&disk, false));
+    // setsid: the readers outlive the exec that starts them.
+    sh_ok(
+        &mut vm,
+        "for i in 1 2 3 4 5 6 7 8; do            setsid sh -c 'while :; do dd if=/dev/vda of=/dev/null bs=1M iflag=direct 2>/dev/null; done'              </dev/null >/dev/null 2>&1 &          done",
+    );
+    let before = disk_reads(&mut vm);
+    std::thread::sleep(Duration::from_secs(1));
+    let busy = disk_reads(&mut vm);
+    assert!(
+        busy > before,
+        "the readers are not reading ({before} then {busy})"
+    );
+
+    let bounded = |what: &str, limit: Duration, took: Duration| {
+        eprintln!("{what} took {took:?} with the disk flat out");
+        assert!(took < limit, "{what} took {took:?} (limit {limit:?})");
+    };
+    let t = Instant::now();
+    vm.pause().expect("pause while the disk is busy");
+    bounded("pause", Duration::from_secs(3), t.elapsed());
+    vm.resume().expect("resume");
+
+    let snap = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    vm.snapshot(snap.path().join("s"))
+        .expect("snapshot while the disk is busy");
+    bounded("snapshot", Duration::from_secs(60), t.elapsed());
+    // Still reading afterwards: the load ran through all of it.
+    let after = disk_reads(&mut vm);
+    assert!(after > busy, "the readers stopped ({busy} then {after})");
+
+    let t = Instant::now();
+    let exit = vm.kill();
+    bounded("teardown", Duration::from_secs(5), t.elapsed());
+    assert_eq!(exit, VmExit::Stopped, "{}", vm.console_tail(20));
+}
+
 /// Many short execs one after another on one connection: every stream's
 /// bookkeeping on both sides comes and goes cleanly.
 #[test]
