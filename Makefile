@@ -39,7 +39,7 @@ build: deps
 demo: artifacts build
 	@scripts/demo.sh
 
-test: artifacts test-host test-guest
+test: artifacts test-host test-guest test-sdk
 
 # Host tier: everything that needs no Linux guest.
 test-host: deps
@@ -52,9 +52,8 @@ test-guest: artifacts
 	@scripts/test-guest.sh
 
 # The Python SDK and `capsule mcp`, pip-installed from the checkout and
-# tested with pytest and the `mcp` package's client against real guests.
-# Not yet in `make test`: now and then a freshly restored sandbox or fork
-# loses or never answers its first command, and that is chased first.
+# tested with pytest and the `mcp` package's clients (stdio and streamable
+# HTTP) against a real daemon and real guests.
 test-sdk: artifacts
 	@scripts/test-sdk.sh
 
