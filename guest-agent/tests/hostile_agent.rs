@@ -47,6 +47,22 @@ impl Fake {
         }
     }
 
+    /// Half of a data frame for `stream`, one byte every 20 ms (10 s in
+    /// all, each byte well inside any per-read timeout), until the host
+    /// closes the connection.
+    fn drip_half_a_frame(&mut self, stream: u32) {
+        let mut frame = Vec::new();
+        Frame::data(stream, channel::STDOUT, &[0; 1000])
+            .encode_into(&mut frame)
+            .unwrap();
+        for byte in frame.iter().take(500) {
+            if self.sock.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Answers the host's next Open (an exec) with Started.
     fn start_exec(&mut self) -> u32 {
         let open = self.expect(FrameKind::Open);
@@ -331,16 +347,7 @@ fn a_frame_dripped_mid_session_loses_the_connection() {
     let before = rss_bytes();
     let dripper = std::thread::spawn(move || {
         let id = fake.start_exec();
-        let mut head = Vec::new();
-        Frame::data(id, channel::STDOUT, &[0; 1000])
-            .encode_into(&mut head)
-            .unwrap();
-        for byte in head.iter().take(500) {
-            if fake.sock.write_all(&[*byte]).is_err() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        fake.drip_half_a_frame(id);
     });
     let mut handle = client.exec(ExecRequest::new(["x"])).unwrap();
     let err = within(Duration::from_secs(3), "dripped frame", || {
@@ -363,18 +370,7 @@ fn a_frame_dripped_to_an_idle_client_hits_the_frame_deadline() {
     };
     let (client, mut fake) = connect(options);
     let dripper = std::thread::spawn(move || {
-        let mut head = Vec::new();
-        Frame::data(1, channel::STDOUT, &[0; 1000])
-            .encode_into(&mut head)
-            .unwrap();
-        // One byte every 20 ms: 10 s in all, each byte well inside any
-        // per-read timeout.
-        for byte in head.iter().take(500) {
-            if fake.sock.write_all(&[*byte]).is_err() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        fake.drip_half_a_frame(1);
     });
     let err = lost_within(&client, Duration::from_secs(3), "dripped frame, idle");
     assert!(
