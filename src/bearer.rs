@@ -55,21 +55,28 @@ async fn require(token: &str, req: Request, next: Next) -> Response {
 /// missing or empty. A file other users could read or write is refused:
 /// its token is no secret.
 pub fn read_or_make(path: &Path) -> Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => {
-            let meta = std::fs::metadata(path)?;
-            if meta.mode() & 0o077 != 0 {
+    match std::fs::File::open(path) {
+        Ok(mut file) => {
+            // The mode of the file read, not of whatever is at the path
+            // after: one open, checked through its handle.
+            let mode = file.metadata()?.mode();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut file, &mut text)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if text.trim().is_empty() {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("replacing the empty {}", path.display()))?;
+            } else if mode & 0o077 != 0 {
                 bail!(
                     "{} is readable or writable by other users (mode {:o}); \
                      `chmod 600` it or name a new file",
                     path.display(),
-                    meta.mode() & 0o777
+                    mode & 0o777
                 );
+            } else {
+                return Ok(text.trim().to_string());
             }
-            return Ok(text.trim().to_string());
         }
-        Ok(_) => std::fs::remove_file(path)
-            .with_context(|| format!("replacing the empty {}", path.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
