@@ -68,6 +68,13 @@ retry_budget=6
 # more than this in one run fails it (a stall of ours retried to green
 # would hide).
 pass_on_retry_budget=${CAPSULE_PASS_ON_RETRY_BUDGET:-3}
+# A whole-test-host freeze (its heartbeat stops: both of its CPUs
+# soft-locked, kernel threads included) stops everything in it, not one
+# guest: no user-space VMM can do that to a kernel, so such retries are
+# counted apart, against their own budget, not against the one above,
+# which stays for failures that could be ours (a guest stalled or reset
+# while its test host ran on).
+freeze_budget=${CAPSULE_FREEZE_BUDGET:-8}
 
 # The queue: "attempt|test test ...".
 queue=(); batch=()
@@ -81,7 +88,10 @@ for t in $tests; do
 done
 [ "${#batch[@]}" -eq 0 ] || queue+=("1|${batch[*]}")
 
-passed=0; failed=0; retried=(); passed_on_retry=(); failures=(); hosts=0
+passed=0; failed=0; retried=(); passed_on_retry=(); passed_after_freeze=(); failures=(); hosts=0
+freezes=0
+# Tests retried at least once for something other than a freeze.
+declare -A retried_for_cause=()
 n=0
 while [ "$n" -lt "${#queue[@]}" ]; do
     entry=${queue[$n]}; n=$((n + 1))
@@ -111,7 +121,13 @@ while [ "$n" -lt "${#queue[@]}" ]; do
     for t in $(tr ' ' '\n' <<< "$names" | sort); do
         if grep -qxF "test $t ... ok" <<< "$out"; then
             passed=$((passed + 1))
-            [ "$attempt" = 1 ] || passed_on_retry+=("$t")
+            if [ "$attempt" != 1 ]; then
+                if [ -n "${retried_for_cause[$t]:-}" ]; then
+                    passed_on_retry+=("$t")
+                else
+                    passed_after_freeze+=("$t")
+                fi
+            fi
         elif grep -qxF "test $t ... FAILED" <<< "$out"; then
             failed=$((failed + 1))
             echo "test-guest: $t FAILED (exit $rc)" >&2
@@ -119,16 +135,31 @@ while [ "$n" -lt "${#queue[@]}" ]; do
 $(shown "$out" | tail -n 15 | sed 's/^/  | /')")
         elif [ -z "$culprit" ]; then
             culprit=$t
+            frozen=
+            if [ "$rc" = 124 ] && grep -q "testhost: the test host stopped responding (no heartbeat" <<< "$out"; then
+                frozen=1
+            fi
+            over_budget=
+            if [ -n "$frozen" ]; then
+                [ "$freezes" -lt "$freeze_budget" ] || over_budget=1
+            else
+                [ "$(( ${#retried[@]} - freezes ))" -lt "$retry_budget" ] || over_budget=1
+            fi
             case "$rc" in
                 124|125|3|4)
-                    if [ "$attempt" -ge 3 ] || [ "${#retried[@]}" -ge "$retry_budget" ]; then
-                        echo "test-guest: $t: gave up after the nested test host failed it (last exit $rc, attempt $attempt, ${#retried[@]} retries used of $retry_budget)" >&2
+                    if [ "$attempt" -ge 3 ] || [ -n "$over_budget" ]; then
+                        echo "test-guest: $t: gave up after the nested test host failed it (last exit $rc, attempt $attempt; $freezes freezes retried of $freeze_budget, $(( ${#retried[@]} - freezes )) other retries of $retry_budget)" >&2
                         failed=$((failed + 1))
                         failures+=("$t (exit $rc, the nested test host)")
                     else
                         echo "test-guest: $t: the nested test host failed it (exit $rc, attempt $attempt of 3; all of its output in $failures_dir); running it again; it said:" >&2
                         shown "$out" | tail -n 12 | sed 's/^/  | /' >&2
                         retried+=("$t")
+                        if [ -n "$frozen" ]; then
+                            freezes=$((freezes + 1))
+                        else
+                            retried_for_cause[$t]=1
+                        fi
                         queue+=("$((attempt + 1))|$t")
                     fi ;;
                 *)
@@ -147,8 +178,9 @@ done
 # CI shows only the end of the log: name what failed here too.
 [ ${#failures[@]} -eq 0 ] || printf 'guest tier: failed: %s\n' "${failures[@]}"
 echo "guest tier: $passed real-guest tests passed, $failed failed, in $hosts nested test hosts"
-echo "guest tier: ${#passed_on_retry[@]} passed only on a retry${passed_on_retry[*]:+: ${passed_on_retry[*]}} (at most $pass_on_retry_budget may)"
-echo "guest: $passed passed, $failed failed, ${#passed_on_retry[@]} only on a retry"
+echo "guest tier: the test host froze $freezes times (heartbeat lost; at most $freeze_budget retried); ${#passed_after_freeze[@]} tests passed only on a retry after a freeze${passed_after_freeze[*]:+: ${passed_after_freeze[*]}}"
+echo "guest tier: ${#passed_on_retry[@]} passed only on a retry for another reason${passed_on_retry[*]:+: ${passed_on_retry[*]}} (at most $pass_on_retry_budget may)"
+echo "guest: $passed passed, $failed failed, $(( ${#passed_on_retry[@]} + ${#passed_after_freeze[@]} )) only on a retry (${#passed_after_freeze[@]} after a test-host freeze)"
 if [ "${#passed_on_retry[@]}" -gt "$pass_on_retry_budget" ]; then
     echo "guest tier: FAILED: more tests passed only on a retry than the nested test host explains" >&2
     exit 1
