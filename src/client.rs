@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -64,6 +65,21 @@ impl ApiClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let full = Full::new(Bytes::from(bytes))
+            .map_err(|never: std::convert::Infallible| -> std::io::Error { match never {} })
+            .boxed();
+        let content_type = body.is_some().then_some("application/json");
+        self.send_body(method, path, content_type, full).await
+    }
+
+    async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: BoxBody<Bytes, std::io::Error>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let stream = tokio::time::timeout(
             CONNECT_TIMEOUT,
             tokio::net::UnixStream::connect(&self.socket),
@@ -87,15 +103,14 @@ impl ApiClient {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
         let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "capsule");
-        if body.is_some() {
-            request = request.header("content-type", "application/json");
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
         }
-        let request = request.body(Full::new(Bytes::from(bytes)))?;
+        let request = request.body(body)?;
         let response = sender
             .send_request(request)
             .await
@@ -171,4 +186,83 @@ impl ApiClient {
             Ok(())
         })
     }
+
+    /// A PUT whose body streams from `source` (read on a thread of its
+    /// own), with `sent` told the running total; the answer is JSON.
+    pub fn upload<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        mut source: Box<dyn std::io::Read + Send>,
+        sent: Box<dyn Fn(u64) + Send>,
+    ) -> Result<T> {
+        self.runtime.block_on(async {
+            let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Frame<Bytes>>>(4);
+            std::thread::spawn(move || {
+                let mut total = 0u64;
+                loop {
+                    let mut buf = vec![0u8; UPLOAD_CHUNK];
+                    let chunk = match source.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            total += n as u64;
+                            Ok(Frame::data(Bytes::from(buf)))
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => Err(e),
+                    };
+                    let failed = chunk.is_err();
+                    if tx.blocking_send(chunk).is_err() || failed {
+                        return;
+                    }
+                    sent(total);
+                }
+            });
+            let body = BoxBody::new(StreamBody::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ));
+            let response = self
+                .send_body(Method::PUT, path, Some("application/octet-stream"), body)
+                .await?;
+            let bytes = response.into_body().collect().await?.to_bytes();
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("the daemon's answer to {path} is not what was expected"))
+        })
+    }
+
+    /// A GET whose body streams into `sink`; `size` is told the
+    /// `X-File-Size` header first, then `received` the running total.
+    /// Returns the bytes written. A body cut short is an error.
+    pub fn download(
+        &self,
+        path: &str,
+        sink: &mut dyn std::io::Write,
+        size: &mut dyn FnMut(Option<u64>),
+        received: &mut dyn FnMut(u64),
+    ) -> Result<u64> {
+        self.runtime.block_on(async {
+            let response = self.send(Method::GET, path, None).await?;
+            size(
+                response
+                    .headers()
+                    .get("x-file-size")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+            );
+            let mut body = response.into_body();
+            let mut total = 0u64;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.context("the download broke off")?;
+                if let Some(data) = frame.data_ref() {
+                    sink.write_all(data).context("writing the download")?;
+                    total += data.len() as u64;
+                    received(total);
+                }
+            }
+            Ok(total)
+        })
+    }
 }
+
+/// Bytes per chunk of an upload's body.
+const UPLOAD_CHUNK: usize = 256 << 10;

@@ -29,13 +29,25 @@ pub struct ExecArgs {
     name: String,
     #[command(flatten)]
     command_args: CommandArgs,
+    /// Start it detached in a daemon sandbox and print its pid at once:
+    /// it runs on, its output kept (`capsule logs`, `capsule ps`,
+    /// `capsule kill`).
+    #[arg(long)]
+    detach: bool,
     /// The command and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
 }
 
 pub fn exec(args: ExecArgs) -> Result<u8> {
-    if args.name.starts_with(crate::manage::DAEMON_ID_PREFIX) {
+    let daemon = args.name.starts_with(crate::manage::DAEMON_ID_PREFIX);
+    if args.detach && !daemon {
+        anyhow::bail!("--detach works in daemon sandboxes (ids starting sb-)");
+    }
+    if args.detach {
+        return crate::processes::start(&args.name, &args.command, &args.command_args);
+    }
+    if daemon {
         return crate::manage::exec(&args.name, &args.command, &args.command_args);
     }
     exec_in(&args.name, &args.command, &args.command_args)

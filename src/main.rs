@@ -10,11 +10,13 @@ mod daemon;
 mod doctor;
 mod exec;
 mod exit;
+mod files;
 mod json_num;
 mod keeper;
 mod labels;
 mod manage;
 mod mcp;
+mod processes;
 mod progress;
 mod run;
 mod secrets;
@@ -89,6 +91,18 @@ enum Command {
     /// An MCP server on stdio whose tools drive sandboxes through the
     /// daemon (`claude mcp add capsule -- capsule mcp`).
     Mcp(mcp::McpArgs),
+    /// Copy a file into or out of a daemon sandbox (`ID:/path` names the
+    /// sandbox side; -r for a directory tree).
+    Cp(files::CpArgs),
+    /// Files in a daemon sandbox: ls, stat, mkdir, rm, mv, watch.
+    #[command(subcommand)]
+    Files(files::FilesCommand),
+    /// The detached processes in a daemon sandbox (`capsule exec --detach`).
+    Ps(processes::PsArgs),
+    /// A detached process's output, from the start or an offset.
+    Logs(processes::LogsArgs),
+    /// Send a signal to a detached process (KILL by default).
+    Kill(processes::KillArgs),
     /// Print a shell completion script, e.g.
     /// `capsule completion bash > /etc/bash_completion.d/capsule`.
     Completion {
@@ -133,6 +147,11 @@ fn main() -> ExitCode {
             manage::sandbox(manage::SandboxCommand::Resume { id, json: false })
         }
         Command::Mcp(args) => mcp::serve(args),
+        Command::Cp(args) => files::cp(args),
+        Command::Files(command) => files::files(command),
+        Command::Ps(args) => processes::ps(args),
+        Command::Logs(args) => processes::logs(args),
+        Command::Kill(args) => processes::kill(args),
         Command::Completion { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "capsule", &mut std::io::stdout());

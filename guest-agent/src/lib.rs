@@ -6,7 +6,7 @@ pub mod client;
 pub mod protocol;
 
 pub use client::{
-    AgentClient, ClientError, ClientOptions, ExecEvent, ExecHandle, ExecInput, Output,
-    PendingRestored,
+    AgentClient, AttachHandle, ClientError, ClientOptions, ExecEvent, ExecHandle, ExecInput,
+    FileDownload, Listing, LogEvent, Output, PendingRestored, WatchHandle,
 };
 pub use protocol::{ExecRequest, ExitStatus, Identity};

@@ -47,6 +47,11 @@ impl ApiError {
         ApiError::new(StatusCode::CONFLICT, "conflict", message)
     }
 
+    /// The same error under a more specific code.
+    pub fn with_code(self, code: &'static str) -> Self {
+        ApiError { code, ..self }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }

@@ -174,7 +174,7 @@ impl Drop for Running {
 /// sandbox that idle suspend put to sleep is resumed first (the caller
 /// sees latency, never an error); one suspended or ended otherwise is a
 /// conflict.
-async fn acquire(state: &Arc<AppState>, id: &str) -> Result<Busy, ApiError> {
+pub(super) async fn acquire(state: &Arc<AppState>, id: &str) -> Result<Busy, ApiError> {
     // Long enough for a suspend or a resume under way to finish.
     let end = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
     let pause = || tokio::time::sleep(std::time::Duration::from_millis(100));
@@ -230,6 +230,25 @@ fn line(event: &ExecLine) -> Bytes {
     Bytes::from(bytes)
 }
 
+/// The command `body` asks for in sandbox `id`, as the guest runs it: its
+/// environment is the sandbox's, then its secrets, then what the request
+/// sets itself, each winning over the one before. An unknown sandbox is a
+/// 404 whatever the body.
+pub(super) fn guest_request(
+    state: &AppState,
+    id: &str,
+    body: &ExecBody,
+) -> Result<ExecRequest, ApiError> {
+    let record = state.supervisor.store().sandbox(id)?;
+    let mut request = body.request()?;
+    let secrets = super::secrets::environment(state, &record.group, &record.secrets)?;
+    let mut env: Vec<(String, String)> = record.env.clone().into_iter().collect();
+    env.extend(secrets.iter().map(|(k, v)| (k.clone(), v.to_string())));
+    env.append(&mut request.env);
+    request.env = env;
+    Ok(request)
+}
+
 /// Run a command in a sandbox, its output streamed.
 #[utoipa::path(
     post, path = "/v1/sandboxes/{id}/exec", operation_id = "exec", tag = "sandboxes",
@@ -252,15 +271,7 @@ pub async fn exec(
 ) -> Result<Response, ApiError> {
     // What it is run in is looked up before the command is checked: an
     // unknown sandbox is a 404 whatever the body.
-    let record = state.supervisor.store().sandbox(&id)?;
-    let mut request = body.request()?;
-    // The sandbox's environment, then its secrets, then what the request
-    // sets itself, each winning over the one before.
-    let secrets = super::secrets::environment(&state, &record.group, &record.secrets)?;
-    let mut env: Vec<(String, String)> = record.env.clone().into_iter().collect();
-    env.extend(secrets.iter().map(|(k, v)| (k.clone(), v.to_string())));
-    env.append(&mut request.env);
-    request.env = env;
+    let request = guest_request(&state, &id, &body)?;
     let cmd = request.argv.clone();
     let running = Running::start()?;
     let busy = acquire(&state, &id).await?;

@@ -7,9 +7,11 @@ pub mod error;
 mod events;
 pub mod exec;
 mod extract;
+pub mod files;
 mod groups;
 pub mod model;
 mod pools;
+pub mod processes;
 mod sandboxes;
 mod secrets;
 pub mod stats;
@@ -46,6 +48,21 @@ use crate::daemon::AppState;
         commands::list,
         commands::signal,
         commands::stdin,
+        files::read,
+        files::write,
+        files::remove,
+        files::stat,
+        files::list,
+        files::mkdir,
+        files::rename,
+        files::read_tree,
+        files::write_tree,
+        files::watch,
+        processes::start,
+        processes::list,
+        processes::get_one,
+        processes::signal,
+        processes::logs,
         groups::create,
         groups::list,
         groups::get_one,
@@ -68,6 +85,8 @@ use crate::daemon::AppState;
     ),
     tags(
         (name = "sandboxes", description = "Sandboxes: create, inspect, run commands, end"),
+        (name = "files", description = "Files in a sandbox: streamed upload and download, stat, list, mkdir, remove, rename"),
+        (name = "processes", description = "Detached processes: they outlive the request that started them; their output is read from any offset"),
         (name = "groups", description = "Groups: their quotas and secrets"),
         (name = "templates", description = "Primed snapshots to create and fork sandboxes from"),
         (name = "events", description = "What happened to sandboxes, in order"),
@@ -163,6 +182,35 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/sandboxes/{id}/commands/{pid}/stdin",
             post(commands::stdin),
+        )
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(files::read).put(files::write).delete(files::remove),
+        )
+        .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
+        .route("/v1/sandboxes/{id}/files/list", get(files::list))
+        .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
+        .route("/v1/sandboxes/{id}/files/rename", post(files::rename))
+        .route("/v1/sandboxes/{id}/files/watch", get(files::watch))
+        .route(
+            "/v1/sandboxes/{id}/processes",
+            post(processes::start).get(processes::list),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}",
+            get(processes::get_one),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/signal",
+            post(processes::signal),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/logs",
+            get(processes::logs),
+        )
+        .route(
+            "/v1/sandboxes/{id}/files/archive",
+            get(files::read_tree).put(files::write_tree),
         )
         .route("/v1/sandboxes/{id}/suspend", post(sandboxes::suspend))
         .route("/v1/sandboxes/{id}/resume", post(sandboxes::resume))

@@ -24,11 +24,14 @@ use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, ServerHandler, 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+mod files;
+mod processes;
+
 use crate::api::exec::ExecLine;
 use crate::client::{encode as seg, ApiClient, ApiRefusal, DaemonUnreachable};
 
 /// Output bytes per stream shown to the model in a tool result.
-const SHOWN_BYTES: usize = 16 << 10;
+pub(crate) const SHOWN_BYTES: usize = 16 << 10;
 /// Output bytes per stream kept for `exec_output`.
 const KEPT_BYTES: usize = 4 << 20;
 /// Outputs kept for `exec_output`, newest last: with [`KEPT_BYTES`], at
@@ -224,6 +227,8 @@ fn answer(result: Result<Value>) -> Result<CallToolResult, ErrorData> {
 fn explain(e: &anyhow::Error) -> String {
     if let Some(r) = e.downcast_ref::<ApiRefusal>() {
         let hint = match r.status.as_u16() {
+            404 if r.code == "file_not_found" => "check the path (file_list shows a directory)",
+            404 if r.code == "process_not_found" => "check the pid (process_list)",
             404 => "check the name or id (sandbox_list, template_list)",
             409 => "its state does not allow this now (see sandbox_info); retry if it was busy",
             429 => "a quota or the host's limit is reached: delete sandboxes you no longer need",
@@ -266,7 +271,7 @@ impl Default for CapsuleMcp {
 impl CapsuleMcp {
     pub fn new() -> Self {
         CapsuleMcp {
-            tool_router: Self::tool_router(),
+            tool_router: Self::tool_router() + Self::files_router() + Self::processes_router(),
             outputs: Arc::default(),
         }
     }
@@ -558,7 +563,10 @@ impl ServerHandler for CapsuleMcp {
             .with_instructions(
                 "Capsule runs untrusted code in isolated KVM microVM sandboxes. Create one \
                  (sandbox_create, from a template for speed), run commands in it \
-                 (sandbox_exec), snapshot and fork it to try alternatives, suspend it between \
+                 (sandbox_exec), read and write its files (file_read, file_write, file_list), \
+                 start servers and long jobs that run on between calls (process_start, \
+                 process_logs, process_kill), \
+                 snapshot and fork it to try alternatives, suspend it between \
                  turns, and always delete what you made (sandbox_delete)."
                     .to_string(),
             )

@@ -35,6 +35,11 @@ impl Daemon {
         daemon
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The `capsule serve` command for this home.
     pub fn serve_command(&self, extra: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_capsule"));

@@ -895,3 +895,274 @@ fn templates_prime_once_and_fork_into_sandboxes_of_their_own() {
     }
     wait_vmm_processes(&d, 0);
 }
+
+/// curl against a sandbox's file endpoints: its status, and its body in
+/// `out` (or parsed from stdout when `out` is None).
+fn curl_files(d: &Daemon, args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "240", "-w", "\n%{http_code}"])
+        .arg("--unix-socket")
+        .arg(d.socket())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.trim().parse().unwrap(), body.to_string())
+}
+
+fn sha256(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn files_stream_into_and_out_of_a_daemon_sandbox() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let d = start();
+    let id = create(&d, r#"{"memory_mib": 512}"#);
+    let work = tempfile::tempdir().unwrap();
+    let local = work.path().join("data.bin");
+    const SIZE: u64 = 96 << 20;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&local).unwrap();
+        let mut state = 5u64;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..(SIZE >> 20) {
+            for b in buf.iter_mut() {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                *b = (state >> 56) as u8;
+            }
+            f.write_all(&buf).unwrap();
+        }
+    }
+    let daemon_pid = d.pid().unwrap();
+    // Its peak from here on (5 resets it to the current size).
+    std::fs::write(format!("/proc/{daemon_pid}/clear_refs"), "5").unwrap();
+    let daemon_before = peak_kib(daemon_pid);
+    let url = |tail: &str| format!("http://capsule/v1/sandboxes/{id}/files{tail}");
+
+    // Upload with curl, streamed (-T), into a directory that is made.
+    let t = Instant::now();
+    let (status, body) = curl_files(
+        &d,
+        &[
+            "-T",
+            local.to_str().unwrap(),
+            &url("?path=/work/in/data.bin&parents=true&mode=640"),
+        ],
+    );
+    let up = t.elapsed();
+    assert_eq!(status, 200, "{body}");
+    let entry: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(entry["size"], SIZE);
+    assert_eq!(entry["mode"], 0o640);
+    assert_eq!(entry["type"], "file");
+
+    let back = work.path().join("back.bin");
+    let t = Instant::now();
+    let (status, _) = curl_files(
+        &d,
+        &[
+            "-o",
+            back.to_str().unwrap(),
+            &url("?path=/work/in/data.bin"),
+        ],
+    );
+    let down = t.elapsed();
+    assert_eq!(status, 200);
+    assert_eq!(sha256(&back), sha256(&local), "the download differs");
+    let grown = peak_kib(daemon_pid).saturating_sub(daemon_before);
+    eprintln!(
+        "daemon files: {} MiB up {:.1} MiB/s, down {:.1} MiB/s; the daemon's peak memory grew {grown} KiB",
+        SIZE >> 20,
+        (SIZE >> 20) as f64 / up.as_secs_f64(),
+        (SIZE >> 20) as f64 / down.as_secs_f64(),
+    );
+    assert!(
+        grown < 48 << 10,
+        "the daemon's peak memory grew by {grown} KiB"
+    );
+
+    // Errors name the path and carry a code.
+    let (status, body) = curl_files(&d, &[&url("?path=/work/missing.txt")]);
+    assert_eq!(status, 404, "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["code"], "file_not_found");
+    assert!(error["message"]
+        .as_str()
+        .unwrap()
+        .contains("/work/missing.txt"));
+    let (status, body) = curl_files(&d, &["-T", "/etc/hostname", &url("?path=/work/in")]);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("is_a_directory"), "{body}");
+    let (status, body) = curl_files(&d, &[&url("?path=relative")]);
+    assert_eq!(status, 400, "{body}");
+
+    // The CLI: cp both ways, ls, stat, mv, rm.
+    let small = work.path().join("small.txt");
+    std::fs::write(&small, "hello from the host\n").unwrap();
+    let target = format!("{id}:/work/in/");
+    let (code, _, err) = d.capsule(&["cp", small.to_str().unwrap(), &target]);
+    assert_eq!(code, 0, "{err}");
+    let copied = work.path().join("copied.txt");
+    let (code, _, err) = d.capsule(&[
+        "cp",
+        &format!("{id}:/work/in/small.txt"),
+        copied.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&copied).unwrap(),
+        "hello from the host\n"
+    );
+    let (code, out, err) = d.capsule(&["files", "ls", &format!("{id}:/work/in"), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listing: Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<_> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["data.bin", "small.txt"]);
+    let (code, _, err) = d.capsule(&[
+        "files",
+        "mv",
+        &format!("{id}:/work/in/small.txt"),
+        "/work/moved.txt",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) =
+        d.capsule(&["files", "stat", &format!("{id}:/work/moved.txt"), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["size"], 20);
+    // A tree with an executable, a private file and a symlink, both ways.
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::write(tree.join("sub/secret"), "s").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tree.join("run.sh"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::set_permissions(
+            tree.join("sub/secret"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink("sub/secret", tree.join("link")).unwrap();
+    let (code, _, err) = d.capsule(&["cp", "-r", tree.to_str().unwrap(), &format!("{id}:/work/")]);
+    assert_eq!(code, 0, "{err}");
+    let ran = exec_lines(
+        &d,
+        &id,
+        r#"{"cmd": ["sh", "-c", "/work/tree/run.sh; stat -c %a /work/tree/sub/secret; readlink /work/tree/link"]}"#,
+    );
+    assert_eq!(decoded(&ran, "stdout"), "ran\n600\nsub/secret\n");
+    let (code, _, err) = d.capsule(&[
+        "cp",
+        "-r",
+        &format!("{id}:/work/tree"),
+        work.path().join("back").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let back = work.path().join("back");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| {
+            std::fs::metadata(back.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!((mode("run.sh"), mode("sub/secret")), (0o755, 0o600));
+    }
+    assert_eq!(
+        std::fs::read_link(back.join("link")).unwrap(),
+        std::path::Path::new("sub/secret")
+    );
+
+    let (code, _, err) = d.capsule(&["files", "rm", "-r", &format!("{id}:/work")]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = d.capsule(&["files", "stat", &format!("{id}:/work")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("file_not_found"), "{err}");
+    let (status, _) = d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(status, 204);
+}
+
+#[test]
+fn detached_processes_outlive_the_cli_and_are_read_from_any_offset() {
+    let _watchdog = Watchdog::arm(TEST_LIMIT);
+    let d = start();
+    let id = create(&d, "{}");
+    let (code, out, err) = d.capsule(&[
+        "exec",
+        "--detach",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "for i in $(seq 1 20); do echo line$i; sleep 0.1; done; echo bye >&2; exit 5",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let pid: i32 = out.trim().parse().expect("exec --detach prints the pid");
+    // The CLI that started it has exited; the process runs on.
+    let (code, out, err) = d.capsule(&["ps", &id, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed[0]["pid"], pid, "{listed}");
+    // Follow from an offset mid-output: nothing after it is lost.
+    let (code, out, err) = d.capsule(&["logs", &id, &pid.to_string(), "--follow", "--offset", "6"]);
+    assert_eq!(code, 0, "{err}");
+    let all: String = (1..=20).map(|i| format!("line{i}\n")).collect();
+    assert_eq!(out, all[6..]);
+    assert!(err.contains("bye"), "{err}");
+    let (status, view) = d.call("GET", &format!("/v1/sandboxes/{id}/processes/{pid}"), None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        (view["running"].clone(), view["exit_code"].clone()),
+        (Value::Bool(false), Value::from(5))
+    );
+
+    let (code, out, err) = d.capsule(&["exec", "--detach", &id, "--", "sleep", "300"]);
+    assert_eq!(code, 0, "{err}");
+    let sleeper = out.trim().to_string();
+    let (code, _, err) = d.capsule(&["kill", &id, &sleeper, "--signal", "TERM"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = d.capsule(&["logs", &id, &sleeper, "--follow"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, view) = d.call(
+        "GET",
+        &format!("/v1/sandboxes/{id}/processes/{sleeper}"),
+        None,
+    );
+    assert_eq!(view["signal"], 15, "{view}");
+    let (code, _, err) = d.capsule(&["kill", &id, "999999"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("process_not_found"), "{err}");
+    let (status, _) = d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(status, 204);
+}

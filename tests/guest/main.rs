@@ -740,5 +740,6 @@ fn twenty_sequential_boots_leak_nothing() {
 
 mod child;
 mod daemon;
+mod files;
 mod hostile;
 mod snapshot;

@@ -15,6 +15,8 @@
 
 mod connection;
 mod exec;
+mod files;
+mod processes;
 mod stream;
 
 use std::os::unix::net::UnixStream;
@@ -23,6 +25,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use exec::{ExecEvent, ExecHandle, ExecInput, Output};
+pub use files::{FileDownload, Listing, WatchHandle};
+pub use processes::{AttachHandle, LogEvent};
 
 use crate::protocol::{
     is_timeout, ErrorCode, ExecRequest, Frame, FrameKind, FrameReader, Hello, Identity, Open,
@@ -70,6 +74,8 @@ pub enum ClientError {
     StdinClosed,
     #[error("the connection already has {0} streams open, the most the agent serves at once")]
     TooManyStreams(u32),
+    #[error("reading what was to be sent to the guest: {0}")]
+    Source(#[source] std::io::Error),
     #[error("unexpected reply from the agent: {0:?}")]
     UnexpectedReply(Reply),
 }
@@ -257,7 +263,9 @@ impl AgentClient {
     /// Starts a process. Output arrives through the returned handle.
     pub fn exec(&self, request: ExecRequest) -> Result<ExecHandle, ClientError> {
         let timeout = request.timeout_ms.map(Duration::from_millis);
-        let slot = self.conn.open(&Open::Exec(request), StreamKind::Exec)?;
+        let slot = self
+            .conn
+            .open(&Open::Exec(request), StreamKind::Streaming)?;
         let deadline = Instant::now() + self.conn.options.request_timeout;
         match slot.wait_reply(deadline) {
             Ok(Reply::Started { pid }) => {

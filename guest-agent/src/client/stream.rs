@@ -20,8 +20,8 @@ use super::ClientError;
 pub(crate) enum StreamKind {
     /// One request, one reply.
     Request,
-    /// An exec: a reply, then stdout/stderr data, then an end.
-    Exec,
+    /// An exec or a file transfer: a reply, then data, then an end.
+    Streaming,
 }
 
 /// Something the agent sent on a stream, for its consumer.

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::files::{FileInfo, GuestPath, WriteFile};
 use super::{ProtocolError, MAX_WINDOW, MIN_WINDOW, PROTOCOL_VERSION};
 
 /// First frame on every connection, both directions.
@@ -63,6 +64,129 @@ pub enum Open {
     /// The VM was just restored from a snapshot (possibly as one of many
     /// forks): take on this identity. One reply: [`Reply::Restored`].
     Restored(Identity),
+    /// What a path is, not following a final symlink: [`Reply::Stat`].
+    Stat { path: GuestPath },
+    /// A directory's entries in name order, after `after` if given, at
+    /// most `limit` (and [`super::files::MAX_LIST_ENTRIES`]):
+    /// [`Reply::Listing`].
+    List {
+        path: GuestPath,
+        #[serde(default)]
+        after: Option<GuestPath>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// Make a directory (and its parents, with `parents`, where an
+    /// existing directory is no error): [`Reply::Done`].
+    Mkdir {
+        path: GuestPath,
+        #[serde(default)]
+        parents: bool,
+        #[serde(default)]
+        mode: Option<u32>,
+    },
+    /// Remove a file, a symlink or an empty directory (any directory with
+    /// `recursive`): [`Reply::Done`].
+    Remove {
+        path: GuestPath,
+        #[serde(default)]
+        recursive: bool,
+    },
+    /// Rename within the guest, replacing a file at `to`: [`Reply::Done`].
+    Rename { from: GuestPath, to: GuestPath },
+    /// Read a file from `offset`, at most `limit` bytes: after
+    /// [`Reply::Reading`] its bytes come as Data on channel 1 and the
+    /// stream ends with a [`super::files::TransferEnd`].
+    ReadFile {
+        path: GuestPath,
+        #[serde(default)]
+        offset: u64,
+        #[serde(default)]
+        limit: Option<u64>,
+    },
+    /// Write a file: after [`Reply::Writing`] the host sends its bytes as
+    /// Data on channel 0 and then Eof; the file appears whole at its path
+    /// (written aside, then renamed), and the stream ends with a
+    /// [`super::files::TransferEnd`].
+    WriteFile(WriteFile),
+    /// A directory tree as a tar stream (symlinks as symlinks; modes,
+    /// owners and times kept): after [`Reply::Reading`] (size 0, not
+    /// known ahead) the archive comes as Data on channel 1, then a
+    /// [`super::files::TransferEnd`].
+    ReadTree { path: GuestPath },
+    /// Unpack a tar stream into a directory (made, with its parents, if
+    /// missing): after [`Reply::Writing`] the host sends the archive as
+    /// Data on channel 0, then Eof. Entries that would land outside the
+    /// directory are refused. Unlike a file, a tree is not put in place
+    /// at once: a transfer that fails leaves what was unpacked so far.
+    WriteTree { path: GuestPath },
+    /// Watch a directory (and, with `recursive`, every directory under
+    /// it, including ones made later): after [`Reply::Watching`] each
+    /// event comes as Data on channel 1, one JSON [`super::files::WatchEvent`] per
+    /// frame, in the order they happened, until the host resets the
+    /// stream; the stream ends with a [`super::files::TransferEnd`] if
+    /// the directory goes.
+    Watch {
+        path: GuestPath,
+        #[serde(default)]
+        recursive: bool,
+    },
+    /// Start a process that belongs to the agent, not to this stream or
+    /// connection: its stdin is `/dev/null`, its output is kept in a
+    /// bounded log ([`DETACHED_LOG_BYTES`]) that any connection can read
+    /// from an offset with [`Open::Attach`]. One reply:
+    /// [`Reply::Spawned`]. `stdin` is ignored.
+    Spawn(ExecRequest),
+    /// Read a detached process's output from `offset` (bytes since it
+    /// started, stdout and stderr together in the order written): after
+    /// [`Reply::Attached`] the output comes as Data on channels 1 and 2;
+    /// the stream ends with an [`AttachEnd`] once the process has exited
+    /// and all its output is sent, or, without `follow`, once what there
+    /// is now is sent.
+    Attach {
+        pid: i32,
+        #[serde(default)]
+        offset: u64,
+        #[serde(default)]
+        follow: bool,
+    },
+    /// The detached processes (running, and the latest that ended):
+    /// [`Reply::Processes`].
+    Processes,
+    /// A signal for a detached process's group: [`Reply::Done`].
+    SignalProcess { pid: i32, signal: i32 },
+}
+
+/// Most output bytes the agent keeps per detached process; older output
+/// is dropped (an attach from before it is told where its data starts).
+pub const DETACHED_LOG_BYTES: u64 = 4 << 20;
+
+/// A detached process, as [`Reply::Processes`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: i32,
+    pub argv: Vec<String>,
+    /// How it ended; `None` while it runs.
+    #[serde(default)]
+    pub exit: Option<ExitStatus>,
+    /// Output bytes it has written (the offset the next byte will have).
+    pub output_bytes: u64,
+    /// The first offset still kept.
+    pub kept_from: u64,
+    /// When it started, milliseconds since the Unix epoch (guest clock).
+    #[serde(default)]
+    pub started_at_ms: u64,
+}
+
+/// The last frame of an attach.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachEnd {
+    /// Where to attach next to miss nothing.
+    pub next_offset: u64,
+    /// How the process ended; `None` if it still runs (an attach without
+    /// `follow` that caught up).
+    #[serde(default)]
+    pub exit: Option<ExitStatus>,
 }
 
 /// What makes one restored VM distinct from every other restored from
@@ -136,6 +260,19 @@ pub enum ErrorCode {
     TooManyStreams,
     /// The stream id is already open.
     StreamInUse,
+    /// A path does not exist.
+    NotFound,
+    PermissionDenied,
+    AlreadyExists,
+    NotADirectory,
+    IsADirectory,
+    DirectoryNotEmpty,
+    /// A name or path is longer than the guest's file system allows.
+    NameTooLong,
+    /// The guest's disk (or its quota) is full.
+    NoSpace,
+    /// No detached process has that pid.
+    NoSuchProcess,
     /// Anything else.
     #[serde(other)]
     Other,
@@ -146,7 +283,9 @@ pub enum ErrorCode {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     /// The process is running with this guest pid.
-    Started { pid: i32 },
+    Started {
+        pid: i32,
+    },
     /// The shutdown is under way; the VM will stop shortly.
     ShuttingDown,
     /// The identity was applied; `problems` lists any part that could not
@@ -154,6 +293,36 @@ pub enum Reply {
     Restored {
         #[serde(default)]
         problems: Vec<String>,
+    },
+    /// What a path is.
+    Stat(FileInfo),
+    /// Entries of a directory; `more` if the directory has entries after
+    /// the last one here.
+    Listing {
+        entries: Vec<FileInfo>,
+        more: bool,
+    },
+    /// The request was carried out.
+    Done,
+    /// The file is open; its bytes follow. `size` is its size when opened.
+    Reading {
+        size: u64,
+    },
+    /// The file is being written; send its bytes.
+    Writing,
+    /// The watch is set: events follow.
+    Watching,
+    /// The detached process runs with this guest pid.
+    Spawned {
+        pid: i32,
+    },
+    /// The attach is set. `from` is where its data starts: later than the
+    /// offset asked for if older output was dropped.
+    Attached {
+        from: u64,
+    },
+    Processes {
+        processes: Vec<ProcessInfo>,
     },
     /// The request failed; nothing is running and the stream is closed.
     Error {

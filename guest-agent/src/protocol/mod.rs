@@ -19,7 +19,7 @@
 //! | 5 | Eof | both | channel byte: nothing more on that channel |
 //! | 6 | Window | both | u32 LE: the receiver took this many more bytes |
 //! | 7 | Control | host to agent | JSON [`Control`] (a signal) |
-//! | 8 | End | agent to host | JSON: the stream's last frame ([`ExitStatus`] for an exec) |
+//! | 8 | End | agent to host | JSON: the stream's last frame ([`ExitStatus`] for an exec, [`files::TransferEnd`] for a file) |
 //! | 9 | Reset | both | JSON [`Reset`]: the stream is aborted (from the host: detached) |
 //! | 10 | Ping | both, stream 0 | u64 LE nonce, answered by Pong |
 //! | 11 | Pong | both, stream 0 | the Ping's nonce |
@@ -42,13 +42,15 @@
 //! hostile: a frame over the size limit, a truncated frame or an unknown
 //! kind is an error, never a panic or an unbounded allocation.
 
+pub mod files;
 mod frame;
 mod messages;
 mod reader;
 
 pub use frame::{Frame, FrameKind};
 pub use messages::{
-    Control, ErrorCode, ExecRequest, ExitStatus, Hello, Identity, Open, Reply, Reset,
+    AttachEnd, Control, ErrorCode, ExecRequest, ExitStatus, Hello, Identity, Open, ProcessInfo,
+    Reply, Reset, DETACHED_LOG_BYTES,
 };
 pub use reader::{FrameReader, Poll};
 

@@ -80,3 +80,51 @@ async def test_async_background_stdin_kill_and_errors(aclient):
     with pytest.raises(capsule.QuotaExceeded):
         await aclient.create(template=TEMPLATE, group="sdk-async-none")
     assert TEMPLATE in [t.name for t in await aclient.templates.list()]
+
+
+async def test_async_files(aclient, tmp_path):
+    async with await AsyncSandbox.create(template=TEMPLATE, capsule=aclient) as sb:
+        info = await sb.files.write("/srv/x/y.txt", "async file")
+        assert info.size == 10
+        assert await sb.files.read("/srv/x/y.txt") == "async file"
+        assert [e.name for e in await sb.files.list("/srv/x")] == ["y.txt"]
+        assert (await sb.files.stat("/srv/x")).is_dir
+        await sb.files.rename("/srv/x/y.txt", "/srv/z.txt")
+        assert await sb.files.exists("/srv/z.txt")
+        with pytest.raises(capsule.NotFound):
+            await sb.files.read_bytes("/srv/x/y.txt")
+        await sb.files.remove("/srv", recursive=True)
+        assert not await sb.files.exists("/srv")
+
+        src = tmp_path / "tree"
+        (src / "d").mkdir(parents=True)
+        (src / "d" / "f.txt").write_text("tree file")
+        assert (await sb.files.upload_dir(src, "/srv/tree")).is_dir
+        assert await sb.files.read("/srv/tree/d/f.txt") == "tree file"
+        await sb.files.download_dir("/srv/tree", tmp_path / "back")
+        assert (tmp_path / "back" / "d" / "f.txt").read_text() == "tree file"
+
+        async with await sb.files.watch_dir("/srv/tree") as watch:
+            await sb.commands.run("echo x > /srv/tree/new; rm /srv/tree/new")
+            seen = []
+            async for event in watch:
+                seen.append((event.type, event.path))
+                if event.type == "remove":
+                    break
+        assert seen[0] == ("create", "/srv/tree/new") and seen[-1] == ("remove", "/srv/tree/new")
+
+
+async def test_async_detached_processes(aclient):
+    async with await AsyncSandbox.create(template=TEMPLATE, capsule=aclient) as sb:
+        proc = await sb.commands.spawn("echo out; echo err >&2; sleep 0.5; echo later")
+        seen = []
+
+        async def on_stdout(text):
+            seen.append(text)
+
+        result = await (await sb.commands.connect(proc.pid)).wait(on_stdout=on_stdout)
+        assert (result.exit_code, result.stdout, result.stderr) == (0, "out\nlater\n", "err\n")
+        assert "".join(seen) == "out\nlater\n"
+        chunks = [c async for c in proc.logs(offset=4)]
+        assert b"".join(c.data for c in chunks if c.stream == "stdout") == b"later\n"
+        assert [p.pid for p in await sb.commands.processes()] == [proc.pid]

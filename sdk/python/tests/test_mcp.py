@@ -1,6 +1,7 @@
 """`capsule mcp` driven by the `mcp` package's own stdio client (a client
 nobody here wrote), against the real daemon and real guests."""
 
+import asyncio
 import json
 import os
 import re
@@ -48,7 +49,9 @@ async def test_an_mcp_client_runs_a_sandbox_through_its_life(daemon, template):
             tools = {t.name: t for t in (await session.list_tools()).tools}
             for name in ("sandbox_create", "sandbox_exec", "sandbox_list", "sandbox_delete",
                          "sandbox_snapshot", "template_fork", "template_list",
-                         "sandbox_suspend", "sandbox_resume", "exec_output"):
+                         "sandbox_suspend", "sandbox_resume", "exec_output",
+                         "file_read", "file_write", "file_list", "process_start",
+                         "process_logs", "process_list", "process_kill"):
                 assert name in tools, sorted(tools)
                 assert tools[name].description and tools[name].input_schema["type"] == "object"
 
@@ -71,6 +74,48 @@ async def test_an_mcp_client_runs_a_sandbox_through_its_life(daemon, template):
                     if not more["more"]:
                         break
                 assert text == "".join(f"{i}\n" for i in range(1, 20001)) and pages > 1
+
+                # A model writes a script, lists it, runs it and reads its output file.
+                wrote = _json(await session.call_tool("file_write", {
+                    "id": sid, "path": "/work/hello.sh", "mode": "755",
+                    "content": "#!/bin/sh\nseq 1 30000 > /work/out.txt\necho written\n"}))
+                assert (wrote["size"], wrote["mode"]) == (51, 0o755)
+                listing = _json(await session.call_tool("file_list", {"id": sid, "path": "/work"}))
+                assert [e["name"] for e in listing["entries"]] == ["hello.sh"]
+                out = _json(await session.call_tool(
+                    "sandbox_exec", {"id": sid, "argv": ["/work/hello.sh"]}))
+                assert (out["exit_code"], out["stdout"]) == (0, "written\n")
+                text, offset = "", 0
+                while offset is not None:
+                    page = _json(await session.call_tool(
+                        "file_read", {"id": sid, "path": "/work/out.txt", "offset": offset}))
+                    text, offset = text + page["content"], page["next_offset"]
+                assert text == "".join(f"{i}\n" for i in range(1, 30001))
+                missing = await session.call_tool("file_read", {"id": sid, "path": "/nope"})
+                assert missing.is_error and "file_not_found" in missing.content[0].text
+
+                # A server-like process runs on between calls; its output pages.
+                started = _json(await session.call_tool("process_start", {
+                    "id": sid, "command": "for i in $(seq 1 3000); do echo tick$i; done; sleep 300"}))
+                pid = started["pid"]
+                text, offset = "", 0
+                for _ in range(200):
+                    page = _json(await session.call_tool(
+                        "process_logs", {"id": sid, "pid": pid, "offset": offset}))
+                    text, offset = text + page["stdout"], page["next_offset"]
+                    if text.endswith("tick3000\n"):
+                        break
+                    if not page["more"]:
+                        await asyncio.sleep(0.2)
+                assert text == "".join(f"tick{i}\n" for i in range(1, 3001))
+                assert page["running"]
+                await session.call_tool("process_kill", {"id": sid, "pid": pid})
+                for _ in range(100):
+                    listed = _json(await session.call_tool("process_list", {"id": sid}))
+                    if not listed[0]["running"]:
+                        break
+                    await asyncio.sleep(0.1)
+                assert listed[0]["signal"] == 9
 
                 listed = _json(await session.call_tool("sandbox_list", {}))
                 assert sid in [s["id"] for s in listed]

@@ -195,3 +195,130 @@ def test_a_tcp_daemon_with_its_token(daemon, monkeypatch):
     with pytest.raises(capsule.Unauthorized) as e:
         capsule.Capsule(url=daemon["url"], token="wrong").list()
     assert e.value.code == "unauthorized"
+
+
+def test_files_round_trip_stream_and_fail_with_typed_errors(sandbox, tmp_path):
+    sb = sandbox
+    info = sb.files.write("/work/notes/a.txt", "hello\n", mode=0o640)
+    assert (info.type, info.size, info.mode) == ("file", 6, 0o640)
+    assert sb.files.read("/work/notes/a.txt") == "hello\n"
+    assert sb.commands.run("cat /work/notes/a.txt").stdout == "hello\n"
+    assert sb.files.read_bytes("/work/notes/a.txt", offset=1, length=3) == b"ell"
+    # A name that is not UTF-8, given as bytes.
+    sb.files.write(b"/work/notes/caf\xe9", b"\x00\xff")
+    names = [e.name_bytes for e in sb.files.list("/work/notes")]
+    assert names == [b"a.txt", b"caf\xe9"]
+    assert sb.files.read_bytes(b"/work/notes/caf\xe9") == b"\x00\xff"
+    # A local file streamed in and out, in chunks.
+    local = tmp_path / "blob.bin"
+    local.write_bytes(bytes(range(256)) * 40000)
+    local.chmod(0o751)
+    up = sb.files.upload(local, "/work/blob.bin")
+    assert (up.size, up.mode) == (10240000, 0o751)
+    back = tmp_path / "back.bin"
+    assert sb.files.download("/work/blob.bin", back) == 10240000
+    assert back.read_bytes() == local.read_bytes()
+    assert sum(len(c) for c in sb.files.iter_bytes("/work/blob.bin")) == 10240000
+    assert sb.files.make_dir("/work/d/e").is_dir
+    assert sb.files.rename("/work/notes/a.txt", "/work/d/e/b.txt").size == 6
+    assert sb.files.exists("/work/d/e/b.txt") and not sb.files.exists("/work/notes/a.txt")
+    with pytest.raises(capsule.NotFound) as e:
+        sb.files.read("/work/missing")
+    assert e.value.code == "file_not_found" and "/work/missing" in e.value.message
+    with pytest.raises(capsule.Conflict) as e:
+        sb.files.remove("/work/d")
+    assert e.value.code == "directory_not_empty"
+    with pytest.raises(capsule.BadRequest):
+        sb.files.stat("relative/path")
+    sb.files.remove("/work", recursive=True)
+    assert not sb.files.exists("/work")
+
+
+def test_a_directory_tree_round_trips_with_modes_and_symlinks(sandbox, tmp_path):
+    import os
+    src = tmp_path / "src"
+    (src / "pkg" / "sub").mkdir(parents=True)
+    (src / "pkg" / "run.sh").write_text("#!/bin/sh\necho run\n")
+    (src / "pkg" / "run.sh").chmod(0o755)
+    (src / "pkg" / "sub" / "data.txt").write_text("data\n")
+    (src / "pkg" / "sub" / "data.txt").chmod(0o600)
+    os.symlink("sub/data.txt", src / "pkg" / "link")
+    info = sandbox.files.upload_dir(src, "/opt/tree")
+    assert info.is_dir
+    assert sandbox.commands.run("/opt/tree/pkg/run.sh").stdout == "run\n"
+    assert sandbox.commands.run("readlink /opt/tree/pkg/link").stdout == "sub/data.txt\n"
+    assert sandbox.commands.run("stat -c %a /opt/tree/pkg/sub/data.txt").stdout == "600\n"
+    back = tmp_path / "back"
+    sandbox.files.download_dir("/opt/tree", back)
+    assert (back / "pkg" / "run.sh").stat().st_mode & 0o777 == 0o755
+    assert (back / "pkg" / "sub" / "data.txt").stat().st_mode & 0o777 == 0o600
+    assert os.readlink(back / "pkg" / "link") == "sub/data.txt"
+    assert (back / "pkg" / "link").read_text() == "data\n"
+    with pytest.raises(capsule.Conflict):
+        sandbox.files.download_dir("/opt/tree/pkg/run.sh", tmp_path / "nope")
+
+
+def _in_order(seen, wanted):
+    """``wanted`` appears in ``seen`` in order, with only chmods and
+    repeated writes between."""
+    it = iter(wanted)
+    want = next(it, None)
+    for event in seen:
+        if event == want:
+            want = next(it, None)
+        else:
+            assert event[0] in ("chmod", "write"), (event, seen)
+    assert want is None, (want, seen)
+
+
+def test_a_watch_reports_create_write_and_remove_in_order(sandbox):
+    sandbox.files.make_dir("/watched")
+    with sandbox.files.watch_dir("/watched", recursive=True) as watch:
+        sandbox.commands.run("echo a > /watched/f; echo b >> /watched/f; mkdir /watched/d; "
+                             "sleep 0.2; touch /watched/d/inner; rm /watched/f")
+        seen = []
+        for event in watch:
+            seen.append((event.type, event.path))
+            if event.type == "remove":
+                break
+    _in_order(seen, [("create", "/watched/f"), ("write", "/watched/f"),
+                     ("create", "/watched/d"), ("create", "/watched/d/inner"),
+                     ("remove", "/watched/f")])
+    with sandbox.files.watch_dir("/watched") as watch:
+        sandbox.commands.run("rm -r /watched")
+        with pytest.raises(capsule.NotFound):
+            for _ in watch:
+                pass
+    with pytest.raises(capsule.NotFound):
+        sandbox.files.watch_dir("/watched")
+
+
+def test_a_detached_process_is_reattached_mid_output_with_nothing_lost(client, sandbox):
+    proc = sandbox.commands.spawn("for i in $(seq 1 30); do echo line$i; sleep 0.1; done; "
+                                  "echo done >&2; exit 7")
+    # Read some of it, then let go mid-output.
+    got = b""
+    for chunk in proc.logs(follow=True):
+        got += chunk.data
+        if got.count(b"\n") >= 5:
+            break
+    # Another connection to the daemon finds it by pid and reads on from
+    # where the first left off.
+    with capsule.Capsule(socket=client.connection.socket) as other:
+        again = Sandbox.connect(sandbox.id, capsule=other).commands.connect(proc.pid)
+        rest = b"".join(c.data for c in again.logs(offset=len(got), follow=True)
+                        if c.stream == "stdout")
+        assert (got + rest).decode() == "".join(f"line{i}\n" for i in range(1, 31))
+        result = again.wait()
+        assert (result.exit_code, result.stderr) == (7, "done\n")
+        assert result.stdout.count("\n") == 30
+    info = proc.info()
+    assert (info.running, info.exit_code, info.kept_from) == (False, 7, 0)
+    assert proc.pid in [p.pid for p in sandbox.commands.processes()]
+    sleeper = sandbox.commands.spawn(["sleep", "300"])
+    assert sleeper.info().running
+    sleeper.signal(15)
+    assert sleeper.wait().signal == 15
+    with pytest.raises(capsule.NotFound) as e:
+        sandbox.commands.connect(999999)
+    assert e.value.code == "process_not_found"

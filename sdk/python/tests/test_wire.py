@@ -43,7 +43,9 @@ def test_api_errors_map_to_their_classes():
              (409, "conflict", capsule.Conflict), (429, "quota_exceeded", capsule.QuotaExceeded),
              (429, "host_full", capsule.QuotaExceeded), (401, "unauthorized", capsule.Unauthorized),
              (500, "sandbox_failed", capsule.SandboxFailed),
-             (502, "guest_unavailable", capsule.SandboxFailed)]
+             (502, "guest_unavailable", capsule.SandboxFailed),
+             (403, "permission_denied", capsule.PermissionDenied),
+             (404, "file_not_found", capsule.NotFound), (507, "no_space", capsule.NoSpace)]
     for status, code, cls in cases:
         e = from_answer(status, {"code": code, "message": "m"})
         assert type(e) is cls and (e.code, e.status, e.message) == (code, status, "m")
@@ -64,6 +66,7 @@ def test_commands_and_bodies():
 def test_the_docstrings_render_with_pydoc():
     import pydoc
     for thing in (capsule, capsule.Sandbox, capsule.AsyncSandbox, capsule.sandbox.Commands,
+                  capsule.Files, capsule.files, capsule.EntryInfo,
                   capsule.CommandHandle, capsule.Template, capsule.Capsule):
         text = pydoc.render_doc(thing, renderer=pydoc.plaintext)
         assert thing.__doc__ and thing.__doc__.strip().splitlines()[0] in text

@@ -12,9 +12,9 @@ use guest_agent::protocol::{
     Reply, AGENT_MAX_STREAMS, AGENT_WINDOW,
 };
 
-use crate::exec;
 use crate::stream::{send, ExecStream, Writer};
 use crate::sys;
+use crate::{detached, exec, files, tree, watch};
 
 /// An exec stream and its process.
 struct Running {
@@ -145,10 +145,14 @@ fn route(
 fn open(frame: &Frame, writer: &Writer, streams: &Streams, host_window: u32) {
     let id = frame.stream;
     let reply = |r: Reply| send(writer, &Frame::json(FrameKind::Reply, id, &r));
-    let error = |code, message: String| reply(Reply::Error { code, message });
     let request: Open = match frame.parse() {
         Ok(r) => r,
-        Err(e) => return error(ErrorCode::BadRequest, e.to_string()),
+        Err(e) => {
+            return reply(Reply::Error {
+                code: ErrorCode::BadRequest,
+                message: e.to_string(),
+            })
+        }
     };
     match request {
         Open::Restored(identity) => reply(Reply::Restored {
@@ -159,34 +163,8 @@ fn open(frame: &Frame, writer: &Writer, streams: &Streams, host_window: u32) {
             crate::init::shutdown(if reboot { "reboot" } else { "poweroff" });
         }
         Open::Exec(req) => {
-            let stream = ExecStream::new(id, writer.clone(), host_window);
-            {
-                let mut table = lock(streams);
-                if table.contains_key(&id) {
-                    drop(table);
-                    return error(
-                        ErrorCode::StreamInUse,
-                        format!("stream {id} is already in use"),
-                    );
-                }
-                if table.len() >= AGENT_MAX_STREAMS as usize {
-                    drop(table);
-                    return error(
-                        ErrorCode::TooManyStreams,
-                        format!("{AGENT_MAX_STREAMS} streams are already open"),
-                    );
-                }
-                table.insert(
-                    id,
-                    Running {
-                        stream: stream.clone(),
-                        pid: 0,
-                    },
-                );
-            }
-            let cleanup = streams.clone();
-            let on_exit = move || {
-                lock(&cleanup).remove(&id);
+            let Some((stream, on_exit)) = open_stream(id, writer, streams, host_window) else {
+                return;
             };
             match exec::start(stream, req, on_exit) {
                 Ok(pid) => {
@@ -198,9 +176,117 @@ fn open(frame: &Frame, writer: &Writer, streams: &Streams, host_window: u32) {
                 }
                 Err(message) => {
                     lock(streams).remove(&id);
-                    error(ErrorCode::SpawnFailed, message)
+                    reply(Reply::Error {
+                        code: ErrorCode::SpawnFailed,
+                        message,
+                    })
                 }
             }
         }
+        // File and process requests touch the guest's disks or wait on
+        // processes, which may be slow: each runs on a thread of its own,
+        // never on the connection's reader.
+        request => {
+            let Some((stream, on_exit)) = open_stream(id, writer, streams, host_window) else {
+                return;
+            };
+            let spawned = std::thread::Builder::new()
+                .name("request".into())
+                .spawn(move || {
+                    let answer = |r: Result<Reply, files::Failure>| {
+                        let r = r.unwrap_or_else(files::Failure::reply);
+                        stream.send(&Frame::json(FrameKind::Reply, stream.id, &r));
+                    };
+                    match request {
+                        Open::Stat { path } => answer(files::stat(&path)),
+                        Open::List { path, after, limit } => {
+                            answer(files::list(&path, after.as_ref(), limit))
+                        }
+                        Open::Mkdir {
+                            path,
+                            parents,
+                            mode,
+                        } => answer(files::mkdir(&path, parents, mode)),
+                        Open::Remove { path, recursive } => answer(files::remove(&path, recursive)),
+                        Open::Rename { from, to } => answer(files::rename(&from, &to)),
+                        Open::ReadFile {
+                            path,
+                            offset,
+                            limit,
+                        } => files::read(stream, &path, offset, limit),
+                        Open::WriteFile(req) => files::write(stream, &req),
+                        Open::ReadTree { path } => tree::read_tree(stream, &path),
+                        Open::WriteTree { path } => tree::write_tree(stream, &path),
+                        Open::Watch { path, recursive } => watch::watch(stream, &path, recursive),
+                        Open::Spawn(req) => answer(detached::spawn(&req)),
+                        Open::Attach {
+                            pid,
+                            offset,
+                            follow,
+                        } => detached::attach(stream, pid, offset, follow),
+                        Open::Processes => answer(detached::list()),
+                        Open::SignalProcess { pid, signal } => {
+                            answer(detached::signal(pid, signal))
+                        }
+                        Open::Exec(_) | Open::Restored(_) | Open::Shutdown { .. } => {
+                            unreachable!("served above")
+                        }
+                    }
+                    on_exit();
+                });
+            if let Err(e) = spawned {
+                lock(streams).remove(&id);
+                reply(Reply::Error {
+                    code: ErrorCode::Other,
+                    message: format!("cannot start a thread: {e}"),
+                });
+            }
+        }
     }
+}
+
+/// Enters a new stream in the connection's table, or refuses it (the id
+/// in use, or too many streams) with a reply. Returns the stream and what
+/// takes it out of the table when it is over.
+fn open_stream(
+    id: u32,
+    writer: &Writer,
+    streams: &Streams,
+    host_window: u32,
+) -> Option<(Arc<ExecStream>, impl FnOnce() + Send + 'static)> {
+    let refuse = |code, message: String| {
+        send(
+            writer,
+            &Frame::json(FrameKind::Reply, id, &Reply::Error { code, message }),
+        )
+    };
+    let stream = ExecStream::new(id, writer.clone(), host_window);
+    let mut table = lock(streams);
+    if table.contains_key(&id) {
+        drop(table);
+        refuse(
+            ErrorCode::StreamInUse,
+            format!("stream {id} is already in use"),
+        );
+        return None;
+    }
+    if table.len() >= AGENT_MAX_STREAMS as usize {
+        drop(table);
+        refuse(
+            ErrorCode::TooManyStreams,
+            format!("{AGENT_MAX_STREAMS} streams are already open"),
+        );
+        return None;
+    }
+    table.insert(
+        id,
+        Running {
+            stream: stream.clone(),
+            pid: 0,
+        },
+    );
+    let cleanup = streams.clone();
+    Some((stream, move || {
+        lock(&cleanup).remove(&id);
+    }))
 }

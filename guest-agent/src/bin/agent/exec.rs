@@ -66,14 +66,11 @@ fn resolve_user(spec: &str) -> Result<User, String> {
     })
 }
 
-/// Spawns the process and the threads serving it, and sends the `Started`
-/// reply (before any output). The End frame follows all output;
-/// `on_exit` runs after it. Returns the process id.
-pub fn start(
-    stream: Arc<ExecStream>,
-    req: ExecRequest,
-    on_exit: impl FnOnce() + Send + 'static,
-) -> Result<i32, String> {
+/// The command `req` asks for, as the agent runs it: the user's identity
+/// and home, a clean environment with the request's over it, its own
+/// process group (so timeouts and signals reach the whole tree). Returns
+/// it with the working directory, for messages.
+pub fn command(req: &ExecRequest) -> Result<(Command, String), String> {
     let Some(program) = req.argv.first() else {
         return Err("empty argv".into());
     };
@@ -101,9 +98,21 @@ pub fn start(
     if let Some(u) = &user {
         cmd.uid(u.uid).gid(u.gid);
     }
-    // Own process group, so timeout and signals reach the whole tree.
     cmd.process_group(0);
     sys::unblock_signals_on_exec(&mut cmd);
+    Ok((cmd, cwd))
+}
+
+/// Spawns the process and the threads serving it, and sends the `Started`
+/// reply (before any output). The End frame follows all output;
+/// `on_exit` runs after it. Returns the process id.
+pub fn start(
+    stream: Arc<ExecStream>,
+    req: ExecRequest,
+    on_exit: impl FnOnce() + Send + 'static,
+) -> Result<i32, String> {
+    let (mut cmd, cwd) = command(&req)?;
+    let program = &req.argv[0];
     cmd.stdin(if req.stdin {
         Stdio::piped()
     } else {
@@ -150,14 +159,14 @@ pub fn start(
     Ok(pid)
 }
 
-fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+pub fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)
         .expect("cannot spawn a thread")
 }
 
-fn wait(pid: i32, exited: &Receiver<sys::WaitStatus>, timeout: Option<Duration>) -> ExitStatus {
+pub fn wait(pid: i32, exited: &Receiver<sys::WaitStatus>, timeout: Option<Duration>) -> ExitStatus {
     let mut timed_out = false;
     let status = match timeout {
         None => exited.recv().ok(),

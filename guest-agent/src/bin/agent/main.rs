@@ -5,13 +5,17 @@
 //! machine off when told to (or when sent the usual init signals).
 
 mod conn;
+mod detached;
 mod exec;
+mod files;
 mod identity;
 mod init;
 mod reaper;
 mod stream;
 mod sys;
+mod tree;
 mod vsock;
+mod watch;
 
 use std::time::{Duration, Instant};
 
@@ -93,5 +97,7 @@ fn fatal(pid1: bool, message: &str) -> ! {
     std::process::exit(1)
 }
 
+#[cfg(test)]
+mod files_tests;
 #[cfg(test)]
 mod tests;

@@ -102,6 +102,22 @@ impl ExecStream {
         }
     }
 
+    /// Waits for `n` bytes of output credit and takes them (`n` at most
+    /// the host's window); `false` once abandoned.
+    pub fn reserve_exact(&self, n: usize) -> bool {
+        let mut s = self.lock();
+        loop {
+            if !s.live {
+                return false;
+            }
+            if s.credit >= n as u64 {
+                s.credit -= n as u64;
+                return true;
+            }
+            s = self.wait(s);
+        }
+    }
+
     /// Gives back credit reserved and not used.
     pub fn unreserve(&self, bytes: usize) {
         if bytes > 0 {
@@ -181,9 +197,97 @@ impl ExecStream {
         self.send(&Frame::eof(self.id, channel::STDIN));
     }
 
+    /// False once the host reset the stream or the connection went.
+    pub fn is_live(&self) -> bool {
+        self.lock().live
+    }
+
     /// The host reset the stream or the connection went.
     pub fn abandon(&self) {
         self.lock().live = false;
         self.changed.notify_all();
+    }
+}
+
+/// A stream's output as a [`std::io::Write`]: each write sends what the
+/// host's credit allows (waiting for some), on `channel`. Fails once the
+/// stream is abandoned.
+pub struct StreamWriter<'a> {
+    pub stream: &'a ExecStream,
+    pub channel: u8,
+    pub sent: u64,
+}
+
+impl std::io::Write for StreamWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let Some(n) = self
+            .stream
+            .reserve(buf.len().min(guest_agent::protocol::DATA_CHUNK))
+        else {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        };
+        self.stream
+            .send(&Frame::data(self.stream.id, self.channel, &buf[..n]));
+        self.sent += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the host sends on a stream's channel 0, as a [`std::io::Read`]:
+/// credit goes back to the host as each chunk is used up. Ends at the
+/// host's Eof, or when the stream is abandoned (see [`ExecStream::is_live`]).
+pub struct StdinReader<'a> {
+    pub stream: &'a ExecStream,
+    chunk: Vec<u8>,
+    at: usize,
+    pub received: u64,
+}
+
+impl<'a> StdinReader<'a> {
+    pub fn new(stream: &'a ExecStream) -> Self {
+        StdinReader {
+            stream,
+            chunk: Vec::new(),
+            at: 0,
+            received: 0,
+        }
+    }
+}
+
+impl std::io::Read for StdinReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.chunk.len() {
+            if !self.chunk.is_empty() {
+                self.stream.stdin_taken(self.chunk.len());
+                self.chunk.clear();
+                self.at = 0;
+            }
+            match self.stream.next_stdin() {
+                Some(chunk) => {
+                    self.received += chunk.len() as u64;
+                    self.chunk = chunk;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+impl Drop for StdinReader<'_> {
+    fn drop(&mut self) {
+        if !self.chunk.is_empty() {
+            self.stream.stdin_taken(self.chunk.len());
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use guest_agent::{AgentClient, ClientError, ExecEvent, ExecRequest};
 
-fn connect() -> AgentClient {
+pub(crate) fn connect() -> AgentClient {
     let (host, agent) = UnixStream::pair().unwrap();
     let agent = std::fs::File::from(OwnedFd::from(agent));
     std::thread::spawn(move || crate::conn::serve(agent));

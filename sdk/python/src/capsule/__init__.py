@@ -15,19 +15,25 @@ daemon started with ``--listen``), else its Unix socket
 """
 
 from .aio import AsyncCapsule, AsyncCommandHandle, AsyncSandbox, AsyncTemplate
-from .errors import (BadRequest, CapsuleError, Conflict, DaemonUnavailable, NotFound,
-                     QuotaExceeded, SandboxEnded, SandboxFailed, Timeout, Unauthorized)
-from .models import (CommandInfo, CommandResult, Ending, Event, GroupInfo, PoolStatus,
-                     SandboxInfo, SandboxStats, SecretInfo, TemplateInfo)
+from .errors import (BadRequest, CapsuleError, Conflict, DaemonUnavailable, NoSpace, NotFound,
+                     PermissionDenied, QuotaExceeded, SandboxEnded, SandboxFailed, Timeout,
+                     Unauthorized)
+from .files import AsyncFiles, AsyncWatchHandle, Files, WatchHandle
+from .models import (CommandInfo, CommandResult, EntryInfo, Ending, Event, FilesystemEvent,
+                     GroupInfo, LogChunk, PoolStatus, ProcessInfo, SandboxInfo, SandboxStats,
+                     SecretInfo, TemplateInfo)
+from .processes import AsyncProcessHandle, ProcessHandle
 from .sandbox import Capsule, CommandHandle, Commands, Sandbox, Snapshot, Template
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncCapsule", "AsyncCommandHandle", "AsyncSandbox", "AsyncTemplate",
+    "AsyncCapsule", "AsyncCommandHandle", "AsyncFiles", "AsyncSandbox", "AsyncTemplate",
+    "AsyncWatchHandle", "FilesystemEvent", "WatchHandle", "AsyncProcessHandle", "ProcessHandle",
+    "ProcessInfo", "LogChunk",
     "BadRequest", "Capsule", "CapsuleError", "CommandHandle", "CommandInfo", "CommandResult",
-    "Commands", "Conflict", "DaemonUnavailable", "Ending", "Event", "GroupInfo", "NotFound",
-    "PoolStatus", "QuotaExceeded", "Sandbox", "SandboxEnded", "SandboxFailed", "SandboxInfo",
+    "Commands", "Conflict", "DaemonUnavailable", "Ending", "EntryInfo", "Event", "Files",
+    "GroupInfo", "NoSpace", "NotFound", "PermissionDenied", "PoolStatus", "QuotaExceeded", "Sandbox", "SandboxEnded", "SandboxFailed", "SandboxInfo",
     "SandboxStats", "SecretInfo", "Snapshot", "Template", "TemplateInfo", "Timeout",
     "Unauthorized",
 ]

@@ -50,9 +50,13 @@ class Http:
         self.client = httpx.Client(base_url=conn.base_url, transport=conn.sync_transport(),
                                    headers=conn.headers, timeout=_timeout(request_timeout))
 
-    def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> Any:
+    def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None,
+             params: Optional[Dict[str, Any]] = None, content: Any = None) -> Any:
+        """One request; ``content`` (bytes or an iterator of them) is sent
+        as an octet stream instead of a JSON ``body``."""
         try:
-            response = self.client.request(method, path, json=body)
+            response = self.client.request(method, path, json=body, params=params,
+                                           content=content, headers=_content_headers(content))
         except httpx.TimeoutException as e:
             raise _timed_out(f"{method} {path}", e) from e
         except httpx.TransportError as e:
@@ -63,10 +67,11 @@ class Http:
 
     @contextlib.contextmanager
     def lines(self, method: str, path: str, body: Optional[Dict[str, Any]] = None,
-              read_timeout: Optional[float] = None) -> Iterator[Iterator[str]]:
+              read_timeout: Optional[float] = None,
+              params: Optional[Dict[str, Any]] = None) -> Iterator[Iterator[str]]:
         """A streamed answer's lines; refusals raise before the first."""
         try:
-            with self.client.stream(method, path, json=body,
+            with self.client.stream(method, path, json=body, params=params,
                                     timeout=_timeout(self.request_timeout, read_timeout)) as r:
                 if r.status_code >= 400:
                     r.read()
@@ -74,6 +79,21 @@ class Http:
                 yield _guarded(r.iter_lines(), method, path, self.conn)
         except httpx.TimeoutException as e:
             raise _timed_out(f"{method} {path}", e) from e
+        except httpx.TransportError as e:
+            raise _unreachable(self.conn, e) from e
+
+    @contextlib.contextmanager
+    def chunks(self, path: str, params: Dict[str, Any]) -> Iterator["Chunks"]:
+        """A streamed download: its ``X-File-Size`` and its bytes as they
+        come; refusals raise before the first."""
+        try:
+            with self.client.stream("GET", path, params=params) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise from_answer(r.status_code, _body(r))
+                yield Chunks(_size(r), _guarded_bytes(r.iter_bytes(), path, self.conn))
+        except httpx.TimeoutException as e:
+            raise _timed_out(f"GET {path}", e) from e
         except httpx.TransportError as e:
             raise _unreachable(self.conn, e) from e
 
@@ -102,9 +122,12 @@ class AsyncHttp:
                                         transport=conn.async_transport(),
                                         headers=conn.headers, timeout=_timeout(request_timeout))
 
-    async def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> Any:
+    async def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None,
+                   params: Optional[Dict[str, Any]] = None, content: Any = None) -> Any:
         try:
-            response = await self.client.request(method, path, json=body)
+            response = await self.client.request(method, path, json=body, params=params,
+                                                 content=content,
+                                                 headers=_content_headers(content))
         except httpx.TimeoutException as e:
             raise _timed_out(f"{method} {path}", e) from e
         except httpx.TransportError as e:
@@ -115,10 +138,12 @@ class AsyncHttp:
 
     @contextlib.asynccontextmanager
     async def lines(self, method: str, path: str, body: Optional[Dict[str, Any]] = None,
-                    read_timeout: Optional[float] = None) -> AsyncIterator[AsyncIterator[str]]:
+                    read_timeout: Optional[float] = None,
+                    params: Optional[Dict[str, Any]] = None
+                    ) -> AsyncIterator[AsyncIterator[str]]:
         try:
             async with self.client.stream(
-                    method, path, json=body,
+                    method, path, json=body, params=params,
                     timeout=_timeout(self.request_timeout, read_timeout)) as r:
                 if r.status_code >= 400:
                     await r.aread()
@@ -126,6 +151,19 @@ class AsyncHttp:
                 yield _aguarded(r.aiter_lines(), method, path, self.conn)
         except httpx.TimeoutException as e:
             raise _timed_out(f"{method} {path}", e) from e
+        except httpx.TransportError as e:
+            raise _unreachable(self.conn, e) from e
+
+    @contextlib.asynccontextmanager
+    async def chunks(self, path: str, params: Dict[str, Any]) -> AsyncIterator["AsyncChunks"]:
+        try:
+            async with self.client.stream("GET", path, params=params) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    raise from_answer(r.status_code, _body(r))
+                yield AsyncChunks(_size(r), _aguarded_bytes(r.aiter_bytes(), path, self.conn))
+        except httpx.TimeoutException as e:
+            raise _timed_out(f"GET {path}", e) from e
         except httpx.TransportError as e:
             raise _unreachable(self.conn, e) from e
 
@@ -141,6 +179,59 @@ async def _aguarded(lines: AsyncIterator[str], method: str, path: str,
                 yield line
     except httpx.TimeoutException as e:
         raise _timed_out(f"{method} {path}", e) from e
+    except httpx.TransportError as e:
+        raise _unreachable(conn, e) from e
+
+
+def _content_headers(content: Any) -> Optional[Dict[str, str]]:
+    return None if content is None else {"content-type": "application/octet-stream"}
+
+
+def _size(r: httpx.Response) -> Optional[int]:
+    try:
+        return int(r.headers["x-file-size"])
+    except (KeyError, ValueError):
+        return None
+
+
+class Chunks:
+    """A download under way: ``size`` (when it began) and its bytes."""
+
+    def __init__(self, size: Optional[int], chunks: Iterator[bytes]):
+        self.size = size
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.chunks
+
+
+class AsyncChunks:
+    """The async :class:`Chunks`."""
+
+    def __init__(self, size: Optional[int], chunks: AsyncIterator[bytes]):
+        self.size = size
+        self.chunks = chunks
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.chunks
+
+
+def _guarded_bytes(chunks: Iterator[bytes], path: str, conn: Connection) -> Iterator[bytes]:
+    try:
+        yield from chunks
+    except httpx.TimeoutException as e:
+        raise _timed_out(f"GET {path}", e) from e
+    except httpx.TransportError as e:
+        raise _unreachable(conn, e) from e
+
+
+async def _aguarded_bytes(chunks: AsyncIterator[bytes], path: str,
+                          conn: Connection) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except httpx.TimeoutException as e:
+        raise _timed_out(f"GET {path}", e) from e
     except httpx.TransportError as e:
         raise _unreachable(conn, e) from e
 

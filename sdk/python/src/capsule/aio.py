@@ -14,9 +14,11 @@ from . import _wire
 from ._config import Connection
 from ._http import DEFAULT_REQUEST_TIMEOUT, AsyncHttp, parse_line
 from ._wire import DEFAULT_COMMAND_TIMEOUT, Command, OutputCallback, seg
+from .files import AsyncFiles
+from .processes import AsyncProcessHandle
 from .errors import CapsuleError, Conflict, NotFound, SandboxFailed, Timeout, ended
-from .models import (CommandInfo, CommandResult, Event, GroupInfo, PoolStatus, SandboxInfo,
-                     SandboxStats, SecretInfo, TemplateInfo)
+from .models import (CommandInfo, CommandResult, Event, GroupInfo, PoolStatus, ProcessInfo,
+                     SandboxInfo, SandboxStats, SecretInfo, TemplateInfo)
 from .sandbox import _raw
 
 
@@ -67,6 +69,7 @@ class AsyncSandbox:
         self.capsule = capsule
         self._info = info
         self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
 
     @property
     def sandbox_id(self) -> str:
@@ -187,6 +190,22 @@ class AsyncCommands:
         if background:
             return handle
         return await handle.wait()
+
+    async def spawn(self, cmd: Command, *, envs: Optional[Mapping[str, str]] = None,
+                    cwd: Optional[str] = None, user: Optional[str] = None,
+                    timeout: Optional[float] = None) -> AsyncProcessHandle:
+        """See :meth:`capsule.sandbox.Commands.spawn`."""
+        body = _wire.exec_body(cmd, envs, cwd, user, timeout, None, False)
+        info = ProcessInfo.from_api(await self._sandbox._call("POST", "/processes", body))
+        return AsyncProcessHandle(self._sandbox, info.pid, cmd)
+
+    async def connect(self, pid: int) -> AsyncProcessHandle:
+        handle = AsyncProcessHandle(self._sandbox, pid)
+        await handle.info()
+        return handle
+
+    async def processes(self) -> List[ProcessInfo]:
+        return [ProcessInfo.from_api(p) for p in await self._sandbox._call("GET", "/processes")]
 
     async def list(self) -> List[CommandInfo]:
         return [CommandInfo.from_api(c) for c in await self._sandbox._call("GET", "/commands")]

@@ -34,8 +34,16 @@ class Unauthorized(CapsuleError):
     """401: a TCP daemon without its bearer token, or the wrong one."""
 
 
+class PermissionDenied(CapsuleError):
+    """403: the sandbox's file system refused it (read-only, or not allowed)."""
+
+
 class NotFound(CapsuleError):
     """404: no such sandbox, template, group, secret, pool, file or command."""
+
+
+class NoSpace(CapsuleError):
+    """507: the sandbox's disk is full; the file was left as it was."""
 
 
 class Conflict(CapsuleError):
@@ -89,8 +97,8 @@ class DaemonUnavailable(CapsuleError):
 # Termination reasons that are a failure rather than something asked for.
 FAILURE_REASONS = {"create_failed", "vmm_died", "guest_powered_off", "lost"}
 
-_BY_STATUS = {400: BadRequest, 401: Unauthorized, 404: NotFound, 409: Conflict,
-              429: QuotaExceeded}
+_BY_STATUS = {400: BadRequest, 401: Unauthorized, 403: PermissionDenied, 404: NotFound,
+              409: Conflict, 429: QuotaExceeded, 507: NoSpace}
 
 
 def from_answer(status: int, body: Any) -> CapsuleError:

@@ -171,3 +171,90 @@ class Event:
     def from_api(cls, e: Dict[str, Any]) -> "Event":
         return cls(seq=e["seq"], kind=e["kind"], sandbox_id=e.get("sandbox_id"),
                    at=int(e.get("at") or 0), detail=e.get("detail"))
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """What a path in a sandbox is."""
+
+    #: The final component (anything not UTF-8 replaced; see ``name_bytes``).
+    name: str
+    #: The name's bytes, exactly.
+    name_bytes: bytes
+    #: ``file``, ``dir``, ``symlink`` or ``other``.
+    type: str
+    size: int
+    #: Permission bits (``0o644``).
+    mode: int
+    uid: int
+    gid: int
+    modified_at: str
+    symlink_target: Optional[str]
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == "dir"
+
+    @classmethod
+    def from_api(cls, e: Dict[str, Any]) -> "EntryInfo":
+        import base64
+        raw = base64.b64decode(e["name_b64"]) if e.get("name_b64") else e["name"].encode()
+        return cls(name=e["name"], name_bytes=raw, type=e["type"], size=e["size"],
+                   mode=e["mode"], uid=e["uid"], gid=e["gid"], modified_at=e["modified_at"],
+                   symlink_target=e.get("symlink_target"))
+
+
+
+@dataclass(frozen=True)
+class FilesystemEvent:
+    """Something that happened under a watched directory."""
+
+    #: ``create``, ``write``, ``remove``, ``rename_from``, ``rename_to``,
+    #: ``chmod``, or ``overflow`` (events were lost while nobody read).
+    type: str
+    path: str
+    path_bytes: bytes
+    is_dir: bool
+
+    @classmethod
+    def from_api(cls, e: Dict[str, Any]) -> "FilesystemEvent":
+        import base64
+        path = e.get("path") or ""
+        raw = base64.b64decode(e["path_b64"]) if e.get("path_b64") else path.encode()
+        return cls(type=e["type"], path=path, path_bytes=raw, is_dir=bool(e.get("dir")))
+
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A detached process (``sb.commands.spawn``)."""
+
+    pid: int
+    cmd: List[str]
+    running: bool
+    exit_code: Optional[int]
+    signal: Optional[int]
+    timed_out: bool
+    #: Output bytes written so far (stdout and stderr together).
+    output_bytes: int
+    #: The first offset still kept (the guest keeps the last 4 MiB).
+    kept_from: int
+    started_at: str
+
+    @classmethod
+    def from_api(cls, p: Dict[str, Any]) -> "ProcessInfo":
+        return cls(pid=p["pid"], cmd=list(p["cmd"]), running=p["running"],
+                   exit_code=p.get("exit_code"), signal=p.get("signal"),
+                   timed_out=bool(p.get("timed_out")), output_bytes=p["output_bytes"],
+                   kept_from=p["kept_from"], started_at=p["started_at"])
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """Output of a detached process: ``stream`` is ``stdout`` or
+    ``stderr``, ``offset`` where ``data`` starts (bytes since the process
+    started, both streams together)."""
+
+    stream: str
+    offset: int
+    data: bytes

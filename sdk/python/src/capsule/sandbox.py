@@ -10,9 +10,11 @@ from . import _wire
 from ._config import Connection
 from ._http import DEFAULT_REQUEST_TIMEOUT, Http, parse_line
 from ._wire import DEFAULT_COMMAND_TIMEOUT, Command, OutputCallback, seg
+from .files import Files
+from .processes import ProcessHandle
 from .errors import CapsuleError, Conflict, NotFound, SandboxFailed, Timeout, ended
-from .models import (CommandInfo, CommandResult, Event, GroupInfo, PoolStatus, SandboxInfo,
-                     SandboxStats, SecretInfo, TemplateInfo)
+from .models import (CommandInfo, CommandResult, Event, GroupInfo, PoolStatus, ProcessInfo,
+                     SandboxInfo, SandboxStats, SecretInfo, TemplateInfo)
 
 _UNSET: Any = object()
 
@@ -81,6 +83,7 @@ class Sandbox:
         self.capsule = capsule
         self._info = info
         self.commands = Commands(self)
+        self.files = Files(self)
 
     @property
     def sandbox_id(self) -> str:
@@ -244,6 +247,27 @@ class Commands:
         if background:
             return handle
         return handle.wait()
+
+    def spawn(self, cmd: Command, *, envs: Optional[Mapping[str, str]] = None,
+              cwd: Optional[str] = None, user: Optional[str] = None,
+              timeout: Optional[float] = None) -> ProcessHandle:
+        """Starts ``cmd`` detached: it runs on whatever happens to this
+        client (stdin is ``/dev/null``), its output kept in the sandbox to
+        read from any offset (:meth:`ProcessHandle.logs`, ``wait``).
+        ``timeout`` (seconds) kills it in the sandbox; none by default."""
+        body = _wire.exec_body(cmd, envs, cwd, user, timeout, None, False)
+        info = ProcessInfo.from_api(self._sandbox._call("POST", "/processes", body))
+        return ProcessHandle(self._sandbox, info.pid, cmd)
+
+    def connect(self, pid: int) -> ProcessHandle:
+        """A detached process started earlier (by this program or another)."""
+        handle = ProcessHandle(self._sandbox, pid)
+        handle.info()
+        return handle
+
+    def processes(self) -> List[ProcessInfo]:
+        """The detached processes: running, and the latest that ended."""
+        return [ProcessInfo.from_api(p) for p in self._sandbox._call("GET", "/processes")]
 
     def list(self) -> List[CommandInfo]:
         """The commands running in it now."""
