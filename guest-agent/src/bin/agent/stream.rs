@@ -10,7 +10,9 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use guest_agent::protocol::{channel, Frame, AGENT_WINDOW};
 
@@ -18,11 +20,58 @@ use guest_agent::protocol::{channel, Frame, AGENT_WINDOW};
 /// frame is written whole under the lock.
 pub type Writer = Arc<Mutex<File>>;
 
-/// Sends a frame to the host; a failed write means the host went away,
-/// which the connection's reader notices on its own.
+/// How long a write may keep failing for want of memory before the
+/// connection is given up.
+const SHORT_OF_MEMORY_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Sends a frame to the host, whole or not at all. A guest short of
+/// memory fails vsock writes with ENOMEM (a 64 KiB packet is an order-4
+/// allocation): that is waited out, never a frame silently dropped. Any
+/// other failure, or one that lasts, shuts the connection, so the host
+/// sees it broken rather than a stream with a hole in it.
 pub fn send(writer: &Writer, frame: &Frame) {
+    let Ok(bytes) = frame.encode() else {
+        return;
+    };
     let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = frame.write_to(&mut *w);
+    let mut at = 0;
+    let mut pause = Duration::from_millis(1);
+    let mut short_since: Option<Instant> = None;
+    while at < bytes.len() {
+        match w.write(&bytes[at..]) {
+            Ok(0) => return crate::vsock::shutdown(&w),
+            Ok(n) => {
+                at += n;
+                short_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOMEM | libc::ENOBUFS | libc::EAGAIN)
+                ) =>
+            {
+                let since = *short_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > SHORT_OF_MEMORY_PATIENCE {
+                    eprintln!("capsule-agent: cannot send to the host for {SHORT_OF_MEMORY_PATIENCE:?}: {e}");
+                    return crate::vsock::shutdown(&w);
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => {
+                // A host that went away (as after every restore) is no
+                // news; anything else is worth a line on the console.
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ESHUTDOWN)
+                ) {
+                    eprintln!("capsule-agent: sending to the host failed: {e}");
+                }
+                return crate::vsock::shutdown(&w);
+            }
+        }
+    }
 }
 
 pub struct ExecStream {
