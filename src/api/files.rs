@@ -172,6 +172,21 @@ fn guest_error(id: &str, e: ClientError) -> ApiError {
     ApiError::new(status, code, message)
 }
 
+/// Logs what the guest said last when a transfer broke for want of an
+/// answer: a crash, a stall and a reset look alike from here.
+fn log_console(live: &crate::daemon::supervisor::Live, id: &str, e: &ClientError) {
+    if matches!(e, ClientError::Refused { .. } | ClientError::Source(_)) {
+        return;
+    }
+    use sandbox::Machine;
+    let console = live
+        .child
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .console_tail(20);
+    tracing::warn!(sandbox = %id, "a file transfer broke ({e}); the guest's console:\n{console}");
+}
+
 /// Runs `f` with the running sandbox's agent, on a worker thread.
 async fn with_agent<T: Send + 'static>(
     state: &Arc<AppState>,
@@ -236,11 +251,13 @@ async fn streamed_download(
     let busy = acquire(state, id).await?;
     let live = Arc::clone(busy.live());
     let id_for_error = id.to_string();
-    let mut download = blocking(move || open(&live.agent))
-        .await?
-        .map_err(|e| guest_error(&id_for_error, e))?;
+    let mut download =
+        blocking(move || open(&live.agent).inspect_err(|e| log_console(&live, &id_for_error, e)))
+            .await?
+            .map_err(|e| guest_error(id, e))?;
     let size = download.size();
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(BUFFERED_CHUNKS);
+    let id = id.to_string();
     std::thread::Builder::new()
         .name("file-read".into())
         .spawn(move || {
@@ -251,7 +268,10 @@ async fn streamed_download(
                     Ok(None) => return,
                     // The body ends in an error: the client sees a
                     // transfer cut short, never a short file as whole.
-                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                    Err(e) => {
+                        log_console(_busy.live(), &id, &e);
+                        Err(std::io::Error::other(e.to_string()))
+                    }
                 };
                 let failed = next.is_err();
                 // A client that left: dropping the download stops it.
@@ -289,13 +309,17 @@ async fn streamed_upload(
     let busy = acquire(state, id).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(BUFFERED_CHUNKS);
     let live = Arc::clone(busy.live());
+    let id_owned = id.to_string();
     let writer = tokio::task::spawn_blocking(move || {
         let _busy = busy;
         let mut reader = BodyReader {
             rx,
             chunk: Bytes::new(),
         };
-        write(&live.agent, &mut reader).and_then(|_| live.agent.stat(path))
+        let id = id_owned;
+        write(&live.agent, &mut reader)
+            .and_then(|_| live.agent.stat(path))
+            .inspect_err(|e| log_console(&live, &id, e))
     });
     let mut stream = body.into_data_stream();
     while let Some(chunk) = tokio_stream::StreamExt::next(&mut stream).await {

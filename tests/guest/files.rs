@@ -14,7 +14,9 @@ use sandbox::ClientError;
 
 use super::*;
 
-const SIZE: u64 = 256 << 20;
+/// Far above both sides' bounds (1 MiB and 256 KiB windows), and what
+/// the nested test host moves in well under its time limit.
+const SIZE: u64 = 128 << 20;
 
 /// A byte stream of `left` bytes that no one holds in memory.
 struct Pattern {
@@ -34,13 +36,13 @@ impl Read for Pattern {
     }
 }
 
-fn digest(mut r: impl Read) -> (u64, u64) {
+fn digest(mut r: impl Read) -> std::io::Result<(u64, u64)> {
     let mut buf = vec![0u8; 1 << 16];
     let (mut len, mut hash) = (0u64, 0xcbf29ce484222325u64);
     loop {
-        let n = r.read(&mut buf).expect("reading the transfer");
+        let n = r.read(&mut buf)?;
         if n == 0 {
-            return (len, hash);
+            return Ok((len, hash));
         }
         for b in &buf[..n] {
             hash = (hash ^ u64::from(*b)).wrapping_mul(0x100000001b3);
@@ -71,7 +73,9 @@ fn a_file_much_larger_than_memory_streams_onto_the_guests_disk_and_back() {
         .status()
         .expect("mkfs.ext4 (e2fsprogs) is needed");
     assert!(mkfs.success());
-    let mut vm = boot(builder().disk(&disk, false));
+    // Room for the page cache: a guest short of memory fails vsock
+    // writes for a while (the agent waits that out).
+    let mut vm = boot(builder().memory_mib(512).disk(&disk, false));
     sh_ok(&mut vm, "mkdir -p /data && mount -t ext4 /dev/vda /data");
     // Peaks from here on (this process runs other tests too): writing 5
     // to clear_refs resets the peak to the current size.
@@ -82,7 +86,8 @@ fn a_file_much_larger_than_memory_streams_onto_the_guests_disk_and_back() {
     let sent = digest(Pattern {
         left: SIZE,
         state: 11,
-    });
+    })
+    .unwrap();
     let request = WriteFile {
         path: GuestPath::from("/data/big.bin"),
         mode: Some(0o600),
@@ -104,11 +109,18 @@ fn a_file_much_larger_than_memory_streams_onto_the_guests_disk_and_back() {
 
     let t = Instant::now();
     let got = vm.agent().and_then(|agent| {
-        Ok(digest(agent.read_file(
-            GuestPath::from("/data/big.bin"),
-            0,
-            None,
-        )?))
+        let download = agent.read_file(GuestPath::from("/data/big.bin"), 0, None)?;
+        // A read error is the connection's: its cause is kept.
+        digest(download).map_err(|e| {
+            match e
+                .into_inner()
+                .map(|inner| inner.downcast::<sandbox::ClientError>())
+            {
+                Some(Ok(client)) => sandbox::Error::from(*client),
+                Some(Err(other)) => sandbox::Error::from(ClientError::Lost(other.to_string())),
+                None => sandbox::Error::from(ClientError::Lost("read failed".into())),
+            }
+        })
     });
     let got = guest_ok_doing(&mut vm, "downloading", got);
     let download = t.elapsed();
@@ -138,7 +150,7 @@ fn a_file_much_larger_than_memory_streams_onto_the_guests_disk_and_back() {
     eprintln!(
         "files: {} MiB up {:.1} MiB/s, down {:.1} MiB/s; command output over the same \
          connection {:.1} MiB/s (up/stream {:.2}, down/stream {:.2}); peak memory: agent {} KiB, \
-         this process grew {} KiB",
+         this process (the VM's memory included) grew {} KiB",
         SIZE >> 20,
         mib_per_s(SIZE, upload),
         mib_per_s(SIZE, download),
@@ -148,16 +160,14 @@ fn a_file_much_larger_than_memory_streams_onto_the_guests_disk_and_back() {
         agent_peak,
         host_peak.saturating_sub(host_before),
     );
-    // The agent holds its window and a chunk per stream, the host its
-    // window: both far below the file.
+    // The agent holds its window and a chunk per stream: far below the
+    // file. (This process runs the VM too, so its own growth includes the
+    // guest's page cache; the daemon's is measured on its own in
+    // daemon::files_stream_into_and_out_of_a_daemon_sandbox, the client's
+    // in the agent's host-tier tests.)
     assert!(
-        agent_peak < 64 << 10,
+        agent_peak < 16 << 10,
         "the agent's peak memory: {agent_peak} KiB"
-    );
-    assert!(
-        host_peak.saturating_sub(host_before) < 64 << 10,
-        "this process grew by {} KiB",
-        host_peak.saturating_sub(host_before)
     );
     sh_ok(&mut vm, "umount /data");
     stop(vm);

@@ -240,12 +240,10 @@ impl Upload<'_> {
         }
         let mut buf = vec![0u8; DATA_CHUNK];
         loop {
-            let n = match data.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ClientError::Source(e)),
-            };
+            let n = fill(data, &mut buf).map_err(ClientError::Source)?;
+            if n == 0 {
+                break;
+            }
             let mut chunk = &buf[..n];
             while !chunk.is_empty() {
                 // A guest that takes nothing for this long is stuck.
@@ -286,6 +284,22 @@ impl Upload<'_> {
             }
         }
     }
+}
+
+/// Reads until `buf` is full or the source ends: whole frames whatever
+/// pieces the source comes in (an HTTP body's are small), so the guest
+/// takes a few large packets rather than many small ones.
+fn fill(data: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match data.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 fn transfer_result(end: TransferEnd) -> Result<u64, ClientError> {
