@@ -225,9 +225,24 @@ pub(super) async fn acquire(state: &Arc<AppState>, id: &str) -> Result<Busy, Api
 }
 
 fn line(event: &ExecLine) -> Bytes {
-    let mut bytes = serde_json::to_vec(event).unwrap_or_default();
+    ndjson_line(event)
+}
+
+/// One line of a newline-delimited JSON stream.
+pub(super) fn ndjson_line(value: &impl Serialize) -> Bytes {
+    let mut bytes = serde_json::to_vec(value).unwrap_or_default();
     bytes.push(b'\n');
     Bytes::from(bytes)
+}
+
+/// A response whose body is the lines `rx` yields, as they come.
+pub(super) fn ndjson_response(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response {
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let body = Body::from_stream(tokio_stream::StreamExt::map(
+        stream,
+        Ok::<_, std::convert::Infallible>,
+    ));
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
 }
 
 /// The command `body` asks for in sandbox `id`, as the guest runs it: its
@@ -374,10 +389,5 @@ pub async fn exec(
             }
         })
         .map_err(|e| ApiError::internal(format!("starting the stream: {e}")))?;
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let body = Body::from_stream(tokio_stream::StreamExt::map(
-        stream,
-        Ok::<_, std::convert::Infallible>,
-    ));
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+    Ok(ndjson_response(rx))
 }

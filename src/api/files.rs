@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
-use super::exec::acquire;
+use super::exec::{acquire, ndjson_line, ndjson_response};
 use super::extract::{Json, Path, Query};
 use super::model::timestamp;
 use super::sandboxes::blocking;
@@ -780,11 +780,6 @@ pub async fn watch(
         .name("file-watch".into())
         .spawn(move || {
             let _busy = busy;
-            let line = |l: &WatchLine| {
-                let mut bytes = serde_json::to_vec(l).unwrap_or_default();
-                bytes.push(b'\n');
-                Bytes::from(bytes)
-            };
             loop {
                 let next = watch.next_event(Some(std::time::Duration::from_secs(1)));
                 let out = match next {
@@ -795,20 +790,15 @@ pub async fn watch(
                     Ok(None) => return,
                     Err(e) => {
                         let e = guest_error(&id, e);
-                        let _ = tx.blocking_send(line(&WatchLine::error(e.code, e.message)));
+                        let _ = tx.blocking_send(ndjson_line(&WatchLine::error(e.code, e.message)));
                         return;
                     }
                 };
-                if tx.blocking_send(line(&out)).is_err() {
+                if tx.blocking_send(ndjson_line(&out)).is_err() {
                     return;
                 }
             }
         })
         .map_err(|e| ApiError::internal(format!("starting the watch: {e}")))?;
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let body = Body::from_stream(tokio_stream::StreamExt::map(
-        stream,
-        Ok::<_, std::convert::Infallible>,
-    ));
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+    Ok(ndjson_response(rx))
 }

@@ -11,10 +11,10 @@
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use base64::Engine;
 use guest_agent::protocol::{ErrorCode, ProcessInfo};
 use guest_agent::LogEvent;
@@ -24,7 +24,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::commands::SignalBody;
 use super::error::{ApiError, ErrorBody};
-use super::exec::{acquire, guest_request, ExecBody};
+use super::exec::{acquire, guest_request, ndjson_line, ndjson_response, ExecBody};
 use super::extract::{Json, Path, Query};
 use super::model::timestamp;
 use super::sandboxes::blocking;
@@ -266,12 +266,6 @@ pub struct LogsQuery {
     pub follow: Option<bool>,
 }
 
-fn line(l: &LogLine) -> Bytes {
-    let mut bytes = serde_json::to_vec(l).unwrap_or_default();
-    bytes.push(b'\n');
-    Bytes::from(bytes)
-}
-
 /// A detached process's output from an offset, as newline-delimited JSON.
 #[utoipa::path(
     get, path = "/v1/sandboxes/{id}/processes/{pid}/logs", operation_id = "process_logs", tag = "processes",
@@ -320,7 +314,7 @@ pub async fn logs(
                         data: b64(&bytes),
                     },
                     Ok(Some(LogEvent::End { next_offset, exit })) => {
-                        let _ = tx.blocking_send(line(&LogLine::End {
+                        let _ = tx.blocking_send(ndjson_line(&LogLine::End {
                             next_offset,
                             running: exit.is_none(),
                             exit_code: exit.and_then(|e| e.code),
@@ -331,23 +325,18 @@ pub async fn logs(
                     }
                     Ok(None) => return,
                     Err(e) => {
-                        let _ = tx.blocking_send(line(&LogLine::Error {
+                        let _ = tx.blocking_send(ndjson_line(&LogLine::Error {
                             code: "lost".into(),
                             message: e.to_string(),
                         }));
                         return;
                     }
                 };
-                if tx.blocking_send(line(&out)).is_err() {
+                if tx.blocking_send(ndjson_line(&out)).is_err() {
                     return;
                 }
             }
         })
         .map_err(|e| ApiError::internal(format!("starting the stream: {e}")))?;
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let body = Body::from_stream(tokio_stream::StreamExt::map(
-        stream,
-        Ok::<_, std::convert::Infallible>,
-    ));
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+    Ok(ndjson_response(rx))
 }

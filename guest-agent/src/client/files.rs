@@ -362,10 +362,7 @@ impl FileDownload {
         }
         // A guest that sends nothing for this long is stuck.
         let deadline = Instant::now() + self.conn.options.request_timeout;
-        let (incoming, grant) = self.slot.next(Some(deadline))?;
-        if grant > 0 {
-            let _ = self.conn.send(&Frame::window(self.slot.id, grant));
-        }
+        let incoming = self.slot.next_granting(&self.conn, Some(deadline))?;
         match incoming {
             Incoming::Data { bytes, .. } => Ok(Some(bytes)),
             Incoming::End(frame) => {
@@ -437,10 +434,9 @@ impl WatchHandle {
         if self.ended {
             return Ok(None);
         }
-        let (incoming, grant) = self.slot.next(timeout.map(|t| Instant::now() + t))?;
-        if grant > 0 {
-            let _ = self.conn.send(&Frame::window(self.slot.id, grant));
-        }
+        let incoming = self
+            .slot
+            .next_granting(&self.conn, timeout.map(|t| Instant::now() + t))?;
         match incoming {
             Incoming::Data { bytes, .. } => serde_json::from_slice(&bytes)
                 .map(Some)

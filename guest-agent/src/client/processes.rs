@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{
-    channel, AttachEnd, ExecRequest, ExitStatus, Frame, Open, ProcessInfo, Reply,
-};
+use crate::protocol::{channel, AttachEnd, ExecRequest, ExitStatus, Open, ProcessInfo, Reply};
 
 use super::connection::Connection;
 use super::files::{refused, reset};
@@ -118,10 +116,9 @@ impl AttachHandle {
         if self.ended {
             return Ok(None);
         }
-        let (incoming, grant) = self.slot.next(timeout.map(|t| Instant::now() + t))?;
-        if grant > 0 {
-            let _ = self.conn.send(&Frame::window(self.slot.id, grant));
-        }
+        let incoming = self
+            .slot
+            .next_granting(&self.conn, timeout.map(|t| Instant::now() + t))?;
         match incoming {
             Incoming::Data { channel: ch, bytes } => {
                 let offset = self.offset;

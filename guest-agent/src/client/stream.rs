@@ -240,6 +240,20 @@ impl StreamSlot {
         }
     }
 
+    /// Like [`StreamSlot::next`], sending the agent the credit the consumer
+    /// gave back (a lost connection shows on the next wait).
+    pub fn next_granting(
+        &self,
+        conn: &super::connection::Connection,
+        deadline: Option<Instant>,
+    ) -> Result<Incoming, ClientError> {
+        let (incoming, grant) = self.next(deadline)?;
+        if grant > 0 {
+            let _ = conn.send(&Frame::window(self.id, grant));
+        }
+        Ok(incoming)
+    }
+
     /// Waits for credit to send up to `want` bytes, and takes it.
     pub fn take_credit(
         &self,
