@@ -238,12 +238,17 @@ impl ExecStream {
             s.stdin_gone = true;
             let n: u64 = s.stdin.drain(..).map(|c| c.len() as u64).sum();
             s.stdin_outstanding -= n;
+            // The end of stdin goes first, sent under the lock, so no
+            // credit for stdin (here or from push_stdin) overtakes it: the
+            // host's writer stops at once instead of racing on.
+            if s.live {
+                send(&self.writer, &Frame::eof(self.id, channel::STDIN));
+            }
             n
         };
         if dropped > 0 {
             self.send(&Frame::window(self.id, dropped as u32));
         }
-        self.send(&Frame::eof(self.id, channel::STDIN));
     }
 
     /// False once the host reset the stream or the connection went.
