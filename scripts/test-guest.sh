@@ -145,14 +145,20 @@ $(shown "$out" | tail -n 15 | sed 's/^/  | /')")
             else
                 [ "$(( ${#retried[@]} - freezes ))" -lt "$retry_budget" ] || over_budget=1
             fi
+            # Freezes come in bursts (three in a row on one test, twice
+            # seen): a test that only ever met freezes gets five attempts.
+            max_attempts=3
+            if [ -n "$frozen" ] && [ -z "${retried_for_cause[$t]:-}" ]; then
+                max_attempts=5
+            fi
             case "$rc" in
                 124|125|3|4)
-                    if [ "$attempt" -ge 3 ] || [ -n "$over_budget" ]; then
+                    if [ "$attempt" -ge "$max_attempts" ] || [ -n "$over_budget" ]; then
                         echo "test-guest: $t: gave up after the nested test host failed it (last exit $rc, attempt $attempt; $freezes freezes retried of $freeze_budget, $(( ${#retried[@]} - freezes )) other retries of $retry_budget)" >&2
                         failed=$((failed + 1))
                         failures+=("$t (exit $rc, the nested test host)")
                     else
-                        echo "test-guest: $t: the nested test host failed it (exit $rc, attempt $attempt of 3; all of its output in $failures_dir); running it again; it said:" >&2
+                        echo "test-guest: $t: the nested test host failed it (exit $rc, attempt $attempt of $max_attempts; all of its output in $failures_dir); running it again; it said:" >&2
                         shown "$out" | tail -n 12 | sed 's/^/  | /' >&2
                         retried+=("$t")
                         if [ -n "$frozen" ]; then
