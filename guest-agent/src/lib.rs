@@ -7,6 +7,6 @@ pub mod protocol;
 
 pub use client::{
     AgentClient, AttachHandle, ClientError, ClientOptions, ExecEvent, ExecHandle, ExecInput,
-    FileDownload, Listing, LogEvent, Output, PendingRestored, WatchHandle,
+    FileDownload, Listing, LogEvent, Output, PendingRestored, PortStream, PortWriter, WatchHandle,
 };
 pub use protocol::{ExecRequest, ExitStatus, Identity};

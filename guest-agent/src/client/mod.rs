@@ -16,6 +16,7 @@
 mod connection;
 mod exec;
 mod files;
+mod ports;
 mod processes;
 mod stream;
 
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 pub use exec::{ExecEvent, ExecHandle, ExecInput, Output};
 pub use files::{FileDownload, Listing, WatchHandle};
+pub use ports::{PortStream, PortWriter};
 pub use processes::{AttachHandle, LogEvent};
 
 use crate::protocol::{

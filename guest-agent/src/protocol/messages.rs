@@ -155,6 +155,13 @@ pub enum Open {
     Processes,
     /// A signal for a detached process's group: [`Reply::Done`].
     SignalProcess { pid: i32, signal: i32 },
+    /// Connect to a TCP port on the guest's loopback: after
+    /// [`Reply::Connected`] the host's Data on channel 0 goes to the
+    /// socket (its Eof shuts the socket's sending side), the socket's
+    /// bytes come as Data on channel 1, and the stream ends with a
+    /// [`super::files::TransferEnd`] (the bytes that reached the host)
+    /// once the guest's side has closed. Needs no guest network device.
+    Connect { port: u16 },
 }
 
 /// Most output bytes the agent keeps per detached process; older output
@@ -273,6 +280,8 @@ pub enum ErrorCode {
     NoSpace,
     /// No detached process has that pid.
     NoSuchProcess,
+    /// Nothing in the guest listens on that port.
+    ConnectionRefused,
     /// Anything else.
     #[serde(other)]
     Other,
@@ -324,6 +333,8 @@ pub enum Reply {
     Processes {
         processes: Vec<ProcessInfo>,
     },
+    /// The guest's port took the connection: bytes flow both ways.
+    Connected,
     /// The request failed; nothing is running and the stream is closed.
     Error {
         #[serde(default = "other_code")]

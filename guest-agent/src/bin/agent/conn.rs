@@ -14,7 +14,7 @@ use guest_agent::protocol::{
 
 use crate::stream::{send, ExecStream, Writer};
 use crate::sys;
-use crate::{detached, exec, files, tree, watch};
+use crate::{detached, exec, files, ports, tree, watch};
 
 /// An exec stream and its process.
 struct Running {
@@ -228,6 +228,7 @@ fn open(frame: &Frame, writer: &Writer, streams: &Streams, host_window: u32) {
                         Open::SignalProcess { pid, signal } => {
                             answer(detached::signal(pid, signal))
                         }
+                        Open::Connect { port } => ports::connect(stream, port),
                         Open::Exec(_) | Open::Restored(_) | Open::Shutdown { .. } => {
                             unreachable!("served above")
                         }

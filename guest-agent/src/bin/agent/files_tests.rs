@@ -604,3 +604,79 @@ fn a_detached_process_that_floods_keeps_only_its_newest_output() {
     assert!(out.len() as u64 <= DETACHED_LOG_BYTES);
     assert!(out.ends_with(b"\0end\n"));
 }
+
+/// An echo server on this machine's loopback that answers each line in
+/// upper case; its port.
+fn upper_case_server() -> u16 {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut out = conn.try_clone().unwrap();
+                for line in BufReader::new(conn).split(b'\n') {
+                    let Ok(mut line) = line else { return };
+                    line.make_ascii_uppercase();
+                    line.push(b'\n');
+                    if out.write_all(&line).is_err() {
+                        return;
+                    }
+                }
+                // The client's end of file: answer with ours.
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_port_in_the_guest_is_reached_through_the_agent_both_ways() {
+    let client = connect();
+    let port = upper_case_server();
+    let mut conn = client.connect_port(port).unwrap();
+    let mut writer = conn.writer();
+    writer.write_all(b"hello\n").unwrap();
+    let mut got = [0u8; 6];
+    conn.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"HELLO\n");
+
+    // Much more than either window, both ways at once; memory stays flat.
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let before = peak_rss();
+    let line = vec![b'a'; 1023];
+    let lines = 16 * 1024;
+    let sender = std::thread::spawn(move || {
+        for _ in 0..lines {
+            writer.write_all(&line).unwrap();
+            writer.write_all(b"\n").unwrap();
+        }
+        writer.shutdown().unwrap();
+    });
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = conn.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(buf[..n].iter().all(|b| *b == b'A' || *b == b'\n'));
+        total += n;
+    }
+    sender.join().unwrap();
+    assert_eq!(total, 16 << 20);
+    let grown = peak_rss().saturating_sub(before);
+    assert!(grown < 32 << 20, "peak memory grew by {grown} bytes");
+
+    // Nothing listens: refused with a code.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    assert_eq!(
+        code(client.connect_port(closed).unwrap_err()).0,
+        ErrorCode::ConnectionRefused
+    );
+    client.ping(std::time::Duration::from_secs(5)).unwrap();
+}

@@ -10,6 +10,7 @@ mod exec;
 mod files;
 mod identity;
 mod init;
+mod ports;
 mod reaper;
 mod stream;
 mod sys;
