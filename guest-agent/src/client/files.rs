@@ -145,21 +145,38 @@ impl AgentClient {
     }
 
     fn download(&self, open: Open) -> Result<FileDownload, ClientError> {
-        let slot = self.conn.open(&open, StreamKind::Streaming)?;
+        let (slot, size) = self.open_streaming(&open, |reply| match reply {
+            Reply::Reading { size } => Ok(size),
+            other => Err(other),
+        })?;
+        Ok(FileDownload {
+            conn: self.conn.clone(),
+            slot,
+            size,
+            pending: Vec::new(),
+            at: 0,
+            end: None,
+        })
+    }
+
+    /// Opens a stream with `open` and waits for its reply, which `accept`
+    /// takes if it is the one expected; any other is refused, and on any
+    /// failure the connection forgets the stream.
+    pub(super) fn open_streaming<T>(
+        &self,
+        open: &Open,
+        accept: impl FnOnce(Reply) -> Result<T, Reply>,
+    ) -> Result<(Arc<StreamSlot>, T), ClientError> {
+        let slot = self.conn.open(open, StreamKind::Streaming)?;
         let deadline = Instant::now() + self.conn.options.request_timeout;
-        let reply = slot.wait_reply(deadline);
-        match reply {
-            Ok(Reply::Reading { size }) => Ok(FileDownload {
-                conn: self.conn.clone(),
-                slot,
-                size,
-                pending: Vec::new(),
-                at: 0,
-                end: None,
-            }),
-            other => {
+        match slot
+            .wait_reply(deadline)
+            .and_then(|reply| accept(reply).map_err(refused))
+        {
+            Ok(accepted) => Ok((slot, accepted)),
+            Err(e) => {
                 self.conn.forget(slot.id);
-                Err(refused(other?))
+                Err(e)
             }
         }
     }
@@ -195,19 +212,15 @@ impl AgentClient {
             path: path.into(),
             recursive,
         };
-        let slot = self.conn.open(&open, StreamKind::Streaming)?;
-        let deadline = Instant::now() + self.conn.options.request_timeout;
-        match slot.wait_reply(deadline) {
-            Ok(Reply::Watching) => Ok(WatchHandle {
-                conn: self.conn.clone(),
-                slot,
-                ended: false,
-            }),
-            other => {
-                self.conn.forget(slot.id);
-                Err(refused(other?))
-            }
-        }
+        let (slot, ()) = self.open_streaming(&open, |reply| match reply {
+            Reply::Watching => Ok(()),
+            other => Err(other),
+        })?;
+        Ok(WatchHandle {
+            conn: self.conn.clone(),
+            slot,
+            ended: false,
+        })
     }
 
     fn upload(&self, open: Open, data: &mut dyn Read) -> Result<u64, ClientError> {
@@ -314,11 +327,22 @@ fn transfer_result(end: TransferEnd) -> Result<u64, ClientError> {
 
 impl Drop for Upload<'_> {
     fn drop(&mut self) {
-        if !self.done && !self.slot.is_finished() {
-            reset(self.conn, self.slot, "the host abandoned the write");
-        }
-        self.conn.forget(self.slot.id);
+        release(
+            self.conn,
+            self.slot,
+            self.done,
+            "the host abandoned the write",
+        );
     }
+}
+
+/// What dropping a stream this side opened does: the agent is told to
+/// reset it unless it has ended, and the connection forgets it.
+pub(super) fn release(conn: &Connection, slot: &StreamSlot, ended: bool, why: &str) {
+    if !ended && !slot.is_finished() {
+        reset(conn, slot, why);
+    }
+    conn.forget(slot.id);
 }
 
 pub(super) fn reset(conn: &Connection, slot: &StreamSlot, message: &str) {
@@ -408,10 +432,8 @@ impl Read for FileDownload {
 
 impl Drop for FileDownload {
     fn drop(&mut self) {
-        if self.end.is_none() && !self.slot.is_finished() {
-            reset(&self.conn, &self.slot, "the host stopped reading");
-        }
-        self.conn.forget(self.slot.id);
+        let ended = self.end.is_some();
+        release(&self.conn, &self.slot, ended, "the host stopped reading");
     }
 }
 
@@ -464,9 +486,11 @@ impl std::fmt::Debug for WatchHandle {
 
 impl Drop for WatchHandle {
     fn drop(&mut self) {
-        if !self.ended && !self.slot.is_finished() {
-            reset(&self.conn, &self.slot, "the host stopped watching");
-        }
-        self.conn.forget(self.slot.id);
+        release(
+            &self.conn,
+            &self.slot,
+            self.ended,
+            "the host stopped watching",
+        );
     }
 }

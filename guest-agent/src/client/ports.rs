@@ -9,31 +9,25 @@ use crate::protocol::files::TransferEnd;
 use crate::protocol::{channel, Frame, Open, Reply, DATA_CHUNK};
 
 use super::connection::Connection;
-use super::files::{refused, reset};
-use super::stream::{Incoming, StreamKind, StreamSlot};
+use super::files::release;
+use super::stream::{Incoming, StreamSlot};
 use super::{AgentClient, ClientError};
 
 impl AgentClient {
     /// Connects to `port` on the guest's loopback. Read the guest's bytes
     /// from the returned stream; write with [`PortStream::writer`].
     pub fn connect_port(&self, port: u16) -> Result<PortStream, ClientError> {
-        let slot = self
-            .conn
-            .open(&Open::Connect { port }, StreamKind::Streaming)?;
-        let deadline = Instant::now() + self.conn.options.request_timeout;
-        match slot.wait_reply(deadline) {
-            Ok(Reply::Connected) => Ok(PortStream {
-                conn: self.conn.clone(),
-                slot,
-                pending: Vec::new(),
-                at: 0,
-                ended: false,
-            }),
-            other => {
-                self.conn.forget(slot.id);
-                Err(refused(other?))
-            }
-        }
+        let (slot, ()) = self.open_streaming(&Open::Connect { port }, |reply| match reply {
+            Reply::Connected => Ok(()),
+            other => Err(other),
+        })?;
+        Ok(PortStream {
+            conn: self.conn.clone(),
+            slot,
+            pending: Vec::new(),
+            at: 0,
+            ended: false,
+        })
     }
 }
 
@@ -100,10 +94,12 @@ impl std::fmt::Debug for PortStream {
 
 impl Drop for PortStream {
     fn drop(&mut self) {
-        if !self.ended && !self.slot.is_finished() {
-            reset(&self.conn, &self.slot, "the host closed the connection");
-        }
-        self.conn.forget(self.slot.id);
+        release(
+            &self.conn,
+            &self.slot,
+            self.ended,
+            "the host closed the connection",
+        );
     }
 }
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crate::protocol::{channel, AttachEnd, ExecRequest, ExitStatus, Open, ProcessInfo, Reply};
 
 use super::connection::Connection;
-use super::files::{refused, reset};
-use super::stream::{Incoming, StreamKind, StreamSlot};
+use super::files::{refused, release};
+use super::stream::{Incoming, StreamSlot};
 use super::{AgentClient, ClientError};
 
 /// Something read from a detached process's log.
@@ -71,21 +71,17 @@ impl AgentClient {
             offset,
             follow,
         };
-        let slot = self.conn.open(&open, StreamKind::Streaming)?;
-        let deadline = Instant::now() + self.conn.options.request_timeout;
-        match slot.wait_reply(deadline) {
-            Ok(Reply::Attached { from }) => Ok(AttachHandle {
-                conn: self.conn.clone(),
-                slot,
-                from,
-                offset: from,
-                ended: false,
-            }),
-            other => {
-                self.conn.forget(slot.id);
-                Err(refused(other?))
-            }
-        }
+        let (slot, from) = self.open_streaming(&open, |reply| match reply {
+            Reply::Attached { from } => Ok(from),
+            other => Err(other),
+        })?;
+        Ok(AttachHandle {
+            conn: self.conn.clone(),
+            slot,
+            from,
+            offset: from,
+            ended: false,
+        })
     }
 }
 
@@ -156,9 +152,11 @@ impl std::fmt::Debug for AttachHandle {
 
 impl Drop for AttachHandle {
     fn drop(&mut self) {
-        if !self.ended && !self.slot.is_finished() {
-            reset(&self.conn, &self.slot, "the host stopped reading");
-        }
-        self.conn.forget(self.slot.id);
+        release(
+            &self.conn,
+            &self.slot,
+            self.ended,
+            "the host stopped reading",
+        );
     }
 }
