@@ -41,6 +41,7 @@ impl CommandArgs {
             stdin,
             // At most 30 days (parse_seconds): fits.
             timeout_ms: self.timeout.map(|d| d.as_millis() as u64),
+            pty: None,
         }
     }
 }

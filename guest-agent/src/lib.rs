@@ -9,4 +9,4 @@ pub use client::{
     AgentClient, AttachHandle, ClientError, ClientOptions, ExecEvent, ExecHandle, ExecInput,
     FileDownload, Listing, LogEvent, Output, PendingRestored, PortStream, PortWriter, WatchHandle,
 };
-pub use protocol::{ExecRequest, ExitStatus, Identity};
+pub use protocol::{ExecRequest, ExitStatus, Identity, TerminalSize};

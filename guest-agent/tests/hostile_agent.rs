@@ -163,8 +163,10 @@ fn endless_output_is_capped_and_the_process_killed() {
                 FrameKind::Window => credit += u64::from(f.window_bytes().unwrap()),
                 FrameKind::Ping => fake.send(&Frame::pong(f.nonce().unwrap())),
                 FrameKind::Control => {
-                    let Control::Signal { signal } = f.parse().unwrap();
-                    killed = signal == libc::SIGKILL;
+                    killed = f.parse::<Control>().unwrap()
+                        == Control::Signal {
+                            signal: libc::SIGKILL,
+                        };
                 }
                 FrameKind::Reset => return killed && f.stream == id,
                 other => panic!("unexpected {other:?}"),

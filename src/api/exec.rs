@@ -138,6 +138,7 @@ impl ExecBody {
             user: self.user.clone(),
             stdin: self.stdin.is_some() || self.keep_stdin_open,
             timeout_ms: self.timeout_seconds.map(|t| t * 1000),
+            pty: None,
         })
     }
 }

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{channel, Control, ExitStatus, Frame, FrameKind, Reset, DATA_CHUNK};
+use crate::protocol::{
+    channel, Control, ExitStatus, Frame, FrameKind, Reset, TerminalSize, DATA_CHUNK,
+};
 
 use super::connection::Connection;
 use super::stream::{Incoming, StreamSlot};
@@ -81,6 +83,12 @@ impl ExecHandle {
     /// Sends a signal to the process group.
     pub fn signal(&self, signal: i32) -> Result<(), ClientError> {
         self.input.signal(signal)
+    }
+
+    /// A terminal's new size (an exec started with `pty`; ignored
+    /// otherwise).
+    pub fn resize(&self, size: TerminalSize) -> Result<(), ClientError> {
+        self.input.resize(size)
     }
 
     /// Kills the process group (SIGKILL); its exit status follows.
@@ -263,6 +271,19 @@ impl ExecInput {
             FrameKind::Control,
             self.slot.id,
             &Control::Signal { signal },
+        ))
+    }
+
+    /// See [`ExecHandle::resize`].
+    pub fn resize(&self, size: TerminalSize) -> Result<(), ClientError> {
+        size.check().map_err(|message| ClientError::Refused {
+            code: crate::protocol::ErrorCode::BadRequest,
+            message,
+        })?;
+        self.conn.send(&Frame::json(
+            FrameKind::Control,
+            self.slot.id,
+            &Control::Resize(size),
         ))
     }
 }

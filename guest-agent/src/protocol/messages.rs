@@ -239,6 +239,43 @@ pub struct ExecRequest {
     /// guest does.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Run it on a terminal of this size: a new session whose controlling
+    /// terminal is a PTY, its stdin, stdout and stderr all that terminal
+    /// (so `stdin` is implied and all output comes on channel 1, as the
+    /// terminal renders it). Job control works as on any terminal: the
+    /// bytes the host sends are keystrokes (a 0x03 is Ctrl-C to the
+    /// foreground job), [`Control::Resize`] changes the size. A terminal
+    /// has no end of input: Eof on channel 0 is ignored (send 0x04, the
+    /// terminal's end-of-file key, to a program that reads to the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<TerminalSize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+impl TerminalSize {
+    /// Largest side the agent accepts: a terminal is drawn by someone.
+    pub const MAX: u16 = 4096;
+
+    /// Both sides within 1..=[`TerminalSize::MAX`].
+    pub fn check(&self) -> Result<(), String> {
+        let ok = |n: u16| (1..=Self::MAX).contains(&n);
+        if ok(self.cols) && ok(self.rows) {
+            Ok(())
+        } else {
+            Err(format!(
+                "a terminal of {}x{} (columns x rows): each must be 1 to {}",
+                self.cols,
+                self.rows,
+                Self::MAX
+            ))
+        }
+    }
 }
 
 impl ExecRequest {
@@ -353,6 +390,9 @@ fn other_code() -> ErrorCode {
 pub enum Control {
     /// Deliver a signal to the exec's process group.
     Signal { signal: i32 },
+    /// A terminal's new size (an exec on a PTY; ignored otherwise): its
+    /// foreground job gets SIGWINCH.
+    Resize(TerminalSize),
 }
 
 /// Why a stream was aborted. From the host, resetting an exec stream

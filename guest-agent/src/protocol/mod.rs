@@ -18,7 +18,7 @@
 //! | 4 | Data | both | channel byte, then bytes; counts against the receiver's window |
 //! | 5 | Eof | both | channel byte: nothing more on that channel |
 //! | 6 | Window | both | u32 LE: the receiver took this many more bytes |
-//! | 7 | Control | host to agent | JSON [`Control`] (a signal) |
+//! | 7 | Control | host to agent | JSON [`Control`] (a signal, a terminal's size) |
 //! | 8 | End | agent to host | JSON: the stream's last frame ([`ExitStatus`] for an exec, [`files::TransferEnd`] for a file) |
 //! | 9 | Reset | both | JSON [`Reset`]: the stream is aborted (from the host: detached) |
 //! | 10 | Ping | both, stream 0 | u64 LE nonce, answered by Pong |
@@ -50,7 +50,7 @@ mod reader;
 pub use frame::{Frame, FrameKind};
 pub use messages::{
     AttachEnd, Control, ErrorCode, ExecRequest, ExitStatus, Hello, Identity, Open, ProcessInfo,
-    Reply, Reset, DETACHED_LOG_BYTES,
+    Reply, Reset, TerminalSize, DETACHED_LOG_BYTES,
 };
 pub use reader::{FrameReader, Poll};
 

@@ -20,6 +20,8 @@ use crate::{detached, exec, files, ports, tree, watch};
 struct Running {
     stream: Arc<ExecStream>,
     pid: i32,
+    /// The agent's end of an exec's terminal, for resizes.
+    terminal: Option<Arc<File>>,
 }
 
 type Streams = Arc<Mutex<HashMap<u32, Running>>>;
@@ -97,6 +99,7 @@ fn route(
     while let Some(frame) = read(reader)? {
         let id = frame.stream;
         let stream = || lock(streams).get(&id).map(|r| (r.stream.clone(), r.pid));
+        let terminal = || lock(streams).get(&id).and_then(|r| r.terminal.clone());
         match frame.kind {
             FrameKind::Open => open(&frame, writer, streams, host_window),
             FrameKind::Data => {
@@ -110,7 +113,8 @@ fn route(
                 }
             }
             FrameKind::Eof => {
-                if frame.channel()? == channel::STDIN {
+                // A terminal has no end of input.
+                if frame.channel()? == channel::STDIN && terminal().is_none() {
                     if let Some((s, _)) = stream() {
                         s.close_stdin();
                     }
@@ -122,12 +126,20 @@ fn route(
                     s.add_credit(grant);
                 }
             }
-            FrameKind::Control => {
-                let Control::Signal { signal } = frame.parse()?;
-                if let Some((_, pid)) = stream().filter(|(_, pid)| *pid > 0) {
-                    let _ = sys::kill(-pid, signal);
+            FrameKind::Control => match frame.parse()? {
+                Control::Signal { signal } => {
+                    if let Some((_, pid)) = stream().filter(|(_, pid)| *pid > 0) {
+                        let _ = sys::kill(-pid, signal);
+                    }
                 }
-            }
+                // A size out of bounds is ignored like a resize of a
+                // stream without a terminal.
+                Control::Resize(size) => {
+                    if let Some(t) = terminal().filter(|_| size.check().is_ok()) {
+                        let _ = crate::terminal::resize(&t, size);
+                    }
+                }
+            },
             // The host detached: the process runs on, unheard.
             FrameKind::Reset => {
                 if let Some(running) = lock(streams).remove(&id) {
@@ -167,11 +179,12 @@ fn open(frame: &Frame, writer: &Writer, streams: &Streams, host_window: u32) {
                 return;
             };
             match exec::start(stream, req, on_exit) {
-                Ok(pid) => {
+                Ok(started) => {
                     // Signals sent meanwhile reached pid 0, our own group:
                     // none can have been, the host waits for Started.
                     if let Some(r) = lock(streams).get_mut(&id) {
-                        r.pid = pid;
+                        r.pid = started.pid;
+                        r.terminal = started.terminal;
                     }
                 }
                 Err(message) => {
@@ -284,6 +297,7 @@ fn open_stream(
         Running {
             stream: stream.clone(),
             pid: 0,
+            terminal: None,
         },
     );
     let cleanup = streams.clone();

@@ -135,6 +135,12 @@ pub fn spawn(req: &ExecRequest) -> Result<Reply, Failure> {
         code: ErrorCode::SpawnFailed,
         message,
     };
+    if req.pty.is_some() {
+        return Err(Failure {
+            code: ErrorCode::BadRequest,
+            message: "a detached process has no terminal (its output is a log)".into(),
+        });
+    }
     let (mut cmd, cwd) = command(req).map_err(failed)?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

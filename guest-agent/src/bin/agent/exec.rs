@@ -2,20 +2,22 @@
 //! within the host's credit, feed stdin, enforce the timeout, report the
 //! exit.
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
 use guest_agent::protocol::{
-    channel, ExecRequest, ExitStatus, Frame, FrameKind, Reply, DATA_CHUNK,
+    channel, ExecRequest, ExitStatus, Frame, FrameKind, Reply, TerminalSize, DATA_CHUNK,
 };
 
 use crate::reaper::Reaper;
 use crate::stream::ExecStream;
 use crate::sys;
+use crate::terminal;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -84,6 +86,11 @@ pub fn command(req: &ExecRequest) -> Result<(Command, String), String> {
         .map_or("/root".to_string(), |u| u.home.clone());
     cmd.env("HOME", &home);
     cmd.env("USER", user.as_ref().map_or("root", |u| u.name.as_str()));
+    if req.pty.is_some() {
+        // What the host's terminal emulators are; the request may say
+        // otherwise.
+        cmd.env("TERM", "xterm-256color");
+    }
     for (k, v) in &req.env {
         cmd.env(k, v);
     }
@@ -98,19 +105,34 @@ pub fn command(req: &ExecRequest) -> Result<(Command, String), String> {
     if let Some(u) = &user {
         cmd.uid(u.uid).gid(u.gid);
     }
-    cmd.process_group(0);
+    // A terminal's process starts a session of its own instead
+    // (terminal::Pair::attach), which makes it a group leader too.
+    if req.pty.is_none() {
+        cmd.process_group(0);
+    }
     sys::unblock_signals_on_exec(&mut cmd);
     Ok((cmd, cwd))
 }
 
+/// A process that started: its pid and, on a terminal, the terminal's
+/// end the agent keeps (for resizes).
+pub struct Started {
+    pub pid: i32,
+    pub terminal: Option<Arc<File>>,
+}
+
 /// Spawns the process and the threads serving it, and sends the `Started`
 /// reply (before any output). The End frame follows all output;
-/// `on_exit` runs after it. Returns the process id.
+/// `on_exit` runs after it.
 pub fn start(
     stream: Arc<ExecStream>,
     req: ExecRequest,
     on_exit: impl FnOnce() + Send + 'static,
-) -> Result<i32, String> {
+) -> Result<Started, String> {
+    if let Some(size) = req.pty {
+        size.check()?;
+        return start_on_terminal(stream, req, size, on_exit);
+    }
     let (mut cmd, cwd) = command(&req)?;
     let program = &req.argv[0];
     cmd.stdin(if req.stdin {
@@ -156,7 +178,64 @@ pub fn start(
         stream.send(&Frame::json(FrameKind::End, stream.id, &status));
         on_exit();
     });
-    Ok(pid)
+    Ok(Started {
+        pid,
+        terminal: None,
+    })
+}
+
+/// [`start`] for a process on a new terminal of `size`: one pump for
+/// what the terminal renders, stdin written to the terminal as typed.
+fn start_on_terminal(
+    stream: Arc<ExecStream>,
+    req: ExecRequest,
+    size: TerminalSize,
+    on_exit: impl FnOnce() + Send + 'static,
+) -> Result<Started, String> {
+    let (mut cmd, cwd) = command(&req)?;
+    let program = &req.argv[0];
+    let failed = |e: std::io::Error| format!("cannot open a terminal for {program:?}: {e}");
+    let pair = terminal::open(size).map_err(failed)?;
+    pair.attach(&mut cmd).map_err(failed)?;
+    let keystrokes = pair.master.try_clone().map_err(failed)?;
+    let resizer = Arc::new(pair.master.try_clone().map_err(failed)?);
+    let wake = Arc::new(terminal::Wake::new().map_err(failed)?);
+    let (child, exited) = Reaper::global().spawn(|| {
+        cmd.spawn()
+            .map(|c| (c.id() as i32, c))
+            .map_err(|e| format!("cannot run {program:?} in {cwd:?}: {e}"))
+    })?;
+    // The slave's copies here must close, or the terminal never reports
+    // that its last user went.
+    drop(cmd);
+    let terminal::Pair { master, slave } = pair;
+    drop(slave);
+    let pid = child.id() as i32;
+    stream.send(&Frame::json(
+        FrameKind::Reply,
+        stream.id,
+        &Reply::Started { pid },
+    ));
+    let s = stream.clone();
+    spawn_thread("keystrokes", move || feed_stdin(keystrokes, &s));
+    let on_abandon = wake.clone();
+    stream.on_abandon(move || on_abandon.notify());
+    let leader = wake.clone();
+    let output = terminal::pump(master, stream.clone(), pid, wake);
+    let timeout = req.timeout_ms.map(Duration::from_millis);
+    spawn_thread("exec-wait", move || {
+        let status = wait(pid, &exited, timeout);
+        leader.leader_exited();
+        let _ = output.join();
+        stream.send(&Frame::json(FrameKind::End, stream.id, &status));
+        // Over: this ends the keystroke writer, which closes the terminal.
+        stream.abandon();
+        on_exit();
+    });
+    Ok(Started {
+        pid,
+        terminal: Some(resizer),
+    })
 }
 
 pub fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
@@ -230,7 +309,9 @@ fn pump(
     })
 }
 
-fn feed_stdin(mut pipe: ChildStdin, stream: &ExecStream) {
+/// Feeds the host's stdin to a pipe or a terminal (whose Eof the
+/// connection never passes on: a terminal has no end of input).
+fn feed_stdin(mut pipe: impl Write, stream: &ExecStream) {
     while let Some(data) = stream.next_stdin() {
         if pipe.write_all(&data).is_err() {
             stream.stdin_taken(data.len());

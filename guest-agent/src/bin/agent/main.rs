@@ -14,6 +14,7 @@ mod ports;
 mod reaper;
 mod stream;
 mod sys;
+mod terminal;
 mod tree;
 mod vsock;
 mod watch;
@@ -100,5 +101,7 @@ fn fatal(pid1: bool, message: &str) -> ! {
 
 #[cfg(test)]
 mod files_tests;
+#[cfg(test)]
+mod terminal_tests;
 #[cfg(test)]
 mod tests;

@@ -79,6 +79,9 @@ pub struct ExecStream {
     writer: Writer,
     state: Mutex<State>,
     changed: Condvar,
+    /// Runs when the stream is abandoned, for a thread that waits on
+    /// something other than the stream (a terminal's output).
+    on_abandon: Mutex<Option<Box<dyn Fn() + Send>>>,
 }
 
 struct State {
@@ -109,6 +112,7 @@ impl ExecStream {
                 stdin_gone: false,
             }),
             changed: Condvar::new(),
+            on_abandon: Mutex::new(None),
         })
     }
 
@@ -260,6 +264,14 @@ impl ExecStream {
     pub fn abandon(&self) {
         self.lock().live = false;
         self.changed.notify_all();
+        if let Some(hook) = &*self.on_abandon.lock().unwrap_or_else(|p| p.into_inner()) {
+            hook();
+        }
+    }
+
+    /// `hook` runs whenever the stream is abandoned.
+    pub fn on_abandon(&self, hook: impl Fn() + Send + 'static) {
+        *self.on_abandon.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(hook));
     }
 }
 
