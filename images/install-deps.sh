@@ -9,6 +9,7 @@ packages=(
     build-essential flex bison bc libelf-dev libssl-dev  # kernel build
     libclang-dev          # bindgen for userfaultfd-sys
     e2fsprogs cpio xz-utils zstd file
+    tmux                  # the terminal the interactive-shell test drives
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -41,6 +41,23 @@ pub fn encode(s: &str) -> String {
         .collect()
 }
 
+/// The error for a refused request: the API's code and message when the
+/// body has them.
+fn refusal(status: StatusCode, body: &[u8]) -> anyhow::Error {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ApiRefusal {
+            status,
+            code: e.code,
+            message: e.message,
+        }
+        .into(),
+        Err(_) => anyhow!(
+            "the daemon answered {status}: {}",
+            String::from_utf8_lossy(body)
+        ),
+    }
+}
+
 pub struct ApiClient {
     socket: PathBuf,
     runtime: tokio::runtime::Runtime,
@@ -73,14 +90,32 @@ impl ApiClient {
         self.send_body(method, path, content_type, full).await
     }
 
-    async fn send_body(
+    /// Runs `f` on the client's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+
+    /// A WebSocket session with the daemon at `path`; a refusal before the
+    /// upgrade is an [`ApiRefusal`] like any other request's.
+    pub async fn websocket(
         &self,
-        method: Method,
         path: &str,
-        content_type: Option<&str>,
-        body: BoxBody<Bytes, std::io::Error>,
-    ) -> Result<hyper::Response<hyper::body::Incoming>> {
-        let stream = tokio::time::timeout(
+    ) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::UnixStream>> {
+        use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error};
+        let stream = self.connect().await?;
+        let request = format!("ws://capsule{path}").into_client_request()?;
+        match tokio_tungstenite::client_async(request, stream).await {
+            Ok((socket, _)) => Ok(socket),
+            Err(Error::Http(response)) => {
+                let body = response.body().clone().unwrap_or_default();
+                Err(refusal(response.status(), &body))
+            }
+            Err(e) => Err(anyhow!("opening a WebSocket to the daemon: {e}")),
+        }
+    }
+
+    async fn connect(&self) -> Result<tokio::net::UnixStream> {
+        Ok(tokio::time::timeout(
             CONNECT_TIMEOUT,
             tokio::net::UnixStream::connect(&self.socket),
         )
@@ -96,7 +131,17 @@ impl ApiClient {
                 "cannot reach the daemon at {} ({e}); start it with `capsule serve`",
                 self.socket.display()
             ))
-        })?;
+        })?)
+    }
+
+    async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: BoxBody<Bytes, std::io::Error>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
+        let stream = self.connect().await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("talking to the daemon")?;
@@ -120,18 +165,7 @@ impl ApiClient {
         }
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
-        Err(match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(e) => ApiRefusal {
-                status,
-                code: e.code,
-                message: e.message,
-            }
-            .into(),
-            Err(_) => anyhow!(
-                "the daemon answered {status}: {}",
-                String::from_utf8_lossy(&body)
-            ),
-        })
+        Err(refusal(status, &body))
     }
 
     /// A request whose answer is JSON (or nothing, for 204).

@@ -20,6 +20,7 @@ mod processes;
 mod progress;
 mod run;
 mod secrets;
+mod shell;
 mod store;
 
 use std::process::ExitCode;
@@ -91,6 +92,9 @@ enum Command {
     /// An MCP server on stdio whose tools drive sandboxes through the
     /// daemon (`claude mcp add capsule -- capsule mcp`).
     Mcp(mcp::McpArgs),
+    /// An interactive terminal in a daemon sandbox (a login shell, or the
+    /// command after `--`); exits with the program's status.
+    Shell(shell::ShellArgs),
     /// Copy a file into or out of a daemon sandbox (`ID:/path` names the
     /// sandbox side; -r for a directory tree).
     Cp(files::CpArgs),
@@ -147,6 +151,7 @@ fn main() -> ExitCode {
             manage::sandbox(manage::SandboxCommand::Resume { id, json: false })
         }
         Command::Mcp(args) => mcp::serve(args),
+        Command::Shell(args) => shell::shell(args),
         Command::Cp(args) => files::cp(args),
         Command::Files(command) => files::files(command),
         Command::Ps(args) => processes::ps(args),

@@ -18,7 +18,10 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 scratch /scratch || fa
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
 mount --bind /dev /host/dev
-mount -t devpts devpts /host/dev/pts 2>/dev/null
+# devtmpfs has no pts or shm directories of its own; terminals (tmux in
+# the interactive-shell test) need devpts.
+mkdir -p /host/dev/pts /host/dev/shm
+mount -t devpts -o mode=0620,ptmxmode=0666 devpts /host/dev/pts || fail "cannot mount devpts"
 mount -t tmpfs tmpfs /host/dev/shm 2>/dev/null
 # Writable temporary space lives under /run (TMPDIR points there): /tmp
 # stays the host's, read-only, because the checkout may live under it.

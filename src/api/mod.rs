@@ -16,6 +16,7 @@ mod sandboxes;
 mod secrets;
 pub mod stats;
 mod templates;
+pub mod terminal;
 
 use std::sync::Arc;
 
@@ -45,6 +46,7 @@ use crate::daemon::AppState;
         stats::sandbox_stats,
         templates::snapshot,
         exec::exec,
+        terminal::pty,
         commands::list,
         commands::signal,
         commands::stdin,
@@ -83,6 +85,8 @@ use crate::daemon::AppState;
         events::stream,
         stats::metrics,
     ),
+    // The WebSocket's messages, which no path's body names.
+    components(schemas(terminal::PtyStart, terminal::PtyControl, terminal::PtyEvent)),
     tags(
         (name = "sandboxes", description = "Sandboxes: create, inspect, run commands, end"),
         (name = "files", description = "Files in a sandbox: streamed upload and download, stat, list, mkdir, remove, rename"),
@@ -174,6 +178,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
+        .route("/v1/sandboxes/{id}/pty", get(terminal::pty))
         .route("/v1/sandboxes/{id}/commands", get(commands::list))
         .route(
             "/v1/sandboxes/{id}/commands/{pid}/signal",

@@ -13,9 +13,9 @@ use super::*;
 #[path = "../common/daemon.rs"]
 mod fixture;
 
-use fixture::Daemon;
+pub(super) use fixture::Daemon;
 
-fn start() -> Daemon {
+pub(super) fn start() -> Daemon {
     let home = tempfile::tempdir().unwrap();
     Daemon::start_in(
         home,
@@ -52,7 +52,7 @@ fn not_the_test_hosts_doing(status: u16, body: &Value) {
     }
 }
 
-fn create(d: &Daemon, body: &str) -> String {
+pub(super) fn create(d: &Daemon, body: &str) -> String {
     let (status, s) = d.call("POST", "/v1/sandboxes", Some(body));
     not_the_test_hosts_doing(status, &s);
     assert_eq!(status, 201, "create {body}: {s}");

@@ -749,3 +749,4 @@ mod daemon;
 mod files;
 mod hostile;
 mod snapshot;
+mod terminal;
