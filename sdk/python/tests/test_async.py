@@ -128,3 +128,18 @@ async def test_async_detached_processes(aclient):
         chunks = [c async for c in proc.logs(offset=4)]
         assert b"".join(c.data for c in chunks if c.stream == "stdout") == b"later\n"
         assert [p.pid for p in await sb.commands.processes()] == [proc.pid]
+
+
+async def test_async_terminal(aclient):
+    async with await AsyncSandbox.create(template=TEMPLATE, capsule=aclient) as sb:
+        seen = []
+
+        async def on_data(data):
+            seen.append(data)
+
+        term = await sb.pty.create(cols=50, rows=10, cmd="stty size; read line; echo got:$line",
+                                   on_data=on_data)
+        await term.send("hello\n")
+        assert await term.wait(timeout=60) == 0
+        text = b"".join(seen).decode()
+        assert "10 50" in text and "got:hello" in text, text

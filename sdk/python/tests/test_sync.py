@@ -322,3 +322,45 @@ def test_a_detached_process_is_reattached_mid_output_with_nothing_lost(client, s
     with pytest.raises(capsule.NotFound) as e:
         sandbox.commands.connect(999999)
     assert e.value.code == "process_not_found"
+
+
+def _read_until(term, want, timeout=60.0):
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while want not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"never saw {want!r} in {seen!r}"
+        chunk = term.read(timeout=left)
+        assert chunk, f"the session ended before {want!r}: {seen!r}"
+        seen += chunk
+    return seen
+
+
+def _run(term, command):
+    """What the terminal shows for ``command``, up to a marker the typed
+    line itself does not contain (a shell redraws its prompt at will)."""
+    term.send(command + "; echo @@$((40+2))\n")
+    return _read_until(term, b"@@42")
+
+
+def test_a_terminal_session_resizes_takes_ctrl_c_and_reports_its_exit(client, sandbox):
+    with sandbox.pty.create(cols=90, rows=20, cmd=["sh", "-i"]) as term:
+        assert b"20 90" in _run(term, "stty size")
+        term.resize(cols=111, rows=33)
+        assert b"33 111" in _run(term, "stty size")
+        term.send("sleep 100\n")
+        time.sleep(0.5)
+        term.send(b"\x03")
+        assert b"rc=130" in _run(term, "echo rc=$?")
+        term.send("exit 4\n")
+        assert term.wait(timeout=60) == 4
+    # Output comes to a callback as it is produced, the terminal's way.
+    seen = []
+    term = sandbox.pty.create(cmd="echo one; sleep 1; echo two", on_data=seen.append)
+    assert term.wait(timeout=60) == 0
+    assert b"".join(seen) == b"one\r\ntwo\r\n"
+    with pytest.raises(capsule.NotFound):
+        Sandbox("sb-missing", client).pty.create()
+    with pytest.raises(capsule.BadRequest) as e:
+        sandbox.pty.create(cols=0)
+    assert e.value.code == "bad_request"

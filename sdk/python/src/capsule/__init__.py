@@ -23,11 +23,13 @@ from .models import (CommandInfo, CommandResult, EntryInfo, Ending, Event, Files
                      GroupInfo, LogChunk, PoolStatus, ProcessInfo, SandboxInfo, SandboxStats,
                      SecretInfo, TemplateInfo)
 from .processes import AsyncProcessHandle, ProcessHandle
+from .pty import AsyncPty, AsyncPtySession, Pty, PtySession
 from .sandbox import Capsule, CommandHandle, Commands, Sandbox, Snapshot, Template
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncPty", "AsyncPtySession", "Pty", "PtySession",
     "AsyncCapsule", "AsyncCommandHandle", "AsyncFiles", "AsyncSandbox", "AsyncTemplate",
     "AsyncWatchHandle", "FilesystemEvent", "WatchHandle", "AsyncProcessHandle", "ProcessHandle",
     "ProcessInfo", "LogChunk",

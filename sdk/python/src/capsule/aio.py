@@ -16,6 +16,7 @@ from ._http import DEFAULT_REQUEST_TIMEOUT, AsyncHttp, parse_line
 from ._wire import DEFAULT_COMMAND_TIMEOUT, Command, OutputCallback, seg
 from .files import AsyncFiles
 from .processes import AsyncProcessHandle
+from .pty import AsyncPty
 from .errors import CapsuleError, Conflict, NotFound, SandboxFailed, Timeout, ended
 from .models import (CommandInfo, CommandResult, Event, GroupInfo, PoolStatus, ProcessInfo,
                      SandboxInfo, SandboxStats, SecretInfo, TemplateInfo)
@@ -70,6 +71,7 @@ class AsyncSandbox:
         self._info = info
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
+        self.pty = AsyncPty(self)
 
     @property
     def sandbox_id(self) -> str:

@@ -12,6 +12,7 @@ from ._http import DEFAULT_REQUEST_TIMEOUT, Http, parse_line
 from ._wire import DEFAULT_COMMAND_TIMEOUT, Command, OutputCallback, seg
 from .files import Files
 from .processes import ProcessHandle
+from .pty import Pty
 from .errors import CapsuleError, Conflict, NotFound, SandboxFailed, Timeout, ended
 from .models import (CommandInfo, CommandResult, Event, GroupInfo, PoolStatus, ProcessInfo,
                      SandboxInfo, SandboxStats, SecretInfo, TemplateInfo)
@@ -84,6 +85,7 @@ class Sandbox:
         self._info = info
         self.commands = Commands(self)
         self.files = Files(self)
+        self.pty = Pty(self)
 
     @property
     def sandbox_id(self) -> str:
