@@ -121,6 +121,11 @@ pub fn setup() -> BootOptions {
     if let Err(e) = sys::sethostname(&opts.hostname) {
         eprintln!("capsule-agent: sethostname: {e}");
     }
+    // Servers in the guest listen on its loopback, which is where
+    // forwarded ports and previews connect.
+    if let Err(e) = sys::loopback_up() {
+        eprintln!("capsule-agent: cannot bring up the loopback interface: {e}");
+    }
     opts
 }
 

@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
@@ -100,6 +101,29 @@ pub fn set_realtime(unix_ns: u64) -> io::Result<()> {
 pub fn sync() {
     // SAFETY: no arguments, cannot fail.
     unsafe { libc::sync() };
+}
+
+/// Brings the loopback interface (`lo`) up, as an init's network set-up
+/// would: 127.0.0.1 is routable once it is.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: a plain syscall creating a new descriptor.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor owned here.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; zeroed is a valid (empty) value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS fills the flags of a live ifreq naming "lo".
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) })?;
+    // SAFETY: the union's flags member is the one SIOCGIFFLAGS set.
+    unsafe { request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads a live ifreq.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) })
 }
 
 /// Sends `signal` to `pid` (negative: a process group; -1: everyone but us).
