@@ -90,8 +90,8 @@ fn shell_in_tmux(d: &Daemon, id: &str) -> Tmux {
     // back in canonical mode with echo.
     let script = format!(
         "CAPSULE_HOME={home} {capsule} shell {id}; echo shell-exit=$?; \
-         stty -a | tr ' ' '\\n' | grep -x -e icanon -e -icanon -e echo -e -echo | tr '\\n' ' '; \
-         echo; sleep 600",
+         echo \"modes: $(stty -a | tr ' ' '\\n' | grep -x -e icanon -e -icanon -e echo -e -echo \
+         | tr '\\n' ' ')|modes-end\"; sleep 600",
         home = home.display()
     );
     assert!(Path::new(capsule).exists());
@@ -148,14 +148,16 @@ fn an_interactive_shell_in_a_real_terminal_resizes_takes_ctrl_c_and_restores_the
     tmux.wait_for("back", 1);
 
     tmux.keys(&["exit 3", "Enter"]);
-    let screen = tmux.wait_for("shell-exit=", 1);
+    // The line after the session is whole once stty has answered.
+    let screen = tmux.wait_for("|modes-end", 1);
     assert!(screen.contains("shell-exit=3"), "{screen}");
     // The local terminal is canonical and echoes again.
     let modes = screen
         .lines()
         .rev()
-        .find(|l| l.contains("icanon"))
+        .find_map(|l| l.strip_prefix("modes: "))
         .unwrap_or_default()
+        .trim_end_matches("|modes-end")
         .to_string();
     assert_eq!(
         modes.split_whitespace().collect::<Vec<_>>(),
