@@ -16,6 +16,7 @@ mod keeper;
 mod labels;
 mod manage;
 mod mcp;
+mod ports;
 mod processes;
 mod progress;
 mod run;
@@ -92,6 +93,9 @@ enum Command {
     /// An MCP server on stdio whose tools drive sandboxes through the
     /// daemon (`claude mcp add capsule -- capsule mcp`).
     Mcp(mcp::McpArgs),
+    /// Expose a guest TCP port on the host's loopback and print its
+    /// address (no PORT: list them; --rm PORT: stop).
+    Port(ports::PortArgs),
     /// An interactive terminal in a daemon sandbox (a login shell, or the
     /// command after `--`); exits with the program's status.
     Shell(shell::ShellArgs),
@@ -152,6 +156,7 @@ fn main() -> ExitCode {
         }
         Command::Mcp(args) => mcp::serve(args),
         Command::Shell(args) => shell::shell(args),
+        Command::Port(args) => ports::port(args),
         Command::Cp(args) => files::cp(args),
         Command::Files(command) => files::files(command),
         Command::Ps(args) => processes::ps(args),

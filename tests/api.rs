@@ -643,3 +643,97 @@ fn the_json_log_is_one_object_per_line() {
         );
     }
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// curl through the preview gateway with `host` as the Host header:
+/// status and JSON body.
+fn preview(gateway: u16, host: &str) -> (u16, Value) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "20", "-w", "\n%{http_code}", "-H"])
+        .arg(format!("Host: {host}"))
+        .arg(format!("http://127.0.0.1:{gateway}/index.html"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", ""));
+    (
+        status.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+#[test]
+fn the_preview_gateway_refuses_what_it_cannot_route_with_the_reason() {
+    let gateway = free_port();
+    let d = start(&["--gateway", &format!("127.0.0.1:{gateway}")]);
+    let msg = refused(preview(gateway, "example.com"), 404, "not_a_preview");
+    assert!(msg.contains("<port>-<sandbox id>.localhost"), "{msg}");
+    refused(preview(gateway, "8000.localhost"), 404, "not_a_preview");
+    let msg = refused(
+        preview(
+            gateway,
+            &format!("8000-sb-nosuchsandbox00.localhost:{gateway}"),
+        ),
+        404,
+        "sandbox_not_found",
+    );
+    assert!(msg.contains("sb-nosuchsandbox00"), "{msg}");
+    // Not HTTP at all, and a head past the bound.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", gateway)).unwrap();
+    use std::io::{Read, Write};
+    raw.write_all(b"\x16\x03\x01 hello\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", gateway)).unwrap();
+    let long = format!("GET / HTTP/1.1\r\nX-Long: {}\r\n", "a".repeat(20 << 10));
+    let _ = raw.write_all(long.as_bytes());
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    // The daemon's API still answers.
+    let (status, _) = d.call("GET", "/v1/sandboxes", None);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn ports_and_terminals_of_a_missing_sandbox_are_not_found() {
+    let d = start(&[]);
+    let missing = "/v1/sandboxes/sb-nosuchsandbox00";
+    refused(
+        d.call(
+            "POST",
+            &format!("{missing}/ports"),
+            Some(r#"{"port": 8000}"#),
+        ),
+        404,
+        "sandbox_not_found",
+    );
+    refused(
+        d.call("GET", &format!("{missing}/ports"), None),
+        404,
+        "sandbox_not_found",
+    );
+    refused(
+        d.call("DELETE", &format!("{missing}/ports/8000"), None),
+        404,
+        "sandbox_not_found",
+    );
+    refused(
+        d.call("GET", &format!("{missing}/pty"), None),
+        404,
+        "sandbox_not_found",
+    );
+    let (code, _, err) = d.capsule(&["port", "sb-nosuchsandbox00", "8000"]);
+    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = d.capsule(&["shell", "sb-nosuchsandbox00"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("sandbox_not_found"), "{err}");
+}

@@ -68,6 +68,7 @@ impl From<StoreError> for ApiError {
                     "secret" => "secret_not_found",
                     "template" => "template_not_found",
                     "pool" => "pool_not_found",
+                    "port" => "port_not_found",
                     _ => "not_found",
                 };
                 ApiError::new(StatusCode::NOT_FOUND, code, message)

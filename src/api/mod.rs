@@ -11,6 +11,7 @@ pub mod files;
 mod groups;
 pub mod model;
 mod pools;
+pub mod ports;
 pub mod processes;
 mod sandboxes;
 mod secrets;
@@ -20,7 +21,7 @@ pub mod terminal;
 
 use std::sync::Arc;
 
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use utoipa::OpenApi;
 
@@ -47,6 +48,9 @@ use crate::daemon::AppState;
         templates::snapshot,
         exec::exec,
         terminal::pty,
+        ports::expose,
+        ports::list,
+        ports::unexpose,
         commands::list,
         commands::signal,
         commands::stdin,
@@ -179,6 +183,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
         .route("/v1/sandboxes/{id}/pty", get(terminal::pty))
+        .route(
+            "/v1/sandboxes/{id}/ports",
+            post(ports::expose).get(ports::list),
+        )
+        .route("/v1/sandboxes/{id}/ports/{port}", delete(ports::unexpose))
         .route("/v1/sandboxes/{id}/commands", get(commands::list))
         .route(
             "/v1/sandboxes/{id}/commands/{pid}/signal",

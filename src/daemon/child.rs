@@ -152,5 +152,6 @@ fn connect_with(
         pid,
         activity,
         commands: Default::default(),
+        ports: Default::default(),
     }))
 }

@@ -13,10 +13,12 @@
 //! ```
 
 mod child;
+pub mod gateway;
 pub mod logging;
 pub mod metrics;
 mod pidfd;
 pub mod pool;
+pub mod ports;
 pub mod stats;
 pub mod supervisor;
 mod suspend;
@@ -41,6 +43,8 @@ pub struct AppState {
     /// The guest kernel and initramfs used when a create names none.
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// Where previews are served, if they are (`--gateway`).
+    pub gateway: Option<gateway::Gateway>,
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +68,15 @@ pub struct ServeArgs {
     /// are refused with 429 `host_full`).
     #[arg(long)]
     pub max_sandboxes: Option<u32>,
+    /// Serve HTTP previews on this address (e.g. 127.0.0.1:7880):
+    /// `http://<port>-<sandbox id>.<domain>:<its port>/` reaches that
+    /// exposed port of that sandbox, WebSocket upgrades included.
+    #[arg(long, value_name = "ADDR")]
+    pub gateway: Option<SocketAddr>,
+    /// The domain preview host names end in (`localhost` resolves to
+    /// loopback with no DNS set-up; a wildcard DNS name for remote use).
+    #[arg(long, default_value = "localhost", value_name = "DOMAIN")]
+    pub preview_domain: String,
     /// How the log on stderr is written; its level is CAPSULE_LOG's
     /// (`info` unless set; `debug`, `warn`, or a tracing filter).
     #[arg(long, value_enum, default_value_t)]
@@ -113,11 +126,16 @@ pub fn serve(args: ServeArgs) -> Result<u8> {
         (Some(_), None) => bail!("--listen needs --token-file: TCP requests need a bearer token"),
         (None, _) => None,
     };
+    let gateway = args
+        .gateway
+        .map(|addr| gateway::start(Arc::clone(&supervisor), addr, args.preview_domain.clone()))
+        .transpose()?;
     let state = Arc::new(AppState {
         supervisor,
         sealer,
         kernel,
         initramfs,
+        gateway,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

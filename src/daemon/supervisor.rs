@@ -68,6 +68,8 @@ pub struct Live {
     pub pid: u32,
     pub activity: Activity,
     pub commands: Commands,
+    /// Its exposed ports' forwards, while it runs.
+    pub ports: super::ports::PortForwards,
 }
 
 /// The commands streaming in a sandbox, by their process id in the guest:
@@ -406,6 +408,7 @@ impl Supervisor {
                 let Some(live) = me.take_live(&id, pid) else {
                     return; // deleted or suspended: that recorded why
                 };
+                live.ports.close_all();
                 let exit = lock(&live.child).exit_reason();
                 let (reason, detail) = match (&exit, status) {
                     (Some(vmm::VmExit::GuestPowerOff), _) | (Some(vmm::VmExit::GuestReset), _) => (
@@ -475,6 +478,7 @@ impl Supervisor {
         drop(store);
         let live = lock(&self.live).remove(id);
         if let Some(live) = live {
+            live.ports.close_all();
             lock(&live.child).kill();
         }
         let _ = std::fs::remove_dir_all(self.dir(id));
@@ -534,6 +538,7 @@ impl Supervisor {
             match connected {
                 Ok(live) => {
                     let pid = live.pid;
+                    self.open_ports(id, &live);
                     lock(&self.live).insert(id.clone(), live);
                     self.watch(id, pid);
                     tracing::info!("adopted (capsule-vmm pid {pid})");

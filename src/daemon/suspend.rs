@@ -77,6 +77,7 @@ impl Supervisor {
                 "suspended",
             )?
         };
+        live.ports.close_all();
         lock(&live.child).kill();
         // Recorded as suspended already; a last step that fails here is
         // finished by the resume (or the next daemon).
@@ -158,6 +159,7 @@ impl Supervisor {
                 return Err(e.into());
             }
         };
+        self.open_ports(id, &live);
         lock(&self.live).insert(id.to_string(), live);
         self.watch(id, pid);
         self.notify();

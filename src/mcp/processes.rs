@@ -1,5 +1,6 @@
 //! MCP tools for detached processes: start one (a server, a long job) that
-//! runs on between tool calls, page through its output, list, signal.
+//! runs on between tool calls, page through its output, list, signal, and
+//! expose a server's port on the host.
 
 use base64::Engine;
 use hyper::Method;
@@ -55,6 +56,15 @@ pub struct ListParams {
     pub id: String,
 }
 
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct PortParams {
+    /// The sandbox id.
+    pub id: String,
+    /// The TCP port a server in the sandbox listens on (its loopback is
+    /// enough).
+    pub port: u16,
+}
+
 #[tool_router(router = processes_router, vis = "pub(super)")]
 impl CapsuleMcp {
     #[tool(
@@ -105,6 +115,18 @@ impl CapsuleMcp {
     ) -> Result<CallToolResult, ErrorData> {
         let path = format!("/v1/sandboxes/{}/processes", seg(&p.id));
         answer(blocking(move |api| api.call(Method::GET, &path, None)).await)
+    }
+
+    #[tool(
+        description = "Expose a TCP port of a sandbox (a server started with process_start) on the host: returns the `address` (127.0.0.1:N) on the host that reaches it. It stays exposed until the sandbox ends."
+    )]
+    async fn port_expose(
+        &self,
+        Parameters(p): Parameters<PortParams>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let path = format!("/v1/sandboxes/{}/ports", seg(&p.id));
+        let body = json!({ "port": p.port });
+        answer(blocking(move |api| api.call::<Value>(Method::POST, &path, Some(body))).await)
     }
 
     #[tool(

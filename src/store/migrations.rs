@@ -89,4 +89,15 @@ pub(super) const STEPS: &[&str] = &[
     r#"
     ALTER TABLE sandboxes ADD COLUMN env TEXT NOT NULL DEFAULT '{}';
     "#,
+    // 7: guest ports exposed on the host, kept while the sandbox is
+    // suspended (and across daemon restarts) and opened again on resume.
+    r#"
+    CREATE TABLE ports (
+        sandbox         TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        port            INTEGER NOT NULL,
+        host_port       INTEGER NOT NULL,
+        created_at      INTEGER NOT NULL,
+        PRIMARY KEY (sandbox, port)
+    ) STRICT;
+    "#,
 ];

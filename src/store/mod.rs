@@ -8,6 +8,7 @@
 mod events;
 mod groups;
 mod migrations;
+mod ports;
 mod sandboxes;
 mod secrets;
 mod templates;
@@ -19,6 +20,7 @@ use rusqlite::{Connection, TransactionBehavior};
 
 pub use events::{Event, MAX_EVENTS_PER_READ};
 pub use groups::{Quota, Usage};
+pub use ports::PortRecord;
 pub use sandboxes::{EndReason, NewSandbox, SandboxRecord, SandboxState};
 pub use secrets::SealedSecret;
 pub use templates::{TemplateRecord, MAX_WARM};

@@ -354,6 +354,8 @@ impl Store {
                  end_detail = ?4, vmm_pid = NULL WHERE id = ?1",
                 params![id, now_ms(), <&str>::from(reason), detail],
             )?;
+            // Its exposed ports went with it.
+            tx.execute("DELETE FROM ports WHERE sandbox = ?1", [id])?;
             append(
                 tx,
                 "ended",

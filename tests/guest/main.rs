@@ -748,5 +748,6 @@ mod child;
 mod daemon;
 mod files;
 mod hostile;
+mod ports;
 mod snapshot;
 mod terminal;

@@ -143,3 +143,12 @@ async def test_async_terminal(aclient):
         assert await term.wait(timeout=60) == 0
         text = b"".join(seen).decode()
         assert "10 50" in text and "got:hello" in text, text
+
+
+async def test_async_get_host(aclient):
+    async with await AsyncSandbox.create(template=TEMPLATE, capsule=aclient) as sb:
+        host = await sb.get_host(9000)
+        assert host.startswith("127.0.0.1:")
+        assert await sb.ports() == {9000: host}
+        await sb.unexpose(9000)
+        assert await sb.ports() == {}

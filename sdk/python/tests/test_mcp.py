@@ -51,7 +51,7 @@ async def test_an_mcp_client_runs_a_sandbox_through_its_life(daemon, template):
                          "sandbox_snapshot", "template_fork", "template_list",
                          "sandbox_suspend", "sandbox_resume", "exec_output",
                          "file_read", "file_write", "file_list", "process_start",
-                         "process_logs", "process_list", "process_kill"):
+                         "process_logs", "process_list", "process_kill", "port_expose"):
                 assert name in tools, sorted(tools)
                 assert tools[name].description and tools[name].input_schema["type"] == "object"
 
@@ -109,6 +109,8 @@ async def test_an_mcp_client_runs_a_sandbox_through_its_life(daemon, template):
                         await asyncio.sleep(0.2)
                 assert text == "".join(f"tick{i}\n" for i in range(1, 3001))
                 assert page["running"]
+                exposed = _json(await session.call_tool("port_expose", {"id": sid, "port": 8000}))
+                assert exposed["port"] == 8000 and exposed["address"].startswith("127.0.0.1:")
                 await session.call_tool("process_kill", {"id": sid, "pid": pid})
                 for _ in range(100):
                     listed = _json(await session.call_tool("process_list", {"id": sid}))

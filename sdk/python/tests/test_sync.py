@@ -364,3 +364,29 @@ def test_a_terminal_session_resizes_takes_ctrl_c_and_reports_its_exit(client, sa
     with pytest.raises(capsule.BadRequest) as e:
         sandbox.pty.create(cols=0)
     assert e.value.code == "bad_request"
+
+
+def test_a_guest_server_is_reached_through_get_host(sandbox):
+    import httpx
+    sandbox.commands.spawn("mkdir -p /www && echo served > /www/index.html && "
+                           "exec httpd -f -p 127.0.0.1:8080 -h /www")
+    host = sandbox.get_host(8080)
+    assert sandbox.get_host(8080) == host
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            r = httpx.get(f"http://{host}/index.html", timeout=10)
+            if r.status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the guest's server never answered"
+        time.sleep(0.25)
+    assert r.text == "served\n"
+    assert sandbox.ports() == {8080: host}
+    sandbox.unexpose(8080)
+    assert sandbox.ports() == {}
+    with pytest.raises(capsule.NotFound):
+        sandbox.unexpose(8080)
+    with pytest.raises(capsule.BadRequest):
+        sandbox.get_host(70000)

@@ -151,6 +151,16 @@ class AsyncSandbox:
     async def resume(self) -> SandboxInfo:
         return SandboxInfo.from_api(await self._call("POST", "/resume"))
 
+    async def get_host(self, port: int) -> str:
+        """See :meth:`capsule.Sandbox.get_host`."""
+        return str((await self._call("POST", "/ports", {"port": int(port)}))["address"])
+
+    async def ports(self) -> Dict[int, str]:
+        return {int(p["port"]): str(p["address"]) for p in await self._call("GET", "/ports")}
+
+    async def unexpose(self, port: int) -> None:
+        await self._call("DELETE", f"/ports/{int(port)}")
+
     async def snapshot(self, name: str) -> "AsyncTemplate":
         info = TemplateInfo.from_api(await self._call("POST", "/snapshot", {"name": name}))
         return AsyncTemplate(info.name, self.capsule, info)

@@ -190,6 +190,21 @@ class Sandbox:
         """Brings a suspended sandbox back, in place."""
         return SandboxInfo.from_api(self._call("POST", "/resume"))
 
+    def get_host(self, port: int) -> str:
+        """Exposes the sandbox's TCP ``port`` (on its loopback) on the
+        host's and returns the ``host:port`` that reaches it, e.g. for
+        ``f"http://{sb.get_host(8000)}/"``. It stays exposed across suspend
+        and resume until :meth:`unexpose` or the sandbox ends."""
+        return str(self._call("POST", "/ports", {"port": int(port)})["address"])
+
+    def ports(self) -> Dict[int, str]:
+        """The exposed ports: guest port to host address."""
+        return {int(p["port"]): str(p["address"]) for p in self._call("GET", "/ports")}
+
+    def unexpose(self, port: int) -> None:
+        """Stops exposing ``port`` (:class:`NotFound` if it was not)."""
+        self._call("DELETE", f"/ports/{int(port)}")
+
     def snapshot(self, name: str) -> "Template":
         """Snapshots it (it carries on) as a template named ``name``, to
         :meth:`Template.fork` or create sandboxes from."""
