@@ -39,7 +39,7 @@ pub use error::{Error, Result};
 pub use guest::{valid_hostname, GuestInfo};
 pub use guest_agent::{
     AgentClient, ClientError, ClientOptions, ExecEvent, ExecHandle, ExecInput, ExecRequest,
-    ExitStatus, Identity, Output, TerminalSize,
+    ExitStatus, Identity, Output, PortStream, PortWriter, TerminalSize,
 };
 pub use identity::fork_identity;
 pub use machine::Machine;
