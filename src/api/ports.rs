@@ -125,6 +125,7 @@ pub async fn list(
     params(("id" = String, Path, description = "Sandbox id"), ("port" = u32, Path, description = "The guest's port")),
     responses(
         (status = 204, description = "No longer exposed"),
+        (status = 400, description = "Not a port", body = ErrorBody),
         (status = 404, description = "No such sandbox, or the port is not exposed", body = ErrorBody),
     )
 )]

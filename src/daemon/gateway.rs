@@ -55,7 +55,11 @@ pub fn start(supervisor: Arc<Supervisor>, addr: SocketAddr, domain: String) -> R
         .name("gateway".into())
         .spawn(move || {
             for client in listener.incoming() {
-                let Ok(client) = client else { continue };
+                let Ok(client) = client else {
+                    // Out of descriptors, say: wait rather than spin.
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
                 if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                     open.fetch_sub(1, Ordering::SeqCst);
                     let mut client = client;

@@ -91,10 +91,16 @@ fn accept_loop(
     connections: &Arc<AtomicUsize>,
 ) {
     loop {
-        let Ok((client, _)) = listener.accept() else {
-            // Shut down (closed), or the host out of descriptors: either
-            // way this forward is over.
-            return;
+        let client = match listener.accept() {
+            Ok((client, _)) => client,
+            // Shut down: the forward was closed.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
+            // Out of descriptors, or a connection gone before it was
+            // taken: the forward stays, and does not spin.
+            Err(_) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
         };
         let Some(live) = live.upgrade() else {
             return;
