@@ -91,7 +91,7 @@ pub fn shell(args: ShellArgs) -> Result<u8> {
         } else {
             None
         };
-        session(&mut socket, interactive).await
+        session(socket, interactive).await
     })?;
     match ending {
         Ending::Exited(code) => Ok(code.clamp(0, 255) as u8),
@@ -100,7 +100,7 @@ pub fn shell(args: ShellArgs) -> Result<u8> {
 }
 
 async fn session(
-    socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::UnixStream>,
+    socket: tokio_tungstenite::WebSocketStream<tokio::net::UnixStream>,
     interactive: bool,
 ) -> Result<Ending> {
     // Keystrokes come from a thread: reading a terminal blocks.
@@ -121,15 +121,41 @@ async fn session(
                 }
             }
         })?;
+    let (mut sink, mut stream) = socket.split();
+    // Keystrokes and resizes go out from a task of their own: a send that
+    // waits (a program slow to read a paste) never stops the output
+    // being read, which is what lets the program go on.
     let mut resized = signal(SignalKind::window_change())?;
+    let writer = tokio::spawn(async move {
+        let mut keys_open = true;
+        loop {
+            let message = tokio::select! {
+                typed = keys.recv(), if keys_open => match typed {
+                    Some(bytes) => Message::Binary(bytes.into()),
+                    // A terminal has no end of input: piped keystrokes ran
+                    // out, and the program goes on until it exits.
+                    None => {
+                        keys_open = false;
+                        continue;
+                    }
+                },
+                _ = resized.recv() => {
+                    let (cols, rows) = local_size(interactive);
+                    text(&PtyControl::Resize { cols, rows })
+                }
+            };
+            if sink.send(message).await.is_err() {
+                return sink;
+            }
+        }
+    });
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut stdout = std::io::stdout();
     let mut ending = None;
-    let mut keys_open = true;
     loop {
         tokio::select! {
-            message = socket.next() => match message {
+            message = stream.next() => match message {
                 Some(Ok(Message::Binary(bytes))) => {
                     stdout.write_all(&bytes)?;
                     stdout.flush()?;
@@ -152,16 +178,6 @@ async fn session(
                     break;
                 }
             },
-            typed = keys.recv(), if keys_open => match typed {
-                Some(bytes) => socket.send(Message::Binary(bytes.into())).await?,
-                // A terminal has no end of input: piped keystrokes ran
-                // out, and the program goes on until it exits.
-                None => keys_open = false,
-            },
-            _ = resized.recv() => {
-                let (cols, rows) = local_size(interactive);
-                socket.send(text(&PtyControl::Resize { cols, rows })).await?;
-            }
             _ = hangup.recv() => {
                 ending = Some(Ending::Failed("hung up".into()));
                 break;
@@ -172,6 +188,9 @@ async fn session(
             }
         }
     }
-    let _ = socket.close(None).await;
+    writer.abort();
+    if let Ok(mut sink) = writer.await {
+        let _ = sink.close().await;
+    }
     Ok(ending.unwrap_or_else(|| Ending::Failed("the daemon closed the session".into())))
 }

@@ -17,9 +17,10 @@
 //! Closing the socket hangs the session up (SIGHUP to the program's
 //! group, as closing a terminal window does). Output waits for a slow
 //! client, which holds the program back through the agent's flow control,
-//! never the daemon's memory.
+//! never the daemon's memory; keystrokes wait (up to 1 MiB) for a program
+//! slow to read them without holding output up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,8 +45,13 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest message the daemon takes from a client: keystrokes and
 /// pastes, not files.
 const MAX_MESSAGE: usize = 1 << 20;
-/// Messages buffered each way between the guest and the client.
+/// Output messages buffered between the guest and the client.
 const BUFFERED: usize = 64;
+/// Keystroke messages handed to the writer at once.
+const KEY_MESSAGES: usize = 4;
+/// Keystroke bytes the daemon holds for a program that is slow to read
+/// them before it stops reading the client.
+const MAX_PENDING_KEYS: usize = 1 << 20;
 /// What runs when the client names nothing: a login shell, bash where
 /// the image has it.
 const DEFAULT_SHELL: &str = "if command -v bash >/dev/null 2>&1; then exec bash -l; fi; exec sh -l";
@@ -229,15 +235,29 @@ async fn serve(state: Arc<AppState>, id: String, busy: Busy, mut socket: WebSock
     if reader.is_err() {
         return fail(socket, "internal", "cannot start a thread".into()).await;
     }
-    let (keys_tx, keys_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(BUFFERED);
+    let (keys_tx, keys_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(KEY_MESSAGES);
     let keys_input = input.clone();
     let _ = std::thread::Builder::new()
         .name("pty-keys".into())
         .spawn(move || feed_keys(keys_input, keys_rx));
 
     let (mut sink, mut stream) = socket.split();
+    // Keystrokes the program has not taken yet wait here, bounded: the
+    // loop never waits on them, so output keeps flowing to the client
+    // while a program is slow to read (a big paste into an editor that
+    // echoes it would otherwise stall both directions for good).
+    let mut pending: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut pending_bytes = 0usize;
     let why = loop {
         tokio::select! {
+            permit = keys_tx.reserve(), if !pending.is_empty() => match permit {
+                Ok(permit) => {
+                    let keys = pending.pop_front().unwrap_or_default();
+                    pending_bytes -= keys.len();
+                    permit.send(keys);
+                }
+                Err(_) => break "its program no longer takes keystrokes".to_string(),
+            },
             out = output_rx.recv() => match out {
                 Some(message) => {
                     let last = matches!(message, Message::Close(_));
@@ -251,11 +271,10 @@ async fn serve(state: Arc<AppState>, id: String, busy: Busy, mut socket: WebSock
                 }
                 None => break "the guest's side ended".to_string(),
             },
-            incoming = stream.next() => match incoming {
+            incoming = stream.next(), if pending_bytes < MAX_PENDING_KEYS => match incoming {
                 Some(Ok(Message::Binary(keys))) => {
-                    if keys_tx.send(keys.to_vec()).await.is_err() {
-                        break "its program no longer takes keystrokes".to_string();
-                    }
+                    pending_bytes += keys.len();
+                    pending.push_back(keys.to_vec());
                 }
                 Some(Ok(Message::Text(t))) => {
                     let control = serde_json::from_str::<PtyControl>(t.as_str());

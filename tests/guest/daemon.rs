@@ -948,6 +948,7 @@ fn curl_files(d: &Daemon, id: &str, args: &[&str]) -> (u16, String) {
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", ""));
     let status: u16 = status.trim().parse().unwrap_or(0);
     if !out.status.success() || status == 502 {
+        not_a_stall_of_the_test_host(d, id, body);
         let what = format!(
             "curl {args:?}: {}{body}",
             String::from_utf8_lossy(&out.stderr)

@@ -390,3 +390,4 @@ def test_a_guest_server_is_reached_through_get_host(sandbox):
         sandbox.unexpose(8080)
     with pytest.raises(capsule.BadRequest):
         sandbox.get_host(70000)
+

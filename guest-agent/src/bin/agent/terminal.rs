@@ -30,33 +30,38 @@ fn winsize(size: TerminalSize) -> libc::winsize {
     }
 }
 
-/// Opens a new terminal of `size`. Both ends are close-on-exec; the
-/// child gets the slave as its stdio through [`Pair::attach`].
+/// Opens a new terminal of `size`. Both ends are close-on-exec from the
+/// start (a process another thread spawns meanwhile must not inherit
+/// either); the child gets the slave as its stdio through
+/// [`Pair::attach`].
 pub fn open(size: TerminalSize) -> io::Result<Pair> {
-    let (mut master, mut slave) = (-1, -1);
-    let ws = winsize(size);
-    // SAFETY: both out-pointers are valid; a null name buffer and termios
-    // are allowed (default line settings); `ws` outlives the call.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &ws,
-        )
-    };
-    if rc != 0 {
+    use std::os::unix::fs::OpenOptionsExt;
+    // std opens with O_CLOEXEC.
+    let master = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/ptmx")?;
+    let unlocked: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int that outlives the call.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlocked) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: openpty returned two fresh descriptors this function owns.
-    let (master, slave) = unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-    for fd in [master.as_raw_fd(), slave.as_raw_fd()] {
-        // SAFETY: a plain fcntl on a descriptor owned here.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    // SAFETY: TIOCGPTPEER opens the master's slave with these flags and
+    // returns a new descriptor (Linux 4.13 and later).
+    let slave = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if slave < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: a fresh descriptor this function owns.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    resize(&master, size)?;
     Ok(Pair { master, slave })
 }
 

@@ -340,8 +340,12 @@ class AsyncPty:
         except OSError as e:
             raise SandboxFailed(f"cannot reach the daemon for a terminal: {e}",
                                 code="lost") from e
-        await socket.send(json.dumps(_start(cmd, cols, rows, envs, cwd, user, timeout)))
-        first = _event(await asyncio.wait_for(socket.recv(), 60))
+        try:
+            await socket.send(json.dumps(_start(cmd, cols, rows, envs, cwd, user, timeout)))
+            first = _event(await asyncio.wait_for(socket.recv(), 60))
+        except Exception as e:
+            await socket.close()
+            raise SandboxFailed(f"the terminal session broke: {e}", code="lost") from e
         if not first or first.get("type") != "started":
             await socket.close()
             raise _failure(first or {})
